@@ -1,0 +1,592 @@
+/*
+ * QED: consistency check and repair
+ *
+ * The check walks the L1 table and every L2 table and marks each cluster
+ * of the file that something references in a bitmap with one bit per
+ * cluster of the file (so its size follows the file, not the virtual
+ * disk).  An entry that cannot be right (misaligned, inside the header or
+ * the L1 table, past the end of the file, or naming a cluster that is
+ * already referenced) is a corruption; a cluster that holds data in the
+ * file but that nothing references is a leak.
+ *
+ * Repair zeroes bad entries, which is what a crash during an allocating
+ * write needs: the entry that landed before its data did becomes
+ * unallocated again.  Leaked clusters are returned to the host: trailing
+ * ones by truncating the file, inner ones by discarding them.
+ *
+ * This work is licensed under the terms of the GNU LGPL, version 2 or later.
+ * See the COPYING.LIB file in the top-level directory.
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/bitmap.h"
+#include "qemu/memalign.h"
+#include "trace.h"
+#include "qed.h"
+
+/* Upper bound for one read of adjacent L2 tables */
+#define QED_CHECK_MAX_READ (16 * 1024 * 1024)
+
+/* An L2 table that a valid L1 entry points to */
+typedef struct QEDCheckL2 {
+    uint64_t offset;
+    unsigned int l1_index;
+    bool read_ok;
+
+    /*
+     * First and last valid data cluster in guest order (0: none), so that
+     * fragmentation can be followed from one table to the next after the
+     * tables have been checked in file order.
+     */
+    uint64_t first_data;
+    uint64_t last_data;
+} QEDCheckL2;
+
+typedef struct QEDCheck {
+    BDRVQEDState *s;
+    BdrvCheckResult *result;
+    BdrvCheckMode fix;
+
+    uint64_t file_size;         /* bytes, as the file reports it */
+    uint64_t file_end;          /* file_size rounded up to whole clusters */
+    uint64_t header_end;
+    uint64_t l1_start;
+    uint64_t l1_end;
+
+    unsigned long *used;        /* one bit per cluster that is referenced */
+    uint64_t nclusters;         /* bits in @used */
+
+    QEDCheckL2 *tables;
+    size_t n_tables;
+} QEDCheck;
+
+static const char *qed_check_fix_prefix(QEDCheck *check)
+{
+    return check->fix & BDRV_FIX_ERRORS ? "Repairing" : "ERROR";
+}
+
+/*
+ * Why the clusters [@offset, @offset + @bytes) cannot be what an entry
+ * points to, or NULL if they can.  Tables need all of @bytes inside the
+ * file; a data cluster only needs to start inside it, because the file may
+ * end in the middle of the last data cluster (the rest reads as zeros),
+ * which file_end, the file size rounded up to whole clusters, allows.
+ */
+static const char *qed_check_range(QEDCheck *check, uint64_t offset,
+                                   uint64_t bytes)
+{
+    BDRVQEDState *s = check->s;
+
+    if (qed_offset_into_cluster(s, offset)) {
+        return "is not cluster aligned";
+    }
+    if (offset < check->header_end) {
+        return "points into the image header";
+    }
+    if (offset >= check->file_end) {
+        return "is past the end of the file";
+    }
+    if (bytes > check->file_end - offset) {
+        return "runs past the end of the file";
+    }
+    if (offset < check->l1_end && offset + bytes > check->l1_start) {
+        return "points into the L1 table";
+    }
+    return NULL;
+}
+
+/*
+ * Mark the clusters of a valid range as referenced.  A range that shares a
+ * cluster with one marked before is a second reference: nothing is marked
+ * then, so the first reference keeps the cluster.
+ */
+static bool qed_check_mark(QEDCheck *check, uint64_t offset, uint64_t bytes)
+{
+    uint32_t cluster_size = check->s->header.cluster_size;
+    uint64_t first = offset / cluster_size;
+    uint64_t n = DIV_ROUND_UP(bytes, cluster_size);
+
+    assert(first + n <= check->nclusters);
+    if (find_next_bit(check->used, first + n, first) < first + n) {
+        return false;
+    }
+    bitmap_set(check->used, first, n);
+    return true;
+}
+
+/* Classify and mark one table entry; NULL if it is good */
+static const char *qed_check_entry(QEDCheck *check, uint64_t offset,
+                                   uint64_t bytes)
+{
+    const char *problem = qed_check_range(check, offset, bytes);
+
+    if (!problem && !qed_check_mark(check, offset, bytes)) {
+        problem = "is already referenced";
+    }
+    return problem;
+}
+
+/* Check the L1 table, repair it if asked, and list the L2 tables to read */
+static void coroutine_fn qed_check_l1(QEDCheck *check)
+{
+    BDRVQEDState *s = check->s;
+    BdrvCheckResult *result = check->result;
+    uint64_t table_bytes = qed_table_bytes(s);
+    QEDTable *fixed = NULL;
+    unsigned int first_fixed = 0, last_fixed = 0, n_fixed = 0;
+    size_t tables_size = 0;
+    int ret;
+
+    for (unsigned int i = 0; i < s->table_nelems; i++) {
+        uint64_t offset = s->l1_table->offsets[i];
+        const char *problem;
+
+        if (offset == 0) {
+            continue;
+        }
+
+        problem = qed_check_entry(check, offset, table_bytes);
+        if (problem) {
+            fprintf(stderr, "%s L1 entry %u: L2 table offset 0x%" PRIx64
+                    " %s\n", qed_check_fix_prefix(check), i, offset, problem);
+            result->corruptions++;
+            if (check->fix & BDRV_FIX_ERRORS) {
+                if (!fixed) {
+                    fixed = qed_alloc_table(s);
+                    memcpy(fixed, s->l1_table, table_bytes);
+                    first_fixed = i;
+                }
+                fixed->offsets[i] = 0;
+                last_fixed = i;
+                n_fixed++;
+            }
+            continue;
+        }
+
+        if (check->n_tables == tables_size) {
+            tables_size = MAX(16, tables_size * 2);
+            check->tables = g_renew(QEDCheckL2, check->tables, tables_size);
+        }
+        check->tables[check->n_tables++] = (QEDCheckL2) {
+            .offset = offset,
+            .l1_index = i,
+        };
+    }
+
+    if (!fixed) {
+        return;
+    }
+
+    /* The disk first, then the copy in memory that must equal it */
+    ret = qed_write_l1_table(s, fixed, first_fixed,
+                             last_fixed - first_fixed + 1);
+    if (ret < 0) {
+        fprintf(stderr, "ERROR: could not write the L1 table: %s\n",
+                strerror(-ret));
+        result->check_errors++;
+    } else {
+        for (unsigned int i = first_fixed; i <= last_fixed; i++) {
+            s->l1_table->offsets[i] = fixed->offsets[i];
+        }
+        result->corruptions -= n_fixed;
+        result->corruptions_fixed += n_fixed;
+    }
+    qemu_vfree(fixed);
+}
+
+/* Check the entries of one L2 table, repairing them in @table if asked */
+static void coroutine_fn qed_check_l2(QEDCheck *check, QEDCheckL2 *t,
+                                      QEDTable *table)
+{
+    BDRVQEDState *s = check->s;
+    BdrvCheckResult *result = check->result;
+    uint64_t cluster_size = s->header.cluster_size;
+    unsigned int first_fixed = 0, last_fixed = 0, n_fixed = 0;
+    int ret;
+
+    for (unsigned int i = 0; i < s->table_nelems; i++) {
+        uint64_t offset = table->offsets[i];
+        uint64_t guest = ((uint64_t)t->l1_index << s->l1_shift) +
+                         ((uint64_t)i << s->l2_shift);
+        const char *problem;
+
+        if (!qed_is_data_offset(offset)) {
+            continue;
+        }
+
+        problem = qed_check_entry(check, offset, cluster_size);
+        if (problem) {
+            fprintf(stderr, "%s L2 table 0x%" PRIx64 " entry %u "
+                    "(guest offset 0x%" PRIx64 "): data cluster offset 0x%"
+                    PRIx64 " %s\n", qed_check_fix_prefix(check), t->offset,
+                    i, guest, offset, problem);
+            result->corruptions++;
+            if (check->fix & BDRV_FIX_ERRORS) {
+                table->offsets[i] = QED_L2_UNALLOCATED;
+                if (n_fixed == 0) {
+                    first_fixed = i;
+                }
+                last_fixed = i;
+                n_fixed++;
+            }
+            continue;
+        }
+
+        result->bfi.allocated_clusters++;
+        if (t->last_data == 0) {
+            /* Its predecessor is in an earlier table: see qed_check_frag() */
+            t->first_data = offset;
+        } else if (offset != t->last_data + cluster_size) {
+            result->bfi.fragmented_clusters++;
+        }
+        t->last_data = offset;
+    }
+
+    if (n_fixed == 0) {
+        return;
+    }
+
+    ret = qed_write_table(s, t->offset, table, first_fixed,
+                          last_fixed - first_fixed + 1);
+
+    /*
+     * Even a failed write may have changed the disk, so the cached copy
+     * may no longer equal it either way.
+     */
+    qed_l2_cache_drop(&s->l2_cache, t->offset);
+
+    if (ret < 0) {
+        fprintf(stderr, "ERROR: could not write L2 table 0x%" PRIx64 ": %s\n",
+                t->offset, strerror(-ret));
+        result->check_errors++;
+        return;
+    }
+    result->corruptions -= n_fixed;
+    result->corruptions_fixed += n_fixed;
+}
+
+static int qed_check_l2_by_offset(const void *a, const void *b)
+{
+    const QEDCheckL2 *ta = a, *tb = b;
+
+    return ta->offset < tb->offset ? -1 : ta->offset > tb->offset;
+}
+
+static int qed_check_l2_by_index(const void *a, const void *b)
+{
+    const QEDCheckL2 *ta = a, *tb = b;
+
+    return ta->l1_index < tb->l1_index ? -1 : ta->l1_index > tb->l1_index;
+}
+
+/*
+ * Read and check every listed L2 table.  They are read in file order, and
+ * tables that lie next to each other in the file come in one request, so
+ * that a large image is checked at the speed of sequential reads.  The
+ * cache is bypassed: it may hold only part of the tables and the check
+ * must see the disk.  Duplicate references are resolved in this order too:
+ * the entry in the table that comes first in the file keeps the cluster.
+ */
+static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
+{
+    BDRVQEDState *s = check->s;
+    uint64_t table_bytes = qed_table_bytes(s);
+    unsigned int max_run = MAX(1, QED_CHECK_MAX_READ / table_bytes);
+    g_autofree QEDTable **bufs = g_new0(QEDTable *, max_run);
+    unsigned int n_bufs = 0;
+    size_t i = 0;
+
+    qsort(check->tables, check->n_tables, sizeof(check->tables[0]),
+          qed_check_l2_by_offset);
+
+    while (i < check->n_tables) {
+        unsigned int n = 1;
+        int ret;
+
+        while (i + n < check->n_tables && n < max_run &&
+               check->tables[i + n].offset ==
+               check->tables[i + n - 1].offset + table_bytes) {
+            n++;
+        }
+        for (; n_bufs < n; n_bufs++) {
+            bufs[n_bufs] = qed_alloc_table(s);
+        }
+
+        ret = qed_read_tables(s, check->tables[i].offset, n, bufs);
+        if (ret < 0 && n > 1) {
+            /* Read the run table by table so one bad sector costs one */
+            for (unsigned int j = 0; j < n; j++) {
+                QEDCheckL2 *t = &check->tables[i + j];
+
+                ret = qed_read_table(s, t->offset, bufs[0]);
+                if (ret < 0) {
+                    fprintf(stderr, "ERROR: could not read L2 table 0x%"
+                            PRIx64 ": %s\n", t->offset, strerror(-ret));
+                    check->result->check_errors++;
+                    continue;
+                }
+                t->read_ok = true;
+                qed_check_l2(check, t, bufs[0]);
+            }
+        } else if (ret < 0) {
+            fprintf(stderr, "ERROR: could not read L2 table 0x%" PRIx64
+                    ": %s\n", check->tables[i].offset, strerror(-ret));
+            check->result->check_errors++;
+        } else {
+            for (unsigned int j = 0; j < n; j++) {
+                check->tables[i + j].read_ok = true;
+                qed_check_l2(check, &check->tables[i + j], bufs[j]);
+            }
+        }
+        i += n;
+    }
+
+    for (unsigned int j = 0; j < n_bufs; j++) {
+        qemu_vfree(bufs[j]);
+    }
+}
+
+/*
+ * Fragmentation follows the guest: the first data cluster of a table
+ * continues the last one of the table before it in guest order.
+ */
+static void qed_check_frag(QEDCheck *check)
+{
+    uint64_t cluster_size = check->s->header.cluster_size;
+    uint64_t prev = 0;
+
+    qsort(check->tables, check->n_tables, sizeof(check->tables[0]),
+          qed_check_l2_by_index);
+
+    for (size_t i = 0; i < check->n_tables; i++) {
+        QEDCheckL2 *t = &check->tables[i];
+
+        if (!t->read_ok || t->first_data == 0) {
+            continue;
+        }
+        if (prev != 0 && t->first_data != prev + cluster_size) {
+            check->result->bfi.fragmented_clusters++;
+        }
+        prev = t->last_data;
+    }
+}
+
+/*
+ * Count the clusters in [@first, @end) that the file still holds data
+ * for; a cluster that is all hole in the file costs nothing and is free.
+ * Also return the first and last of them.
+ */
+static int64_t coroutine_fn qed_check_held(QEDCheck *check, uint64_t first,
+                                           uint64_t end, uint64_t *first_held,
+                                           uint64_t *last_held)
+{
+    BlockDriverState *file = check->s->bs->file->bs;
+    uint64_t cluster_size = check->s->header.cluster_size;
+    uint64_t pos = first * cluster_size;
+    uint64_t end_pos = MIN(end * cluster_size, check->file_size);
+    uint64_t next = first;      /* first cluster not yet counted */
+    int64_t held = 0;
+
+    while (pos < end_pos) {
+        int64_t pnum;
+        int ret = bdrv_block_status(file, pos, end_pos - pos, &pnum,
+                                    NULL, NULL);
+
+        if (ret < 0) {
+            /* Without an answer the cluster may hold data: not free */
+            fprintf(stderr, "ERROR: could not get the allocation status of "
+                    "0x%" PRIx64 ": %s\n", pos, strerror(-ret));
+            check->result->check_errors++;
+            ret = BDRV_BLOCK_DATA;
+            pnum = end_pos - pos;
+        } else if (pnum == 0) {
+            /* The file ended under us: the rest is not held */
+            break;
+        }
+
+        if (ret & BDRV_BLOCK_DATA) {
+            uint64_t a = MAX(pos / cluster_size, next);
+            uint64_t b = DIV_ROUND_UP(pos + pnum, cluster_size);
+
+            if (a < b) {
+                if (held == 0) {
+                    *first_held = a;
+                }
+                *last_held = b - 1;
+                held += b - a;
+                next = b;
+            }
+        }
+        pos += pnum;
+    }
+    return held;
+}
+
+/*
+ * Find leaked clusters: unreferenced clusters that the file still holds.
+ * Reclaim them if asked and if the metadata could be trusted: while
+ * corruptions remain or a table could not be read, a cluster that looks
+ * unreferenced may still be what some bad entry points to.
+ */
+static void coroutine_fn qed_check_leaks(QEDCheck *check)
+{
+    BDRVQEDState *s = check->s;
+    BdrvCheckResult *result = check->result;
+    uint64_t cluster_size = s->header.cluster_size;
+    uint64_t file_clusters = check->file_end / cluster_size;
+    uint64_t last_used = find_last_bit(check->used, check->nclusters);
+    uint64_t used_end = last_used + 1;
+    bool reclaim = (check->fix & BDRV_FIX_LEAKS) &&
+                   result->corruptions == 0 && result->check_errors == 0;
+    uint64_t a = 0;
+    int ret;
+
+    /* The header is always marked, so there is a last used cluster */
+    assert(last_used < check->nclusters);
+
+    /* Inner runs of unreferenced clusters: discard what they hold */
+    while ((a = find_next_zero_bit(check->used, used_end, a)) < used_end) {
+        uint64_t b = find_next_bit(check->used, used_end, a);
+        uint64_t first, last, off, bytes;
+        int64_t n = qed_check_held(check, a, b, &first, &last);
+
+        a = b;
+        if (n == 0) {
+            continue;
+        }
+
+        off = first * cluster_size;
+        bytes = (last + 1 - first) * cluster_size;
+        fprintf(stderr, "%s %" PRId64 " leaked clusters at 0x%" PRIx64
+                "..0x%" PRIx64 "\n", reclaim ? "Repairing" : "Leaked", n,
+                off, off + bytes - 1);
+        result->leaks += n;
+        if (!reclaim) {
+            continue;
+        }
+
+        /*
+         * Discard may be disabled or unsupported and then does nothing
+         * without failing: count as fixed only what the file gave back.
+         */
+        ret = bdrv_co_pdiscard(s->bs->file, off, bytes);
+        if (ret < 0) {
+            fprintf(stderr, "ERROR: could not discard leaked clusters at "
+                    "0x%" PRIx64 ": %s\n", off, strerror(-ret));
+            result->check_errors++;
+            continue;
+        }
+        n -= qed_check_held(check, first, last + 1, &first, &last);
+        result->leaks -= n;
+        result->leaks_fixed += n;
+    }
+
+    /* Trailing clusters that nothing references: cut them off */
+    if (used_end < file_clusters) {
+        uint64_t first, last;
+        int64_t n = qed_check_held(check, used_end, file_clusters,
+                                   &first, &last);
+        uint64_t new_len = used_end * cluster_size;
+
+        if (n > 0) {
+            fprintf(stderr, "%s %" PRId64 " leaked clusters at the end of the "
+                    "file, after 0x%" PRIx64 "\n",
+                    reclaim ? "Repairing" : "Leaked", n, new_len);
+            result->leaks += n;
+        }
+        if (n > 0 && reclaim) {
+            /* Header and L1 table are marked, so this keeps them */
+            assert(new_len >= check->l1_end && new_len >= check->header_end);
+            ret = bdrv_co_truncate(s->bs->file, new_len, false,
+                                   PREALLOC_MODE_OFF, 0, NULL);
+            if (ret < 0) {
+                fprintf(stderr, "ERROR: could not truncate the file to 0x%"
+                        PRIx64 ": %s\n", new_len, strerror(-ret));
+                result->check_errors++;
+            } else {
+                result->leaks -= n;
+                result->leaks_fixed += n;
+                s->file_end = new_len;
+            }
+        }
+    }
+
+    if (result->leaks > 0 && (check->fix & BDRV_FIX_LEAKS) && !reclaim) {
+        fprintf(stderr, "Not reclaiming leaked clusters: %s\n",
+                result->corruptions ? "the image has corruptions left" :
+                "not every table could be read");
+    }
+
+    result->image_end_offset = used_end * cluster_size;
+}
+
+int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
+                           BdrvCheckMode fix)
+{
+    uint64_t cluster_size = s->header.cluster_size;
+    QEDCheck check = {
+        .s = s,
+        .result = result,
+        .fix = fix,
+        .header_end = (uint64_t)s->header.header_size * cluster_size,
+        .l1_start = s->header.l1_table_offset,
+        .l1_end = s->header.l1_table_offset + qed_table_bytes(s),
+    };
+    int64_t file_size;
+    int ret;
+
+    file_size = bdrv_getlength(s->bs->file->bs);
+    if (file_size < 0) {
+        fprintf(stderr, "ERROR: could not get the size of the file: %s\n",
+                strerror(-file_size));
+        result->check_errors++;
+        return file_size;
+    }
+    check.file_size = file_size;
+    check.file_end = ROUND_UP(file_size, cluster_size);
+
+    /*
+     * Open made sure that header and L1 table lie in the file; size the
+     * bitmap to hold them anyway so that marking them needs no care.
+     */
+    check.nclusters = MAX(check.file_end, MAX(check.l1_end, check.header_end)) /
+                      cluster_size;
+    check.used = bitmap_try_new(check.nclusters);
+    if (!check.used) {
+        result->check_errors++;
+        return -ENOMEM;
+    }
+    bitmap_set(check.used, 0, check.header_end / cluster_size);
+    bitmap_set(check.used, check.l1_start / cluster_size,
+               qed_table_bytes(s) / cluster_size);
+
+    result->bfi.total_clusters = DIV_ROUND_UP(s->header.image_size,
+                                              cluster_size);
+
+    /* Tables first, so that a cluster used as both keeps its table */
+    qed_check_l1(&check);
+    qed_check_l2_tables(&check);
+    qed_check_frag(&check);
+    qed_check_leaks(&check);
+
+    /*
+     * Make the repaired (or found good) metadata durable before the caller
+     * clears NEED_CHECK, which says that it no longer needs this check.
+     */
+    ret = 0;
+    if (fix) {
+        ret = bdrv_co_flush(s->bs->file->bs);
+        if (ret < 0) {
+            fprintf(stderr, "ERROR: could not flush the file: %s\n",
+                    strerror(-ret));
+            result->check_errors++;
+        }
+    }
+
+    trace_qed_check_result(s, result->corruptions, result->leaks,
+                           result->corruptions_fixed + result->leaks_fixed);
+
+    g_free(check.tables);
+    g_free(check.used);
+    return ret;
+}

@@ -1,0 +1,159 @@
+/*
+ * QED: the L2 table cache
+ *
+ * Every request looks up its offsets in L2 tables, so the tables are kept
+ * in memory.  The cache is writethrough: the driver writes a table update
+ * to disk first and changes the cached copy after, or drops it if the
+ * write failed, so a cached table always equals the disk.  Entries are
+ * reference counted so that a table in use is never freed; unused ones are
+ * evicted least recently used first.  This file knows nothing of I/O.
+ *
+ * This work is licensed under the terms of the GNU LGPL, version 2 or later.
+ * See the COPYING.LIB file in the top-level directory.
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/memalign.h"
+#include "trace.h"
+#include "qed.h"
+
+void qed_l2_cache_init(L2TableCache *c, unsigned int max_entries,
+                       size_t table_bytes)
+{
+    c->by_offset = g_hash_table_new(g_int64_hash, g_int64_equal);
+    QTAILQ_INIT(&c->lru);
+    c->n_entries = 0;
+    c->max_entries = MAX(max_entries, 1);
+    c->table_bytes = table_bytes;
+}
+
+static void qed_l2_cache_free_entry(CachedL2Table *e)
+{
+    qemu_vfree(e->table);
+    g_free(e);
+}
+
+/* Take @e out of the cache; it is freed now or by its last user */
+static void qed_l2_cache_remove(L2TableCache *c, CachedL2Table *e)
+{
+    assert(!e->dropped);
+    g_hash_table_remove(c->by_offset, &e->offset);
+    QTAILQ_REMOVE(&c->lru, e, lru);
+    c->n_entries--;
+    e->dropped = true;
+    if (e->ref == 0) {
+        qed_l2_cache_free_entry(e);
+    }
+}
+
+/* Evict unused tables, oldest first, until the cache fits its limit */
+static void qed_l2_cache_shrink(L2TableCache *c)
+{
+    CachedL2Table *e, *prev;
+
+    QTAILQ_FOREACH_REVERSE_SAFE(e, &c->lru, lru, prev) {
+        if (c->n_entries <= c->max_entries) {
+            break;
+        }
+        if (e->ref == 0) {
+            trace_qed_l2_cache_evict(c, e->offset);
+            qed_l2_cache_remove(c, e);
+        }
+    }
+}
+
+void qed_l2_cache_clear(L2TableCache *c)
+{
+    CachedL2Table *e, *next;
+
+    QTAILQ_FOREACH_SAFE(e, &c->lru, lru, next) {
+        qed_l2_cache_remove(c, e);
+    }
+}
+
+void qed_l2_cache_destroy(L2TableCache *c)
+{
+    CachedL2Table *e;
+
+    /* Nobody may hold a table now */
+    QTAILQ_FOREACH(e, &c->lru, lru) {
+        assert(e->ref == 0);
+    }
+    qed_l2_cache_clear(c);
+    g_hash_table_destroy(c->by_offset);
+    c->by_offset = NULL;
+}
+
+/* Return the table at @offset with a reference taken, or NULL */
+CachedL2Table *qed_l2_cache_find(L2TableCache *c, uint64_t offset)
+{
+    CachedL2Table *e = g_hash_table_lookup(c->by_offset, &offset);
+
+    if (!e) {
+        trace_qed_l2_cache_miss(c, offset);
+        return NULL;
+    }
+    trace_qed_l2_cache_hit(c, offset);
+    e->ref++;
+    if (e != QTAILQ_FIRST(&c->lru)) {
+        QTAILQ_REMOVE(&c->lru, e, lru);
+        QTAILQ_INSERT_HEAD(&c->lru, e, lru);
+    }
+    return e;
+}
+
+/*
+ * Add @table, read from @offset, taking ownership of it, and return the
+ * entry with a reference taken.  If another reader inserted the same table
+ * meanwhile, @table is freed and that entry returned instead.
+ */
+CachedL2Table *qed_l2_cache_insert(L2TableCache *c, uint64_t offset,
+                                   QEDTable *table)
+{
+    CachedL2Table *e = qed_l2_cache_find(c, offset);
+
+    if (e) {
+        qemu_vfree(table);
+        return e;
+    }
+
+    e = g_new0(CachedL2Table, 1);
+    e->table = table;
+    e->offset = offset;
+    e->ref = 1;
+    g_hash_table_insert(c->by_offset, &e->offset, e);
+    QTAILQ_INSERT_HEAD(&c->lru, e, lru);
+    c->n_entries++;
+    qed_l2_cache_shrink(c);
+    return e;
+}
+
+void qed_l2_cache_unref(L2TableCache *c, CachedL2Table *e)
+{
+    assert(e->ref > 0);
+    if (--e->ref > 0) {
+        return;
+    }
+    if (e->dropped) {
+        qed_l2_cache_free_entry(e);
+    } else if (c->n_entries > c->max_entries) {
+        qed_l2_cache_shrink(c);
+    }
+}
+
+/* Forget the table at @offset: its cached copy may differ from the disk */
+void qed_l2_cache_drop(L2TableCache *c, uint64_t offset)
+{
+    CachedL2Table *e = g_hash_table_lookup(c->by_offset, &offset);
+
+    if (e) {
+        qed_l2_cache_remove(c, e);
+    }
+}
+
+/* Change the limit; tables beyond it that are not in use go now */
+void qed_l2_cache_set_max(L2TableCache *c, unsigned int max_entries)
+{
+    c->max_entries = MAX(max_entries, 1);
+    qed_l2_cache_shrink(c);
+}

@@ -1,0 +1,129 @@
+/*
+ * QED: reading and writing L1 and L2 tables
+ *
+ * Tables are little-endian on disk and CPU order in memory; this file is
+ * the only place that converts.  A table update writes only the sectors
+ * that hold the changed entries.
+ *
+ * This work is licensed under the terms of the GNU LGPL, version 2 or later.
+ * See the COPYING.LIB file in the top-level directory.
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/bswap.h"
+#include "qemu/memalign.h"
+#include "trace.h"
+#include "qed.h"
+
+QEDTable *qed_alloc_table(BDRVQEDState *s)
+{
+    /* Aligned so that O_DIRECT reads and writes need no bounce buffer */
+    return qemu_blockalign(s->bs, qed_table_bytes(s));
+}
+
+static void qed_table_to_cpu(uint64_t *entries, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        entries[i] = le64_to_cpu(entries[i]);
+    }
+}
+
+int coroutine_fn qed_read_tables(BDRVQEDState *s, uint64_t offset,
+                                 unsigned int n, QEDTable **tables)
+{
+    uint64_t bytes = qed_table_bytes(s);
+    size_t nelems = s->table_nelems;
+    uint8_t *buf;
+    int ret;
+
+    trace_qed_read_table(s, offset, n * nelems);
+
+    if (n == 1) {
+        ret = bdrv_co_pread(s->bs->file, offset, bytes, tables[0], 0);
+        if (ret < 0) {
+            return ret;
+        }
+        qed_table_to_cpu(tables[0]->offsets, nelems);
+        return 0;
+    }
+
+    /* Adjacent tables come in one request, then are split */
+    buf = qemu_try_blockalign(s->bs->file->bs, n * bytes);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    ret = bdrv_co_pread(s->bs->file, offset, n * bytes, buf, 0);
+    if (ret == 0) {
+        for (unsigned int i = 0; i < n; i++) {
+            memcpy(tables[i], buf + i * bytes, bytes);
+            qed_table_to_cpu(tables[i]->offsets, nelems);
+        }
+    }
+    qemu_vfree(buf);
+    return ret;
+}
+
+int coroutine_fn qed_read_table(BDRVQEDState *s, uint64_t offset,
+                                QEDTable *table)
+{
+    return qed_read_tables(s, offset, 1, &table);
+}
+
+/*
+ * Write the sectors of the table at @table_offset that hold entries
+ * [first, first + n); @entries holds those entries in CPU order.  @first
+ * and @n must cover whole sectors.  The caller argues the crash ordering
+ * of the write it asks for.
+ */
+int coroutine_fn qed_write_table_sectors(BDRVQEDState *s,
+                                         uint64_t table_offset,
+                                         unsigned int first, unsigned int n,
+                                         const uint64_t *entries)
+{
+    const unsigned int per_sector = BDRV_SECTOR_SIZE / sizeof(uint64_t);
+    size_t bytes = n * sizeof(uint64_t);
+    uint64_t *buf;
+    int ret;
+
+    assert(first % per_sector == 0 && n % per_sector == 0);
+    assert(n > 0 && first + n <= s->table_nelems);
+    trace_qed_write_table(s, table_offset, first, n);
+
+    buf = qemu_try_blockalign(s->bs->file->bs, bytes);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    for (unsigned int i = 0; i < n; i++) {
+        buf[i] = cpu_to_le64(entries[i]);
+    }
+    ret = bdrv_co_pwrite(s->bs->file, table_offset + first * sizeof(uint64_t),
+                         bytes, buf, 0);
+    qemu_vfree(buf);
+    return ret;
+}
+
+/* Write entries [index, index + n) of @table, by the sectors that hold them */
+int coroutine_fn qed_write_table(BDRVQEDState *s, uint64_t offset,
+                                 QEDTable *table, unsigned int index,
+                                 unsigned int n)
+{
+    const unsigned int per_sector = BDRV_SECTOR_SIZE / sizeof(uint64_t);
+    unsigned int first = QEMU_ALIGN_DOWN(index, per_sector);
+    unsigned int end = QEMU_ALIGN_UP(index + n, per_sector);
+
+    assert(n > 0 && index + n <= s->table_nelems);
+    return qed_write_table_sectors(s, offset, first, end - first,
+                                   &table->offsets[first]);
+}
+
+int coroutine_fn qed_read_l1_table(BDRVQEDState *s)
+{
+    return qed_read_table(s, s->header.l1_table_offset, s->l1_table);
+}
+
+int coroutine_fn qed_write_l1_table(BDRVQEDState *s, QEDTable *l1,
+                                    unsigned int index, unsigned int n)
+{
+    BLKDBG_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
+    return qed_write_table(s, s->header.l1_table_offset, l1, index, n);
+}

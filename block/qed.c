@@ -1,0 +1,2008 @@
+/*
+ * QED ("QEMU Enhanced Disk") image format driver
+ *
+ * The BlockDriver: probe, open/close/create, reopen, read/write/zero/
+ * discard requests, allocation, the NEED_CHECK bit and its timer, block
+ * status, info, truncate and the migration hooks.  Lookups go through
+ * qed-cluster.c, table I/O through qed-table.c, the check through
+ * qed-check.c.
+ *
+ * Requests run in coroutines in the node's AioContext, so shared state
+ * changes only between yields; what must stay consistent across a yield
+ * is guarded by the allocation list, the table update groups and
+ * header_lock, each described where it is defined.
+ *
+ * This work is licensed under the terms of the GNU LGPL, version 2 or later.
+ * See the COPYING.LIB file in the top-level directory.
+ */
+
+#include "qemu/osdep.h"
+#include "block/qdict.h"
+#include "qapi/error.h"
+#include "qapi/qapi-visit-block-core.h"
+#include "qapi/qobject-input-visitor.h"
+#include "qapi/qmp/qdict.h"
+#include "qemu/bswap.h"
+#include "qemu/error-report.h"
+#include "qemu/main-loop.h"
+#include "qemu/memalign.h"
+#include "qemu/module.h"
+#include "qemu/option.h"
+#include "qemu/timer.h"
+#include "qemu/units.h"
+#include "sysemu/block-backend.h"
+#include "trace.h"
+#include "qed.h"
+
+#define QED_OPT_L2_CACHE_SIZE "l2-cache-size"
+
+/* Default L2 cache: enough tables to map this much of the virtual disk */
+#define QED_DEFAULT_L2_CACHE_COVERAGE (256 * GiB)
+#define QED_MIN_L2_CACHE_TABLES 64
+
+/* Without a zero tail this long or shorter, pad the write instead */
+#define QED_MAX_TAIL_PAD (4 * KiB)
+
+/* A range of clusters whose table entries are changing (guest offsets) */
+typedef struct QEDAllocation {
+    uint64_t start;
+    uint64_t end;
+    QLIST_ENTRY(QEDAllocation) next;
+} QEDAllocation;
+
+/*
+ * Entries [index, index + n) of one table become value, value + step, ...
+ * (step is the cluster size for new data clusters, 0 for zero or
+ * unallocated markers).
+ */
+typedef struct QEDPendingEntry {
+    unsigned int index;
+    unsigned int n;
+    uint64_t value;
+    uint64_t step;
+    int ret;
+    bool done;
+    QSIMPLEQ_ENTRY(QEDPendingEntry) next;
+} QEDPendingEntry;
+
+typedef QSIMPLEQ_HEAD(, QEDPendingEntry) QEDPendingList;
+
+struct QEDTableUpdate {
+    unsigned int l1_index;      /* for an L2 group: which table */
+    unsigned int users;         /* coroutines that queued into this group */
+    bool busy;                  /* a leader is writing a batch */
+    QEDPendingList pending;
+    CoQueue waiters;
+    QLIST_ENTRY(QEDTableUpdate) next;
+};
+
+typedef int coroutine_fn QEDCommitFunc(BDRVQEDState *s, QEDTableUpdate *upd,
+                                       QEDPendingList *batch);
+
+static void qed_header_le_to_cpu(const QEDHeader *le, QEDHeader *cpu)
+{
+    cpu->magic = le32_to_cpu(le->magic);
+    cpu->cluster_size = le32_to_cpu(le->cluster_size);
+    cpu->table_size = le32_to_cpu(le->table_size);
+    cpu->header_size = le32_to_cpu(le->header_size);
+    cpu->features = le64_to_cpu(le->features);
+    cpu->compat_features = le64_to_cpu(le->compat_features);
+    cpu->autoclear_features = le64_to_cpu(le->autoclear_features);
+    cpu->l1_table_offset = le64_to_cpu(le->l1_table_offset);
+    cpu->image_size = le64_to_cpu(le->image_size);
+    cpu->backing_filename_offset = le32_to_cpu(le->backing_filename_offset);
+    cpu->backing_filename_size = le32_to_cpu(le->backing_filename_size);
+}
+
+static void qed_header_cpu_to_le(const QEDHeader *cpu, QEDHeader *le)
+{
+    le->magic = cpu_to_le32(cpu->magic);
+    le->cluster_size = cpu_to_le32(cpu->cluster_size);
+    le->table_size = cpu_to_le32(cpu->table_size);
+    le->header_size = cpu_to_le32(cpu->header_size);
+    le->features = cpu_to_le64(cpu->features);
+    le->compat_features = cpu_to_le64(cpu->compat_features);
+    le->autoclear_features = cpu_to_le64(cpu->autoclear_features);
+    le->l1_table_offset = cpu_to_le64(cpu->l1_table_offset);
+    le->image_size = cpu_to_le64(cpu->image_size);
+    le->backing_filename_offset = cpu_to_le32(cpu->backing_filename_offset);
+    le->backing_filename_size = cpu_to_le32(cpu->backing_filename_size);
+}
+
+void qed_report_corruption(BDRVQEDState *s, const char *fmt, ...)
+{
+    va_list ap;
+    char *msg;
+
+    /* A guest may hit the same bad entry forever: say it a few times */
+    if (s->error_reports >= 10) {
+        return;
+    }
+    s->error_reports++;
+    va_start(ap, fmt);
+    msg = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    error_report("qed: %s: %s; the image is corrupt, run "
+                 "'qemu-img check -r all' on it", s->bs->filename, msg);
+    g_free(msg);
+}
+
+static int qed_probe(const uint8_t *buf, int buf_size, const char *filename)
+{
+    if (buf_size < sizeof(uint32_t) || ldl_le_p(buf) != QED_MAGIC) {
+        return 0;
+    }
+    return 100;
+}
+
+static bool qed_is_pow2_in(uint64_t v, uint64_t min, uint64_t max)
+{
+    return v >= min && v <= max && is_power_of_2(v);
+}
+
+/*
+ * Write the header (sector 0) from @header.  Callers say why the moment
+ * of the write is safe.
+ */
+static int coroutine_fn qed_write_header(BDRVQEDState *s, QEDHeader *header)
+{
+    QEDHeader le;
+    uint8_t *buf;
+    int ret;
+
+    /* The backing file name may share the sector: read, modify, write */
+    buf = qemu_blockalign(s->bs, BDRV_SECTOR_SIZE);
+    ret = bdrv_co_pread(s->bs->file, 0, BDRV_SECTOR_SIZE, buf, 0);
+    if (ret == 0) {
+        qed_header_cpu_to_le(header, &le);
+        memcpy(buf, &le, sizeof(le));
+        ret = bdrv_co_pwrite(s->bs->file, 0, BDRV_SECTOR_SIZE, buf, 0);
+    }
+    qemu_vfree(buf);
+    return ret;
+}
+
+/* ---- NEED_CHECK and its timer ---------------------------------------- */
+
+static bool qed_has_backing_file(BDRVQEDState *s)
+{
+    return s->header.features & QED_F_BACKING_FILE;
+}
+
+/*
+ * Crash ordering 4: an image without a backing file updates its tables
+ * without flushing the data first, so a crash can leave an entry over data
+ * that never reached the disk or past the end of the file.  NEED_CHECK is
+ * set and flushed before the first such table update; the check on the
+ * next open repairs what a crash left.  Images with a backing file flush
+ * instead (qed_commit_l2) and never need the bit.
+ */
+static int coroutine_fn qed_set_need_check(BDRVQEDState *s)
+{
+    QEDHeader h;
+    int ret = 0;
+
+    if (s->need_check_ready || qed_has_backing_file(s)) {
+        return 0;
+    }
+
+    qemu_co_mutex_lock(&s->header_lock);
+    if (!(s->header.features & QED_F_NEED_CHECK)) {
+        h = s->header;
+        h.features |= QED_F_NEED_CHECK;
+        ret = qed_write_header(s, &h);
+        if (ret == 0) {
+            ret = bdrv_co_flush(s->bs->file->bs);
+        }
+        if (ret == 0) {
+            s->header = h;
+            trace_qed_need_check_set(s);
+        }
+    }
+    if (ret == 0) {
+        s->need_check_ready = true;
+    }
+    qemu_co_mutex_unlock(&s->header_lock);
+    return ret;
+}
+
+/*
+ * Crash ordering 5: clear NEED_CHECK only when no allocation is in flight
+ * and after a flush, so every table update before it is on disk.  An
+ * allocation that starts meanwhile finds need_check_ready false and waits
+ * for header_lock before its table update, then sets the bit again.
+ */
+static int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
+{
+    QEDHeader h;
+    int ret = 0;
+
+    qemu_co_mutex_lock(&s->header_lock);
+    s->need_check_ready = false;
+    if (s->allocating_writes == 0 &&
+        (s->header.features & QED_F_NEED_CHECK) &&
+        !bdrv_is_read_only(s->bs)) {
+        ret = bdrv_co_flush(s->bs->file->bs);
+        if (ret == 0) {
+            h = s->header;
+            h.features &= ~QED_F_NEED_CHECK;
+            ret = qed_write_header(s, &h);
+        }
+        if (ret == 0) {
+            /* Leave the clean header on disk before anyone goes away */
+            ret = bdrv_co_flush(s->bs->file->bs);
+        }
+        if (ret == 0) {
+            s->header = h;
+            trace_qed_need_check_clear(s);
+        }
+    }
+    qemu_co_mutex_unlock(&s->header_lock);
+    return ret;
+}
+
+static int coroutine_fn qed_co_clear_need_check(BDRVQEDState *s,
+                                                void *opaque)
+{
+    return qed_clear_need_check(s);
+}
+
+static void coroutine_fn qed_need_check_timer_entry(void *opaque)
+{
+    BDRVQEDState *s = opaque;
+
+    qed_clear_need_check(s);
+    s->timer_running = false;
+    bdrv_dec_in_flight(s->bs);
+}
+
+/* Start clearing NEED_CHECK in a coroutine that drain waits for */
+static void qed_start_clear(BDRVQEDState *s)
+{
+    Coroutine *co;
+
+    if (s->timer_running) {
+        return;
+    }
+    s->timer_running = true;
+    bdrv_inc_in_flight(s->bs);
+    co = qemu_coroutine_create(qed_need_check_timer_entry, s);
+    aio_co_enter(bdrv_get_aio_context(s->bs), co);
+}
+
+static void qed_need_check_timer_cb(void *opaque)
+{
+    BDRVQEDState *s = opaque;
+
+    trace_qed_timer_fire(s);
+    qed_start_clear(s);
+}
+
+static bool qed_may_write_header(BDRVQEDState *s)
+{
+    return !bdrv_is_read_only(s->bs) &&
+           !(s->bs->open_flags & BDRV_O_INACTIVE);
+}
+
+/* After the last allocating write: clear the bit in a few seconds */
+static void qed_arm_timer(BDRVQEDState *s)
+{
+    if (s->need_check_timer && (s->header.features & QED_F_NEED_CHECK) &&
+        qed_may_write_header(s)) {
+        trace_qed_timer_arm(s);
+        timer_mod(s->need_check_timer,
+                  qemu_clock_get_ns(QEMU_CLOCK_REALTIME) +
+                  QED_NEED_CHECK_TIMEOUT * NANOSECONDS_PER_SECOND);
+    }
+}
+
+static void qed_cancel_timer(BDRVQEDState *s)
+{
+    if (s->need_check_timer && timer_pending(s->need_check_timer)) {
+        trace_qed_timer_cancel(s);
+        timer_del(s->need_check_timer);
+    }
+}
+
+static void qed_attach_aio_context(BlockDriverState *bs,
+                                   AioContext *new_context)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    s->need_check_timer = aio_timer_new(new_context, QEMU_CLOCK_REALTIME,
+                                        SCALE_NS, qed_need_check_timer_cb, s);
+    if (s->allocating_writes == 0) {
+        qed_arm_timer(s);
+    }
+}
+
+static void qed_detach_aio_context(BlockDriverState *bs)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    if (s->need_check_timer) {
+        timer_free(s->need_check_timer);
+        s->need_check_timer = NULL;
+    }
+}
+
+/* A drain clears the bit now rather than leave a timer behind */
+static void coroutine_fn qed_co_drain_begin(BlockDriverState *bs)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    if (s->need_check_timer && timer_pending(s->need_check_timer)) {
+        qed_cancel_timer(s);
+        qed_start_clear(s);
+    }
+}
+
+/* Run a coroutine_fn from outside coroutine context and wait for it */
+typedef int coroutine_fn QEDCoFunc(BDRVQEDState *s, void *opaque);
+
+typedef struct QEDCoCall {
+    BDRVQEDState *s;
+    QEDCoFunc *fn;
+    void *opaque;
+    int ret;
+} QEDCoCall;
+
+static void coroutine_fn qed_co_call_entry(void *opaque)
+{
+    QEDCoCall *call = opaque;
+
+    call->ret = call->fn(call->s, call->opaque);
+}
+
+static int qed_call_in_coroutine(BDRVQEDState *s, QEDCoFunc *fn,
+                                 void *opaque)
+{
+    QEDCoCall call = {
+        .s = s, .fn = fn, .opaque = opaque, .ret = -EINPROGRESS,
+    };
+
+    if (qemu_in_coroutine()) {
+        return fn(s, opaque);
+    }
+    bdrv_coroutine_enter(s->bs, qemu_coroutine_create(qed_co_call_entry,
+                                                      &call));
+    BDRV_POLL_WHILE(s->bs, call.ret == -EINPROGRESS);
+    return call.ret;
+}
+
+/* ---- open and close ---------------------------------------------------- */
+
+static QemuOptsList qed_runtime_opts = {
+    .name = "qed",
+    .head = QTAILQ_HEAD_INITIALIZER(qed_runtime_opts.head),
+    .desc = {
+        {
+            .name = QED_OPT_L2_CACHE_SIZE,
+            .type = QEMU_OPT_SIZE,
+            .help = "Maximum L2 table cache size in bytes",
+        },
+        { /* end of list */ }
+    },
+};
+
+/* Parse l2-cache-size into a number of tables; 0 on error */
+static unsigned int qed_parse_cache_tables(BDRVQEDState *s, QDict *options,
+                                           Error **errp)
+{
+    QemuOpts *opts = qemu_opts_create(&qed_runtime_opts, NULL, 0,
+                                      &error_abort);
+    uint64_t table_bytes = qed_table_bytes(s);
+    uint64_t bytes, tables;
+
+    if (!qemu_opts_absorb_qdict(opts, options, errp)) {
+        qemu_opts_del(opts);
+        return 0;
+    }
+    tables = QED_DEFAULT_L2_CACHE_COVERAGE >> s->l1_shift;
+    tables = MAX(tables, QED_MIN_L2_CACHE_TABLES);
+    bytes = qemu_opt_get_size(opts, QED_OPT_L2_CACHE_SIZE,
+                              tables * table_bytes);
+    qemu_opts_del(opts);
+
+    if (bytes < table_bytes) {
+        error_setg(errp, "Invalid %s %" PRIu64 ": must hold at least one "
+                   "L2 table (%" PRIu64 " bytes)", QED_OPT_L2_CACHE_SIZE,
+                   bytes, table_bytes);
+        return 0;
+    }
+    tables = bytes / table_bytes;
+    return MIN(tables, INT_MAX);
+}
+
+/* Validate a header read from disk; @file_size is the file's length */
+static int qed_validate_header(QEDHeader *h, int64_t file_size, Error **errp)
+{
+    uint64_t header_bytes, table_bytes;
+
+    if (h->magic != QED_MAGIC) {
+        error_setg(errp, "Image not in QED format");
+        return -EINVAL;
+    }
+    if (h->features & ~QED_FEATURE_MASK) {
+        error_setg(errp, "Unsupported QED features: 0x%" PRIx64,
+                   h->features & ~QED_FEATURE_MASK);
+        return -ENOTSUP;
+    }
+    if (!qed_is_pow2_in(h->cluster_size, QED_MIN_CLUSTER_SIZE,
+                        QED_MAX_CLUSTER_SIZE)) {
+        error_setg(errp, "QED cluster size is invalid");
+        return -EINVAL;
+    }
+    if (!qed_is_pow2_in(h->table_size, QED_MIN_TABLE_SIZE,
+                        QED_MAX_TABLE_SIZE)) {
+        error_setg(errp, "QED table size is invalid");
+        return -EINVAL;
+    }
+    if (h->header_size == 0) {
+        error_setg(errp, "QED header size is invalid");
+        return -EINVAL;
+    }
+
+    /* The L1 table lies after the header, aligned, inside the file */
+    header_bytes = (uint64_t)h->header_size * h->cluster_size;
+    table_bytes = (uint64_t)h->table_size * h->cluster_size;
+    if ((h->l1_table_offset & (h->cluster_size - 1)) ||
+        h->l1_table_offset < header_bytes ||
+        h->l1_table_offset > file_size ||
+        table_bytes > file_size - h->l1_table_offset) {
+        error_setg(errp, "QED table offset is invalid");
+        return -EINVAL;
+    }
+
+    if (h->image_size == 0 || h->image_size % BDRV_SECTOR_SIZE ||
+        h->image_size > qed_max_image_size(h->cluster_size, h->table_size)) {
+        error_setg(errp, "QED image size is invalid");
+        return -EINVAL;
+    }
+
+    if (h->features & QED_F_BACKING_FILE) {
+        uint64_t end = (uint64_t)h->backing_filename_offset +
+                       h->backing_filename_size;
+
+        if (h->backing_filename_size == 0 ||
+            h->backing_filename_offset < sizeof(QEDHeader) ||
+            end > header_bytes || end > file_size ||
+            h->backing_filename_size >= PATH_MAX) {
+            error_setg(errp, "QED backing file name is invalid");
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
+static void qed_free_state(BDRVQEDState *s)
+{
+    if (s->l2_cache.by_offset) {
+        qed_l2_cache_destroy(&s->l2_cache);
+    }
+    qemu_vfree(s->l1_table);
+    s->l1_table = NULL;
+    g_free(s->l1_update);
+    s->l1_update = NULL;
+}
+
+static QEDTableUpdate *qed_new_update(unsigned int l1_index)
+{
+    QEDTableUpdate *upd = g_new0(QEDTableUpdate, 1);
+
+    upd->l1_index = l1_index;
+    QSIMPLEQ_INIT(&upd->pending);
+    qemu_co_queue_init(&upd->waiters);
+    return upd;
+}
+
+static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
+                                    int flags, Error **errp)
+{
+    BDRVQEDState *s = bs->opaque;
+    QEDHeader le;
+    int64_t file_size;
+    unsigned int cache_tables;
+    int ret;
+
+    s->bs = bs;
+    QLIST_INIT(&s->allocs);
+    QLIST_INIT(&s->l2_updates);
+    qemu_co_queue_init(&s->alloc_waiters);
+    qemu_co_mutex_init(&s->header_lock);
+
+    ret = bdrv_co_pread(bs->file, 0, sizeof(le), &le, 0);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not read the QED header");
+        return ret;
+    }
+    qed_header_le_to_cpu(&le, &s->header);
+
+    file_size = bdrv_getlength(bs->file->bs);
+    if (file_size < 0) {
+        error_setg_errno(errp, -file_size, "Could not get the file size");
+        return file_size;
+    }
+    ret = qed_validate_header(&s->header, file_size, errp);
+    if (ret < 0) {
+        return ret;
+    }
+
+    s->table_nelems = qed_table_bytes(s) / sizeof(uint64_t);
+    s->l2_shift = ctz32(s->header.cluster_size);
+    s->l2_mask = s->table_nelems - 1;
+    s->l1_shift = s->l2_shift + ctz32(s->table_nelems);
+    /* New clusters go after everything the file holds, never over it */
+    s->file_end = ROUND_UP(file_size, s->header.cluster_size);
+
+    if (s->header.features & QED_F_BACKING_FILE) {
+        ret = bdrv_co_pread(bs->file, s->header.backing_filename_offset,
+                            s->header.backing_filename_size,
+                            bs->auto_backing_file, 0);
+        if (ret < 0) {
+            error_setg_errno(errp, -ret,
+                             "Could not read the backing file name");
+            return ret;
+        }
+        bs->auto_backing_file[s->header.backing_filename_size] = '\0';
+        pstrcpy(bs->backing_file, sizeof(bs->backing_file),
+                bs->auto_backing_file);
+        if (s->header.features & QED_F_BACKING_FORMAT_NO_PROBE) {
+            pstrcpy(bs->backing_format, sizeof(bs->backing_format), "raw");
+        }
+    }
+
+    cache_tables = qed_parse_cache_tables(s, options, errp);
+    if (cache_tables == 0) {
+        return -EINVAL;
+    }
+    qed_l2_cache_init(&s->l2_cache, cache_tables, qed_table_bytes(s));
+    s->l1_update = qed_new_update(0);
+
+    s->l1_table = qed_alloc_table(s);
+    ret = qed_read_l1_table(s);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not read the L1 table");
+        goto fail;
+    }
+
+    bs->supported_zero_flags = BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK;
+    bs->supported_truncate_flags = BDRV_REQ_ZERO_WRITE;
+
+    if ((flags & BDRV_O_RDWR) && !(flags & BDRV_O_INACTIVE)) {
+        /* A writer that does not know autoclear features clears them */
+        if (s->header.autoclear_features & ~QED_AUTOCLEAR_FEATURE_MASK) {
+            QEDHeader h = s->header;
+
+            h.autoclear_features &= QED_AUTOCLEAR_FEATURE_MASK;
+            ret = qed_write_header(s, &h);
+            if (ret < 0) {
+                error_setg_errno(errp, -ret, "Could not update the header");
+                goto fail;
+            }
+            s->header = h;
+        }
+    }
+
+    if ((s->header.features & QED_F_NEED_CHECK) &&
+        !(flags & (BDRV_O_CHECK | BDRV_O_INACTIVE))) {
+        BdrvCheckResult result = {0};
+
+        if (flags & BDRV_O_RDWR) {
+            /* Repair what a crash left, then mark the image clean */
+            ret = qed_check(s, &result, BDRV_FIX_ERRORS | BDRV_FIX_LEAKS);
+            if (ret < 0 || result.corruptions || result.check_errors) {
+                error_setg(errp, "Image is corrupt and could not be repaired "
+                           "(%d corruptions, %d errors left); run "
+                           "'qemu-img check -r all' on it by hand",
+                           result.corruptions, result.check_errors);
+                ret = ret < 0 ? ret : -EIO;
+                goto fail;
+            }
+            ret = qed_clear_need_check(s);
+            if (ret < 0) {
+                error_setg_errno(errp, -ret, "Could not clear NEED_CHECK");
+                goto fail;
+            }
+        } else {
+            /* Read-only: look, but write nothing */
+            ret = qed_check(s, &result, 0);
+            if (ret == 0 && result.corruptions) {
+                warn_report("%s: QED image needs repair (%d corruptions); "
+                            "reads of the damaged parts fail; run "
+                            "'qemu-img check -r all' on it", bs->filename,
+                            result.corruptions);
+            }
+            ret = 0;
+        }
+    }
+
+    trace_qed_open(s, s->header.image_size, s->header.cluster_size,
+                   s->header.table_size, s->header.features);
+    return 0;
+
+fail:
+    qed_free_state(s);
+    return ret;
+}
+
+typedef struct QEDOpenCo {
+    BlockDriverState *bs;
+    QDict *options;
+    int flags;
+    Error **errp;
+    int ret;
+} QEDOpenCo;
+
+static void coroutine_fn qed_open_entry(void *opaque)
+{
+    QEDOpenCo *qoc = opaque;
+
+    qoc->ret = qed_do_open(qoc->bs, qoc->options, qoc->flags, qoc->errp);
+}
+
+static int qed_open(BlockDriverState *bs, QDict *options, int flags,
+                    Error **errp)
+{
+    BDRVQEDState *s = bs->opaque;
+    QEDOpenCo qoc = {
+        .bs = bs, .options = options, .flags = flags, .errp = errp,
+        .ret = -EINPROGRESS,
+    };
+    int ret;
+
+    ret = bdrv_open_file_child(NULL, options, "file", bs, errp);
+    if (ret < 0) {
+        return ret;
+    }
+
+    if (qemu_in_coroutine()) {
+        qed_open_entry(&qoc);
+    } else {
+        assert(qemu_get_current_aio_context() == qemu_get_aio_context());
+        qemu_coroutine_enter(qemu_coroutine_create(qed_open_entry, &qoc));
+        BDRV_POLL_WHILE(bs, qoc.ret == -EINPROGRESS);
+    }
+    if (qoc.ret == 0) {
+        s->need_check_timer = aio_timer_new(bdrv_get_aio_context(bs),
+                                            QEMU_CLOCK_REALTIME, SCALE_NS,
+                                            qed_need_check_timer_cb, s);
+    }
+    return qoc.ret;
+}
+
+static void qed_refresh_limits(BlockDriverState *bs, Error **errp)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    bs->bl.pwrite_zeroes_alignment = s->header.cluster_size;
+    bs->bl.pdiscard_alignment = s->header.cluster_size;
+}
+
+static void qed_close(BlockDriverState *bs)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    qed_cancel_timer(s);
+    qed_detach_aio_context(bs);
+
+    /* A clean close leaves a clean image (crash ordering 5) */
+    if (qed_may_write_header(s) && (s->header.features & QED_F_NEED_CHECK)) {
+        qed_call_in_coroutine(s, qed_co_clear_need_check, NULL);
+    }
+    qed_free_state(s);
+}
+
+static int qed_inactivate(BlockDriverState *bs)
+{
+    BDRVQEDState *s = bs->opaque;
+    int ret = 0;
+
+    /* Hand the image over clean; nothing is written after this */
+    qed_cancel_timer(s);
+    if (!bdrv_is_read_only(bs) && (s->header.features & QED_F_NEED_CHECK)) {
+        ret = qed_call_in_coroutine(s, qed_co_clear_need_check, NULL);
+    }
+    return ret;
+}
+
+static void coroutine_fn qed_co_invalidate_cache(BlockDriverState *bs,
+                                                 Error **errp)
+{
+    BDRVQEDState *s = bs->opaque;
+    QEMUTimer *timer = s->need_check_timer;
+    QDict *options;
+    int ret;
+
+    /* Another process may have changed the image: read it afresh */
+    qed_cancel_timer(s);
+    qed_free_state(s);
+    memset(s, 0, sizeof(*s));
+    s->need_check_timer = timer;
+
+    options = qdict_clone_shallow(bs->options);
+    ret = qed_do_open(bs, options, bs->open_flags, errp);
+    qobject_unref(options);
+    if (ret < 0) {
+        error_prepend(errp, "Could not reopen qed layer: ");
+    }
+}
+
+typedef struct QEDReopenState {
+    unsigned int cache_tables;
+} QEDReopenState;
+
+static int qed_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
+                              Error **errp)
+{
+    BDRVQEDState *s = state->bs->opaque;
+    QEDReopenState *r = g_new0(QEDReopenState, 1);
+    int ret;
+
+    r->cache_tables = qed_parse_cache_tables(s, state->options, errp);
+    if (r->cache_tables == 0) {
+        g_free(r);
+        return -EINVAL;
+    }
+    state->opaque = r;
+
+    /* Going read-only: the bit must be clear before we lose the right */
+    if (!(state->flags & BDRV_O_RDWR) && !bdrv_is_read_only(state->bs)) {
+        qed_cancel_timer(s);
+        ret = qed_call_in_coroutine(s, qed_co_clear_need_check, NULL);
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "Could not clear NEED_CHECK");
+            g_free(r);
+            state->opaque = NULL;
+            return ret;
+        }
+    }
+    return 0;
+}
+
+static void qed_reopen_commit(BDRVReopenState *state)
+{
+    BDRVQEDState *s = state->bs->opaque;
+    QEDReopenState *r = state->opaque;
+
+    qed_l2_cache_set_max(&s->l2_cache, r->cache_tables);
+    g_free(r);
+    state->opaque = NULL;
+}
+
+static void qed_reopen_abort(BDRVReopenState *state)
+{
+    g_free(state->opaque);
+    state->opaque = NULL;
+}
+
+/* ---- allocation bookkeeping -------------------------------------------- */
+
+static QEDAllocation *qed_find_alloc(BDRVQEDState *s, uint64_t start,
+                                     uint64_t end)
+{
+    QEDAllocation *a;
+
+    QLIST_FOREACH(a, &s->allocs, next) {
+        if (a->start < end && start < a->end) {
+            return a;
+        }
+    }
+    return NULL;
+}
+
+/*
+ * Claim the clusters [start, end) for a change of their table entries.
+ * Returns false, after waiting for the one in the way to finish, if
+ * another request holds any of them: the caller must look up again.
+ */
+static bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
+                                   uint64_t start, uint64_t end)
+{
+    if (qed_find_alloc(s, start, end)) {
+        qemu_co_queue_wait(&s->alloc_waiters, NULL);
+        return false;
+    }
+    a->start = start;
+    a->end = end;
+    QLIST_INSERT_HEAD(&s->allocs, a, next);
+    return true;
+}
+
+static void coroutine_fn qed_release(BDRVQEDState *s, QEDAllocation *a)
+{
+    QLIST_REMOVE(a, next);
+    qemu_co_queue_restart_all(&s->alloc_waiters);
+}
+
+/* Hand out @bytes of new file space; never reused while the image is open */
+static uint64_t qed_alloc_file_space(BDRVQEDState *s, uint64_t bytes)
+{
+    uint64_t offset = s->file_end;
+
+    s->file_end += bytes;
+    trace_qed_alloc_clusters(s, offset, bytes / s->header.cluster_size);
+    return offset;
+}
+
+static void qed_alloc_begin(BDRVQEDState *s)
+{
+    if (s->allocating_writes++ == 0) {
+        qed_cancel_timer(s);
+    }
+}
+
+static void qed_alloc_end(BDRVQEDState *s)
+{
+    assert(s->allocating_writes > 0);
+    if (--s->allocating_writes == 0) {
+        qed_arm_timer(s);
+    }
+}
+
+/* ---- table update groups (group commit) --------------------------------- */
+
+/*
+ * Queue @entry into @upd and return once it is on disk (or failed).  The
+ * first coroutine to find the group idle becomes its leader: it takes
+ * every queued entry and writes them in one table update while the others
+ * wait, so many allocations into one table cost one write.
+ */
+static int coroutine_fn qed_table_update(BDRVQEDState *s, QEDTableUpdate *upd,
+                                         QEDPendingEntry *entry,
+                                         QEDCommitFunc *commit)
+{
+    entry->done = false;
+    QSIMPLEQ_INSERT_TAIL(&upd->pending, entry, next);
+
+    while (!entry->done) {
+        QEDPendingList batch = QSIMPLEQ_HEAD_INITIALIZER(batch);
+        QEDPendingEntry *e;
+        int ret;
+
+        if (upd->busy) {
+            qemu_co_queue_wait(&upd->waiters, NULL);
+            continue;
+        }
+
+        upd->busy = true;
+        QSIMPLEQ_CONCAT(&batch, &upd->pending);
+        ret = commit(s, upd, &batch);
+        QSIMPLEQ_FOREACH(e, &batch, next) {
+            e->ret = ret;
+            e->done = true;
+        }
+        upd->busy = false;
+        qemu_co_queue_restart_all(&upd->waiters);
+    }
+    return entry->ret;
+}
+
+/* The sector-aligned range of entries a batch touches */
+static void qed_batch_range(QEDPendingList *batch, unsigned int nelems,
+                            unsigned int *first, unsigned int *end)
+{
+    const unsigned int per_sector = BDRV_SECTOR_SIZE / sizeof(uint64_t);
+    unsigned int lo = UINT_MAX, hi = 0;
+    QEDPendingEntry *e;
+
+    QSIMPLEQ_FOREACH(e, batch, next) {
+        lo = MIN(lo, e->index);
+        hi = MAX(hi, e->index + e->n);
+    }
+    *first = QEMU_ALIGN_DOWN(lo, per_sector);
+    *end = MIN(QEMU_ALIGN_UP(hi, per_sector), nelems);
+}
+
+/* Apply a batch to @entries, which holds the table from index @first on */
+static void qed_batch_apply(QEDPendingList *batch, uint64_t *entries,
+                            unsigned int first)
+{
+    QEDPendingEntry *e;
+
+    QSIMPLEQ_FOREACH(e, batch, next) {
+        for (unsigned int i = 0; i < e->n; i++) {
+            entries[e->index + i - first] = e->value + i * e->step;
+        }
+    }
+}
+
+static bool qed_batch_has_data(QEDPendingList *batch)
+{
+    QEDPendingEntry *e;
+
+    QSIMPLEQ_FOREACH(e, batch, next) {
+        if (qed_is_data_offset(e->value)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Write a batch of L1 entries; the in-memory L1 follows the disk */
+static int coroutine_fn qed_commit_l1(BDRVQEDState *s, QEDTableUpdate *upd,
+                                      QEDPendingList *batch)
+{
+    unsigned int first, end;
+    uint64_t *entries;
+    int ret;
+
+    qed_batch_range(batch, s->table_nelems, &first, &end);
+    entries = g_memdup2(&s->l1_table->offsets[first],
+                        (end - first) * sizeof(uint64_t));
+    qed_batch_apply(batch, entries, first);
+
+    BLKDBG_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
+    ret = qed_write_table_sectors(s, s->header.l1_table_offset, first,
+                                  end - first, entries);
+    if (ret == 0) {
+        qed_batch_apply(batch, s->l1_table->offsets, 0);
+        s->l2_gen++;
+    }
+    g_free(entries);
+    return ret;
+}
+
+/*
+ * Make a new L2 table holding @batch and point the L1 table at it.
+ *
+ * Crash ordering 2: the table is written before the L1 entry that points
+ * at it.  New file space reads as zeros (it lies past everything the file
+ * held at open and is never reused), so only the sectors holding the new
+ * entries are written, plus the table's last sector to make the file
+ * cover the whole table.  With a backing file a flush separates the table
+ * (and the batch's data, crash ordering 1 and 3) from the L1 update;
+ * without one NEED_CHECK is already set and the check repairs an L1 entry
+ * that landed without its table.
+ */
+static int coroutine_fn qed_commit_new_l2(BDRVQEDState *s,
+                                          QEDTableUpdate *upd,
+                                          QEDPendingList *batch)
+{
+    const unsigned int per_sector = BDRV_SECTOR_SIZE / sizeof(uint64_t);
+    QEDPendingEntry l1_entry = { .index = upd->l1_index, .n = 1 };
+    unsigned int first, end;
+    uint64_t l2_offset;
+    QEDTable *table;
+    CachedL2Table *e;
+    int ret;
+
+    table = qed_alloc_table(s);
+    memset(table, 0, qed_table_bytes(s));
+    qed_batch_apply(batch, table->offsets, 0);
+    qed_batch_range(batch, s->table_nelems, &first, &end);
+
+    l2_offset = qed_alloc_file_space(s, qed_table_bytes(s));
+    trace_qed_alloc_l2(s, upd->l1_index, l2_offset);
+
+    BLKDBG_EVENT(s->bs->file, BLKDBG_L2_ALLOC_WRITE);
+    ret = qed_write_table_sectors(s, l2_offset, first, end - first,
+                                  &table->offsets[first]);
+    if (ret == 0 && end < s->table_nelems) {
+        ret = qed_write_table_sectors(s, l2_offset,
+                                      s->table_nelems - per_sector,
+                                      per_sector,
+                                      &table->offsets[s->table_nelems -
+                                                      per_sector]);
+    }
+    if (ret == 0 && qed_has_backing_file(s)) {
+        BLKDBG_EVENT(s->bs->file, BLKDBG_FLUSH_TO_DISK);
+        ret = bdrv_co_flush(s->bs->file->bs);
+    }
+    if (ret < 0) {
+        qemu_vfree(table);
+        return ret;
+    }
+
+    l1_entry.value = l2_offset;
+    ret = qed_table_update(s, s->l1_update, &l1_entry, qed_commit_l1);
+    if (ret < 0) {
+        qemu_vfree(table);
+        return ret;
+    }
+    e = qed_l2_cache_insert(&s->l2_cache, l2_offset, table);
+    qed_l2_cache_unref(&s->l2_cache, e);
+    return 0;
+}
+
+/*
+ * Write a batch of entries into the L2 table of upd->l1_index.
+ *
+ * Crash ordering 1 and 3: every entry's data was written before it was
+ * queued.  With a backing file the data is flushed before the table
+ * update, so a crash never leaves an entry over data that is not there
+ * while the backing file would have shown through; one flush serves the
+ * whole batch.  Without a backing file NEED_CHECK is set first (ordering
+ * 4) and unallocated clusters read as zeros anyway.
+ */
+static int coroutine_fn qed_commit_l2(BDRVQEDState *s, QEDTableUpdate *upd,
+                                      QEDPendingList *batch)
+{
+    uint64_t l2_offset;
+    unsigned int first, end;
+    uint64_t *entries;
+    CachedL2Table *e;
+    int ret;
+
+    ret = qed_set_need_check(s);
+    if (ret < 0) {
+        return ret;
+    }
+
+    l2_offset = s->l1_table->offsets[upd->l1_index];
+    trace_qed_l2_update(s, l2_offset, 0, 0, upd->users);
+    if (l2_offset == 0) {
+        return qed_commit_new_l2(s, upd, batch);
+    }
+
+    if (qed_has_backing_file(s) && qed_batch_has_data(batch)) {
+        BLKDBG_EVENT(s->bs->file, BLKDBG_FLUSH_TO_DISK);
+        ret = bdrv_co_flush(s->bs->file->bs);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+
+    ret = qed_get_l2_table(s, l2_offset, &e);
+    if (ret < 0) {
+        return ret;
+    }
+
+    qed_batch_range(batch, s->table_nelems, &first, &end);
+    entries = g_memdup2(&e->table->offsets[first],
+                        (end - first) * sizeof(uint64_t));
+    qed_batch_apply(batch, entries, first);
+
+    BLKDBG_EVENT(s->bs->file, BLKDBG_L2_UPDATE);
+    ret = qed_write_table_sectors(s, l2_offset, first, end - first, entries);
+    if (ret == 0) {
+        /* Writethrough: the cache changes only once the disk has */
+        qed_batch_apply(batch, e->table->offsets, 0);
+        qed_l2_cache_unref(&s->l2_cache, e);
+        s->l2_gen++;
+    } else {
+        /* The disk may hold part of the update: forget the cached copy */
+        qed_l2_cache_unref(&s->l2_cache, e);
+        qed_l2_cache_drop(&s->l2_cache, l2_offset);
+    }
+    g_free(entries);
+    return ret;
+}
+
+/* Set entries of the L2 table for @l1_index through its update group */
+static int coroutine_fn qed_update_l2(BDRVQEDState *s, unsigned int l1_index,
+                                      QEDPendingEntry *entry)
+{
+    QEDTableUpdate *upd;
+    int ret;
+
+    QLIST_FOREACH(upd, &s->l2_updates, next) {
+        if (upd->l1_index == l1_index) {
+            break;
+        }
+    }
+    if (!upd) {
+        upd = qed_new_update(l1_index);
+        QLIST_INSERT_HEAD(&s->l2_updates, upd, next);
+    }
+
+    upd->users++;
+    ret = qed_table_update(s, upd, entry, qed_commit_l2);
+    if (--upd->users == 0) {
+        QLIST_REMOVE(upd, next);
+        g_free(upd);
+    }
+    return ret;
+}
+
+/* ---- reads ---------------------------------------------------------------- */
+
+/* Unallocated: the backing file shows through, zeros past it or without */
+static int coroutine_fn qed_read_backing(BDRVQEDState *s, uint64_t pos,
+                                         uint64_t bytes, QEMUIOVector *qiov,
+                                         size_t qiov_offset)
+{
+    if (s->bs->backing) {
+        BLKDBG_EVENT(s->bs->file, BLKDBG_READ_BACKING_AIO);
+        return bdrv_co_preadv_part(s->bs->backing, pos, bytes, qiov,
+                                   qiov_offset, 0);
+    }
+    qemu_iovec_memset(qiov, qiov_offset, 0, bytes);
+    return 0;
+}
+
+static int coroutine_fn qed_co_preadv_part(BlockDriverState *bs,
+                                           int64_t offset, int64_t bytes,
+                                           QEMUIOVector *qiov,
+                                           size_t qiov_offset,
+                                           BdrvRequestFlags flags)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    trace_qed_co_preadv(s, offset, bytes);
+    while (bytes > 0) {
+        QEDExtent ext;
+        int ret;
+
+        ret = qed_find_extent(s, offset, bytes, &ext);
+        if (ret < 0) {
+            return ret;
+        }
+
+        switch (ext.type) {
+        case QED_EXTENT_DATA:
+            BLKDBG_EVENT(bs->file, BLKDBG_READ_AIO);
+            ret = bdrv_co_preadv_part(bs->file, ext.file_offset, ext.bytes,
+                                      qiov, qiov_offset, 0);
+            break;
+        case QED_EXTENT_ZERO:
+            qemu_iovec_memset(qiov, qiov_offset, 0, ext.bytes);
+            break;
+        case QED_EXTENT_UNALLOCATED:
+            ret = qed_read_backing(s, offset, ext.bytes, qiov, qiov_offset);
+            break;
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        offset += ext.bytes;
+        qiov_offset += ext.bytes;
+        bytes -= ext.bytes;
+    }
+    return 0;
+}
+
+/* ---- writes ---------------------------------------------------------------- */
+
+/*
+ * Write [pos, pos + bytes) of the virtual disk, which all lies in
+ * unallocated or zero clusters mapped by one L2 table, into new clusters.
+ * Returns the bytes written, 0 if the caller must look up again, or a
+ * negative errno.
+ */
+static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
+                                                 uint64_t pos, uint64_t bytes,
+                                                 QEDExtentType type,
+                                                 QEMUIOVector *qiov,
+                                                 size_t qiov_offset,
+                                                 uint64_t gen)
+{
+    uint64_t cs = s->header.cluster_size;
+    uint64_t start = qed_start_of_cluster(s, pos);
+    uint64_t end = ROUND_UP(pos + bytes, cs);
+    uint64_t head = pos - start;
+    uint64_t tail_end = MIN(end, s->header.image_size);
+    uint64_t tail = tail_end > pos + bytes ? tail_end - (pos + bytes) : 0;
+    uint64_t nclusters = (end - start) / cs;
+    bool cow = type == QED_EXTENT_UNALLOCATED && s->bs->backing;
+    QEDPendingEntry entry;
+    QEDAllocation alloc;
+    QEMUIOVector wqiov;
+    uint8_t *head_buf = NULL, *tail_buf = NULL;
+    uint64_t file_offset, wstart, written_end, cluster_end;
+    int64_t ret;
+
+    if (!qed_claim(s, &alloc, start, end)) {
+        return 0;
+    }
+    /* Entries that landed while we looked up make the lookup stale */
+    if (gen != s->l2_gen) {
+        qed_release(s, &alloc);
+        return 0;
+    }
+
+    qed_alloc_begin(s);
+    file_offset = qed_alloc_file_space(s, end - start);
+    cluster_end = file_offset + (end - start);
+    BLKDBG_EVENT(s->bs->file, BLKDBG_CLUSTER_ALLOC);
+
+    /*
+     * The new clusters read as zeros already.  Over a backing file the
+     * rest of each new cluster is copied from it (copy-on-write); else only
+     * the end of the last cluster is written, so that the file covers the
+     * whole cluster.
+     */
+    qemu_iovec_init(&wqiov, qiov->niov + 2);
+    if (cow && head) {
+        QEMUIOVector hq;
+
+        head_buf = qemu_blockalign(s->bs, head);
+        qemu_iovec_init_buf(&hq, head_buf, head);
+        BLKDBG_EVENT(s->bs->file, BLKDBG_COW_READ);
+        ret = qed_read_backing(s, start, head, &hq, 0);
+        if (ret < 0) {
+            goto out;
+        }
+        qemu_iovec_add(&wqiov, head_buf, head);
+        wstart = file_offset;
+    } else {
+        wstart = file_offset + head;
+    }
+    qemu_iovec_concat(&wqiov, qiov, qiov_offset, bytes);
+    if (tail && (cow || tail <= QED_MAX_TAIL_PAD)) {
+        QEMUIOVector tq;
+
+        tail_buf = qemu_blockalign0(s->bs, tail);
+        if (cow) {
+            qemu_iovec_init_buf(&tq, tail_buf, tail);
+            BLKDBG_EVENT(s->bs->file, BLKDBG_COW_READ);
+            ret = qed_read_backing(s, pos + bytes, tail, &tq, 0);
+            if (ret < 0) {
+                goto out;
+            }
+        }
+        qemu_iovec_add(&wqiov, tail_buf, tail);
+    }
+
+    BLKDBG_EVENT(s->bs->file, cow ? BLKDBG_COW_WRITE : BLKDBG_WRITE_AIO);
+    ret = bdrv_co_pwritev(s->bs->file, wstart, wqiov.size, &wqiov, 0);
+    written_end = wstart + wqiov.size;
+    if (ret == 0 && written_end < cluster_end) {
+        /* The file must hold the whole last cluster: zero its final block */
+        uint32_t align = MAX(BDRV_SECTOR_SIZE,
+                             s->bs->file->bs->bl.request_alignment);
+        uint64_t z = MAX(written_end, cluster_end - align);
+
+        ret = bdrv_co_pwrite_zeroes(s->bs->file, z, cluster_end - z, 0);
+    }
+    if (ret < 0) {
+        /* The new clusters leak; nothing points at them */
+        goto out;
+    }
+
+    entry = (QEDPendingEntry) {
+        .index = qed_l2_index(s, start),
+        .n = nclusters,
+        .value = file_offset,
+        .step = cs,
+    };
+    ret = qed_update_l2(s, qed_l1_index(s, start), &entry);
+    if (ret == 0) {
+        ret = bytes;
+    }
+
+out:
+    qemu_iovec_destroy(&wqiov);
+    qemu_vfree(head_buf);
+    qemu_vfree(tail_buf);
+    qed_release(s, &alloc);
+    qed_alloc_end(s);
+    return ret;
+}
+
+/* Bytes from @pos to the end of the L2 table that maps it */
+static uint64_t qed_bytes_to_table_end(BDRVQEDState *s, uint64_t pos)
+{
+    uint64_t table_span = 1ULL << s->l1_shift;
+
+    return ROUND_UP(pos + 1, table_span) - pos;
+}
+
+static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
+                                            int64_t offset, int64_t bytes,
+                                            QEMUIOVector *qiov,
+                                            size_t qiov_offset,
+                                            BdrvRequestFlags flags)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    trace_qed_co_pwritev(s, offset, bytes, flags);
+    while (bytes > 0) {
+        uint64_t gen = s->l2_gen;
+        QEDExtent ext;
+        int64_t ret;
+
+        ret = qed_find_extent(s, offset, bytes, &ext);
+        if (ret < 0) {
+            return ret;
+        }
+
+        if (ext.type == QED_EXTENT_DATA) {
+            /* In place: the cluster is ours and stays where it is */
+            BLKDBG_EVENT(bs->file, BLKDBG_WRITE_AIO);
+            ret = bdrv_co_pwritev_part(bs->file, ext.file_offset, ext.bytes,
+                                       qiov, qiov_offset, 0);
+            if (ret < 0) {
+                return ret;
+            }
+            ret = ext.bytes;
+        } else {
+            uint64_t len = MIN(ext.bytes, qed_bytes_to_table_end(s, offset));
+
+            ret = qed_allocating_write(s, offset, len, ext.type, qiov,
+                                       qiov_offset, gen);
+            if (ret < 0) {
+                return ret;
+            }
+        }
+        offset += ret;
+        qiov_offset += ret;
+        bytes -= ret;
+    }
+    return 0;
+}
+
+/*
+ * Give clusters [start, end), which lie in one L2 table, the marker @value
+ * (QED_L2_ZERO or QED_L2_UNALLOCATED).  @gen is s->l2_gen from before the
+ * lookup that found them.  Returns 0 when done, -EAGAIN when the caller
+ * must look up again.
+ */
+static int coroutine_fn qed_set_markers(BDRVQEDState *s, uint64_t start,
+                                        uint64_t end, uint64_t value,
+                                        uint64_t gen)
+{
+    QEDAllocation alloc;
+    QEDPendingEntry entry;
+    int ret;
+
+    if (!qed_claim(s, &alloc, start, end)) {
+        return -EAGAIN;
+    }
+    if (gen != s->l2_gen) {
+        qed_release(s, &alloc);
+        return -EAGAIN;
+    }
+    qed_alloc_begin(s);
+    entry = (QEDPendingEntry) {
+        .index = qed_l2_index(s, start),
+        .n = (end - start) >> s->l2_shift,
+        .value = value,
+    };
+    ret = qed_update_l2(s, qed_l1_index(s, start), &entry);
+    qed_release(s, &alloc);
+    qed_alloc_end(s);
+    return ret;
+}
+
+/* Does [offset, offset + bytes) cover whole clusters (or reach the end)? */
+static bool qed_whole_clusters(BDRVQEDState *s, uint64_t offset,
+                               uint64_t bytes)
+{
+    uint64_t end = offset + bytes;
+
+    return qed_offset_into_cluster(s, offset) == 0 &&
+           (qed_offset_into_cluster(s, end) == 0 ||
+            end == s->header.image_size);
+}
+
+static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
+                                             int64_t offset, int64_t bytes,
+                                             BdrvRequestFlags flags)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    while (bytes > 0) {
+        uint64_t gen = s->l2_gen;
+        QEDExtent ext;
+        int ret;
+
+        ret = qed_find_extent(s, offset, bytes, &ext);
+        if (ret < 0) {
+            return ret;
+        }
+
+        switch (ext.type) {
+        case QED_EXTENT_DATA:
+            /* Allocated clusters stay; the file zeroes (and may unmap) */
+            ret = bdrv_co_pwrite_zeroes(bs->file, ext.file_offset, ext.bytes,
+                                        flags);
+            break;
+        case QED_EXTENT_ZERO:
+            break;
+        case QED_EXTENT_UNALLOCATED:
+            if (!bs->backing) {
+                /* Reads as zeros already */
+                break;
+            }
+            ext.bytes = MIN(ext.bytes, qed_bytes_to_table_end(s, offset));
+            if (!qed_whole_clusters(s, offset, ext.bytes)) {
+                /* Part of a cluster: the block layer writes zeros as data */
+                return -ENOTSUP;
+            }
+            ret = qed_set_markers(s, offset,
+                                  ROUND_UP(offset + ext.bytes,
+                                           s->header.cluster_size),
+                                  QED_L2_ZERO, gen);
+            if (ret == -EAGAIN) {
+                continue;
+            }
+            break;
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        offset += ext.bytes;
+        bytes -= ext.bytes;
+    }
+    return 0;
+}
+
+/*
+ * Guest TRIM: data clusters become unallocated (zero clusters over a
+ * backing file, so that discarded data never shows the backing file) and
+ * their space goes back to the host.  The entry changes first, the file
+ * is punched after: a crash between leaves a leaked cluster, never an
+ * entry over a hole that was data.
+ */
+static int coroutine_fn qed_co_pdiscard(BlockDriverState *bs, int64_t offset,
+                                        int64_t bytes)
+{
+    BDRVQEDState *s = bs->opaque;
+    uint64_t marker = bs->backing ? QED_L2_ZERO : QED_L2_UNALLOCATED;
+
+    trace_qed_discard(s, offset, bytes);
+    if (!qed_whole_clusters(s, offset, bytes)) {
+        return -ENOTSUP;
+    }
+    while (bytes > 0) {
+        uint64_t gen = s->l2_gen;
+        QEDExtent ext;
+        int ret;
+
+        ret = qed_find_extent(s, offset, bytes, &ext);
+        if (ret < 0) {
+            return ret;
+        }
+        ext.bytes = MIN(ext.bytes, qed_bytes_to_table_end(s, offset));
+
+        if (ext.type == QED_EXTENT_DATA) {
+            uint64_t end = ROUND_UP(offset + ext.bytes,
+                                    s->header.cluster_size);
+
+            ret = qed_set_markers(s, offset, end, marker, gen);
+            if (ret == -EAGAIN) {
+                continue;
+            }
+            if (ret < 0) {
+                return ret;
+            }
+            /* Errors here only keep the space: the data is gone already */
+            bdrv_co_pdiscard(bs->file, ext.file_offset, end - offset);
+        }
+        offset += ext.bytes;
+        bytes -= ext.bytes;
+    }
+    return 0;
+}
+
+static int coroutine_fn qed_co_block_status(BlockDriverState *bs,
+                                            bool want_zero, int64_t offset,
+                                            int64_t bytes, int64_t *pnum,
+                                            int64_t *map,
+                                            BlockDriverState **file)
+{
+    BDRVQEDState *s = bs->opaque;
+    QEDExtent ext;
+    int ret;
+
+    ret = qed_find_extent(s, offset, bytes, &ext);
+    if (ret < 0) {
+        return ret;
+    }
+    *pnum = ext.bytes;
+    switch (ext.type) {
+    case QED_EXTENT_DATA:
+        *map = ext.file_offset;
+        *file = bs->file->bs;
+        return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID;
+    case QED_EXTENT_ZERO:
+        return BDRV_BLOCK_ZERO;
+    default:
+        return 0;
+    }
+}
+
+/* ---- size, info, backing file ------------------------------------------ */
+
+static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
+                                        bool exact, PreallocMode prealloc,
+                                        BdrvRequestFlags flags, Error **errp)
+{
+    BDRVQEDState *s = bs->opaque;
+    uint64_t old_size = s->header.image_size;
+    uint64_t max = qed_max_image_size(s->header.cluster_size,
+                                      s->header.table_size);
+    QEDHeader h;
+    int ret;
+
+    if (prealloc != PREALLOC_MODE_OFF) {
+        error_setg(errp, "Unsupported preallocation mode '%s'",
+                   PreallocMode_str(prealloc));
+        return -ENOTSUP;
+    }
+    if (offset < old_size) {
+        error_setg(errp, "QED images cannot be shrunk (from %" PRIu64
+                   " to %" PRId64 " bytes)", old_size, offset);
+        return -ENOTSUP;
+    }
+    if (offset > max) {
+        error_setg(errp, "Invalid size %" PRId64 ": with cluster_size %u "
+                   "and table_size %u a QED image holds at most %" PRIu64
+                   " bytes", offset, s->header.cluster_size,
+                   s->header.table_size, max);
+        return -EINVAL;
+    }
+    if (offset % BDRV_SECTOR_SIZE) {
+        error_setg(errp, "Invalid size %" PRId64 ": must be a multiple of "
+                   "512 bytes", offset);
+        return -EINVAL;
+    }
+    if (offset == old_size) {
+        return 0;
+    }
+
+    /*
+     * Entries past the old end are unallocated, so growing is one header
+     * write (a single sector, so a crash leaves the old or the new size).
+     */
+    h = s->header;
+    h.image_size = offset;
+    ret = qed_write_header(s, &h);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Failed to update the image size");
+        return ret;
+    }
+    s->header = h;
+
+    if (flags & BDRV_REQ_ZERO_WRITE) {
+        /* The backing file must not show through the new area */
+        ret = qed_co_pwrite_zeroes(bs, old_size, offset - old_size, 0);
+        if (ret == -ENOTSUP) {
+            uint64_t head_end = MIN(ROUND_UP(old_size,
+                                             s->header.cluster_size), offset);
+            QEMUIOVector qiov;
+            uint8_t *zeros = qemu_blockalign0(bs, head_end - old_size);
+
+            qemu_iovec_init_buf(&qiov, zeros, head_end - old_size);
+            ret = qed_co_pwritev_part(bs, old_size, head_end - old_size,
+                                      &qiov, 0, 0);
+            qemu_vfree(zeros);
+            if (ret == 0 && head_end < offset) {
+                ret = qed_co_pwrite_zeroes(bs, head_end, offset - head_end,
+                                           0);
+            }
+        }
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "Failed to zero the new area");
+            return ret;
+        }
+    }
+    return 0;
+}
+
+static int64_t qed_getlength(BlockDriverState *bs)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    return s->header.image_size;
+}
+
+static int qed_get_info(BlockDriverState *bs, BlockDriverInfo *bdi)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    memset(bdi, 0, sizeof(*bdi));
+    bdi->cluster_size = s->header.cluster_size;
+    bdi->is_dirty = s->header.features & QED_F_NEED_CHECK;
+    return 0;
+}
+
+typedef struct QEDBackingChange {
+    const char *file;
+    const char *fmt;
+} QEDBackingChange;
+
+/*
+ * Point the header at a new backing file.  The new name is written where
+ * the current header does not look (right after the old name when it
+ * fits), flushed, and only then the header's one sector: a crash leaves
+ * either the old header with its intact name or the new one.
+ */
+static int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque)
+{
+    QEDBackingChange *change = opaque;
+    const char *file = change->file;
+    const char *fmt = change->fmt;
+    uint64_t header_bytes = (uint64_t)s->header.header_size *
+                            s->header.cluster_size;
+    size_t len = file ? strlen(file) : 0;
+    QEDHeader h = s->header;
+    int ret;
+
+    h.features &= ~(QED_F_BACKING_FILE | QED_F_BACKING_FORMAT_NO_PROBE);
+    h.backing_filename_offset = 0;
+    h.backing_filename_size = 0;
+    if (len) {
+        uint32_t off = sizeof(QEDHeader);
+
+        if (s->header.features & QED_F_BACKING_FILE &&
+            s->header.backing_filename_offset == off &&
+            off + s->header.backing_filename_size + len <= header_bytes) {
+            off += s->header.backing_filename_size;
+        }
+        if (off + len > header_bytes) {
+            error_report("Backing file name too long: %zu bytes, a %" PRIu64
+                         "-byte header holds at most %" PRIu64, len,
+                         header_bytes, header_bytes - sizeof(QEDHeader));
+            return -ENOSPC;
+        }
+        ret = bdrv_co_pwrite(s->bs->file, off, len, file, 0);
+        if (ret == 0) {
+            ret = bdrv_co_flush(s->bs->file->bs);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        h.features |= QED_F_BACKING_FILE;
+        if (fmt && !strcmp(fmt, "raw")) {
+            h.features |= QED_F_BACKING_FORMAT_NO_PROBE;
+        }
+        h.backing_filename_offset = off;
+        h.backing_filename_size = len;
+    }
+    ret = qed_write_header(s, &h);
+    if (ret == 0) {
+        s->header = h;
+    }
+    return ret;
+}
+
+static int qed_change_backing_file(BlockDriverState *bs,
+                                   const char *backing_file,
+                                   const char *backing_fmt)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    QEDBackingChange change = { .file = backing_file, .fmt = backing_fmt };
+
+    return qed_call_in_coroutine(s, qed_co_change_backing, &change);
+}
+
+static int coroutine_fn qed_co_check(BlockDriverState *bs,
+                                     BdrvCheckResult *result,
+                                     BdrvCheckMode fix)
+{
+    BDRVQEDState *s = bs->opaque;
+    int ret;
+
+    ret = qed_check(s, result, fix);
+    if (ret == 0 && (fix & BDRV_FIX_ERRORS) && !result->corruptions &&
+        !result->check_errors) {
+        ret = qed_clear_need_check(s);
+    }
+    return ret;
+}
+
+/* ---- create ------------------------------------------------------------- */
+
+/* Check every create option before anything is written anywhere */
+static int qed_validate_create(BlockdevCreateOptionsQed *o, Error **errp)
+{
+    uint64_t cluster_size = o->has_cluster_size ? o->cluster_size :
+                            QED_DEFAULT_CLUSTER_SIZE;
+    uint64_t table_size = o->has_table_size ? o->table_size :
+                          QED_DEFAULT_TABLE_SIZE;
+    uint64_t max;
+
+    if (!qed_is_pow2_in(cluster_size, QED_MIN_CLUSTER_SIZE,
+                        QED_MAX_CLUSTER_SIZE)) {
+        error_setg(errp, "Invalid cluster_size %" PRIu64 ": must be a power "
+                   "of two between %d and %d bytes", cluster_size,
+                   QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE);
+        return -EINVAL;
+    }
+    if (!o->has_table_size ? false :
+        (o->table_size < 0 ||
+         !qed_is_pow2_in(table_size, QED_MIN_TABLE_SIZE,
+                         QED_MAX_TABLE_SIZE))) {
+        error_setg(errp, "Invalid table_size %" PRId64 ": must be a power of "
+                   "two between %d and %d clusters", o->table_size,
+                   QED_MIN_TABLE_SIZE, QED_MAX_TABLE_SIZE);
+        return -EINVAL;
+    }
+    if (o->size == 0) {
+        error_setg(errp, "Invalid size 0: a QED image must not be empty");
+        return -EINVAL;
+    }
+    max = qed_max_image_size(cluster_size, table_size);
+    if (o->size > max) {
+        error_setg(errp, "Invalid size %" PRIu64 ": with cluster_size %"
+                   PRIu64 " and table_size %" PRIu64 " a QED image holds at "
+                   "most %" PRIu64 " bytes", o->size, cluster_size,
+                   table_size, max);
+        return -EINVAL;
+    }
+    if (o->size % BDRV_SECTOR_SIZE) {
+        error_setg(errp, "Invalid size %" PRIu64 ": must be a multiple of "
+                   "512 bytes", o->size);
+        return -EINVAL;
+    }
+    if (o->has_backing_file &&
+        strlen(o->backing_file) > cluster_size - sizeof(QEDHeader)) {
+        error_setg(errp, "Backing file name too long: %zu bytes, a %" PRIu64
+                   "-byte header holds at most %" PRIu64,
+                   strlen(o->backing_file), cluster_size,
+                   cluster_size - sizeof(QEDHeader));
+        return -EINVAL;
+    }
+    if (o->has_preallocation && o->preallocation != PREALLOC_MODE_OFF) {
+        error_setg(errp, "Unsupported preallocation mode '%s'",
+                   PreallocMode_str(o->preallocation));
+        return -ENOTSUP;
+    }
+    return 0;
+}
+
+/*
+ * QED grows its file as it allocates, which a block device cannot do:
+ * refuse one before writing a byte to it.
+ */
+static int qed_check_growable(BlockDriverState *file, Error **errp)
+{
+    const char *name = file->drv ? file->drv->format_name : "";
+    struct stat st;
+
+    if (!strcmp(name, "host_device") || !strcmp(name, "host_cdrom") ||
+        (!strcmp(name, "file") && stat(file->filename, &st) == 0 &&
+         (S_ISBLK(st.st_mode) || S_ISCHR(st.st_mode)))) {
+        error_setg(errp, "QED needs a regular file that can grow: '%s' is a "
+                   "block device", file->filename);
+        return -ENOTSUP;
+    }
+    return 0;
+}
+
+static int coroutine_fn qed_co_create(BlockdevCreateOptions *opts,
+                                      Error **errp)
+{
+    BlockdevCreateOptionsQed *o = &opts->u.qed;
+    uint32_t cluster_size = o->has_cluster_size ? o->cluster_size :
+                            QED_DEFAULT_CLUSTER_SIZE;
+    uint32_t table_size = o->has_table_size ? o->table_size :
+                          QED_DEFAULT_TABLE_SIZE;
+    BlockDriverState *bs;
+    BlockBackend *blk = NULL;
+    QEDHeader header, le;
+    uint8_t *buf = NULL;
+    size_t name_len = 0, buf_len;
+    int ret;
+
+    assert(opts->driver == BLOCKDEV_DRIVER_QED);
+    ret = qed_validate_create(o, errp);
+    if (ret < 0) {
+        return ret;
+    }
+
+    bs = bdrv_open_blockdev_ref(o->file, errp);
+    if (!bs) {
+        return -EIO;
+    }
+    ret = qed_check_growable(bs, errp);
+    if (ret < 0) {
+        goto out;
+    }
+
+    blk = blk_new_with_bs(bs, BLK_PERM_WRITE | BLK_PERM_RESIZE, BLK_PERM_ALL,
+                          errp);
+    if (!blk) {
+        ret = -EPERM;
+        goto out;
+    }
+    blk_set_allow_write_beyond_eof(blk, true);
+
+    header = (QEDHeader) {
+        .magic = QED_MAGIC,
+        .cluster_size = cluster_size,
+        .table_size = table_size,
+        .header_size = 1,
+        .l1_table_offset = cluster_size,
+        .image_size = o->size,
+    };
+    if (o->has_backing_file) {
+        name_len = strlen(o->backing_file);
+        header.features |= QED_F_BACKING_FILE;
+        header.backing_filename_offset = sizeof(QEDHeader);
+        header.backing_filename_size = name_len;
+        if (o->has_backing_fmt && o->backing_fmt == BLOCKDEV_DRIVER_RAW) {
+            header.features |= QED_F_BACKING_FORMAT_NO_PROBE;
+        }
+    }
+
+    /* Start from an empty file: old contents must not look like tables */
+    ret = blk_co_truncate(blk, 0, true, PREALLOC_MODE_OFF, 0, errp);
+    if (ret < 0) {
+        goto out;
+    }
+
+    /*
+     * Header and backing file name, then the file grows over an all-zero
+     * L1 table without writing it (the new space reads as zeros).
+     */
+    buf_len = ROUND_UP(sizeof(QEDHeader) + name_len, BDRV_SECTOR_SIZE);
+    buf = g_malloc0(buf_len);
+    qed_header_cpu_to_le(&header, &le);
+    memcpy(buf, &le, sizeof(le));
+    if (name_len) {
+        memcpy(buf + sizeof(QEDHeader), o->backing_file, name_len);
+    }
+    ret = blk_co_pwrite(blk, 0, buf_len, buf, 0);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not write the QED header");
+        goto out;
+    }
+    ret = blk_co_truncate(blk, header.l1_table_offset +
+                          (uint64_t)table_size * cluster_size, true,
+                          PREALLOC_MODE_OFF, 0, errp);
+    if (ret < 0) {
+        goto out;
+    }
+    ret = 0;
+
+out:
+    g_free(buf);
+    blk_unref(blk);
+    bdrv_unref(bs);
+    return ret;
+}
+
+static QemuOptsList qed_create_opts = {
+    .name = "qed-create-opts",
+    .head = QTAILQ_HEAD_INITIALIZER(qed_create_opts.head),
+    .desc = {
+        {
+            .name = BLOCK_OPT_SIZE,
+            .type = QEMU_OPT_SIZE,
+            .help = "Virtual disk size"
+        },
+        {
+            .name = BLOCK_OPT_BACKING_FILE,
+            .type = QEMU_OPT_STRING,
+            .help = "File name of a base image"
+        },
+        {
+            .name = BLOCK_OPT_BACKING_FMT,
+            .type = QEMU_OPT_STRING,
+            .help = "Image format of the base image"
+        },
+        {
+            .name = BLOCK_OPT_CLUSTER_SIZE,
+            .type = QEMU_OPT_SIZE,
+            .help = "Cluster size (in bytes, power of two, 4 KiB to 64 MiB)",
+            .def_value_str = "65536"
+        },
+        {
+            .name = BLOCK_OPT_TABLE_SIZE,
+            .type = QEMU_OPT_SIZE,
+            .help = "L1/L2 table size (in clusters, power of two, 1 to 16)"
+        },
+        { /* end of list */ }
+    }
+};
+
+static int coroutine_fn qed_co_create_opts(BlockDriver *drv,
+                                           const char *filename,
+                                           QemuOpts *opts, Error **errp)
+{
+    BlockdevCreateOptions *create_options = NULL;
+    BlockDriverState *bs = NULL;
+    QDict *qdict;
+    Visitor *v;
+    int ret;
+
+    static const QDictRenames opt_renames[] = {
+        { BLOCK_OPT_BACKING_FILE,       "backing-file" },
+        { BLOCK_OPT_BACKING_FMT,        "backing-fmt" },
+        { BLOCK_OPT_CLUSTER_SIZE,       "cluster-size" },
+        { BLOCK_OPT_TABLE_SIZE,         "table-size" },
+        { NULL, NULL },
+    };
+
+    qdict = qemu_opts_to_qdict_filtered(opts, NULL, &qed_create_opts, true);
+    if (!qdict_rename_keys(qdict, opt_renames, errp)) {
+        ret = -EINVAL;
+        goto fail;
+    }
+
+    /* Parse and validate before the file is created */
+    qdict_put_str(qdict, "driver", "qed");
+    qdict_put_str(qdict, "file", "");
+    v = qobject_input_visitor_new_flat_confused(qdict, errp);
+    if (!v) {
+        ret = -EINVAL;
+        goto fail;
+    }
+    visit_type_BlockdevCreateOptions(v, NULL, &create_options, errp);
+    visit_free(v);
+    if (!create_options) {
+        ret = -EINVAL;
+        goto fail;
+    }
+    /* Silently round up the size, as qemu-img does for every format */
+    create_options->u.qed.size = ROUND_UP(create_options->u.qed.size,
+                                          BDRV_SECTOR_SIZE);
+    ret = qed_validate_create(&create_options->u.qed, errp);
+    if (ret < 0) {
+        goto fail;
+    }
+
+    ret = bdrv_create_file(filename, opts, errp);
+    if (ret < 0) {
+        goto fail;
+    }
+    bs = bdrv_open(filename, NULL, NULL,
+                   BDRV_O_RDWR | BDRV_O_RESIZE | BDRV_O_PROTOCOL, errp);
+    if (!bs) {
+        ret = -EIO;
+        goto fail;
+    }
+
+    qapi_free_BlockdevRef(create_options->u.qed.file);
+    create_options->u.qed.file = g_new0(BlockdevRef, 1);
+    create_options->u.qed.file->type = QTYPE_QSTRING;
+    create_options->u.qed.file->u.reference = g_strdup(bs->node_name);
+
+    ret = qed_co_create(create_options, errp);
+
+fail:
+    qobject_unref(qdict);
+    bdrv_unref(bs);
+    qapi_free_BlockdevCreateOptions(create_options);
+    return ret;
+}
+
+static const char *const qed_strong_runtime_opts[] = {
+    "backing",
+    "backing.",
+
+    NULL
+};
+
+static const char *const qed_mutable_opts[] = {
+    QED_OPT_L2_CACHE_SIZE,
+    NULL
+};
+
+static BlockDriver bdrv_qed = {
+    .format_name                = "qed",
+    .instance_size              = sizeof(BDRVQEDState),
+    .create_opts                = &qed_create_opts,
+    .is_format                  = true,
+    .supports_backing           = true,
+    .strong_runtime_opts        = qed_strong_runtime_opts,
+    .mutable_opts               = qed_mutable_opts,
+
+    .bdrv_probe                 = qed_probe,
+    .bdrv_open                  = qed_open,
+    .bdrv_close                 = qed_close,
+    .bdrv_reopen_prepare        = qed_reopen_prepare,
+    .bdrv_reopen_commit         = qed_reopen_commit,
+    .bdrv_reopen_abort          = qed_reopen_abort,
+    .bdrv_child_perm            = bdrv_default_perms,
+    .bdrv_co_create             = qed_co_create,
+    .bdrv_co_create_opts        = qed_co_create_opts,
+    .bdrv_has_zero_init         = bdrv_has_zero_init_1,
+    .bdrv_co_block_status       = qed_co_block_status,
+    .bdrv_co_preadv_part        = qed_co_preadv_part,
+    .bdrv_co_pwritev_part       = qed_co_pwritev_part,
+    .bdrv_co_pwrite_zeroes      = qed_co_pwrite_zeroes,
+    .bdrv_co_pdiscard           = qed_co_pdiscard,
+    .bdrv_co_truncate           = qed_co_truncate,
+    .bdrv_getlength             = qed_getlength,
+    .bdrv_get_info              = qed_get_info,
+    .bdrv_refresh_limits        = qed_refresh_limits,
+    .bdrv_change_backing_file   = qed_change_backing_file,
+    .bdrv_co_invalidate_cache   = qed_co_invalidate_cache,
+    .bdrv_inactivate            = qed_inactivate,
+    .bdrv_co_check              = qed_co_check,
+    .bdrv_detach_aio_context    = qed_detach_aio_context,
+    .bdrv_attach_aio_context    = qed_attach_aio_context,
+    .bdrv_co_drain_begin        = qed_co_drain_begin,
+};
+
+static void bdrv_qed_init(void)
+{
+    bdrv_register(&bdrv_qed);
+}
+
+block_init(bdrv_qed_init);

@@ -1,0 +1,257 @@
+/*
+ * QED ("QEMU Enhanced Disk") image format: shared types
+ *
+ * The on-disk layout, the in-memory state of an open image and the
+ * prototypes that the driver's files share.  See docs/interop/qed_spec.txt
+ * for the format and ../shared/design.md for the shape of the driver.
+ *
+ * This work is licensed under the terms of the GNU LGPL, version 2 or later.
+ * See the COPYING.LIB file in the top-level directory.
+ */
+
+#ifndef BLOCK_QED_H
+#define BLOCK_QED_H
+
+#include "block/block_int.h"
+#include "qemu/cutils.h"
+#include "qemu/coroutine.h"
+#include "qemu/queue.h"
+
+/*
+ * On-disk layout
+ *
+ * +--------+----------+----------+----------+-----+
+ * | header | L1 table | cluster0 | cluster1 | ... |
+ * +--------+----------+----------+----------+-----+
+ *
+ * The header occupies header_size clusters and holds the backing file name.
+ * The L1 table points to L2 tables, L2 tables point to data clusters.  Both
+ * kinds of table are table_size clusters of little-endian 64-bit offsets.
+ * An L2 entry is 0 (unallocated: read the backing file), 1 (zero cluster:
+ * reads as zeros) or the file offset of a data cluster.
+ */
+
+#define QED_MAGIC ('Q' | ('E' << 8) | ('D' << 16))
+
+enum {
+    /* The image has a backing file */
+    QED_F_BACKING_FILE = 0x01,
+
+    /* The image needs a consistency check before use */
+    QED_F_NEED_CHECK = 0x02,
+
+    /* The backing file is raw: never probe its format */
+    QED_F_BACKING_FORMAT_NO_PROBE = 0x04,
+
+    /* Every feature bit this driver knows */
+    QED_FEATURE_MASK = QED_F_BACKING_FILE |
+                       QED_F_NEED_CHECK |
+                       QED_F_BACKING_FORMAT_NO_PROBE,
+    QED_COMPAT_FEATURE_MASK = 0,
+    QED_AUTOCLEAR_FEATURE_MASK = 0,
+
+    /* Limits and defaults, in bytes or clusters as named */
+    QED_MIN_CLUSTER_SIZE = 4 * 1024,
+    QED_MAX_CLUSTER_SIZE = 64 * 1024 * 1024,
+    QED_DEFAULT_CLUSTER_SIZE = 64 * 1024,
+    QED_MIN_TABLE_SIZE = 1,
+    QED_MAX_TABLE_SIZE = 16,
+    QED_DEFAULT_TABLE_SIZE = 4,
+
+    /* Seconds after the last allocating write before NEED_CHECK is cleared */
+    QED_NEED_CHECK_TIMEOUT = 5,
+};
+
+/* Special L2 entry values */
+#define QED_L2_UNALLOCATED 0
+#define QED_L2_ZERO        1
+
+/* The header as it is on disk (little-endian) and in memory (CPU order) */
+typedef struct QEMU_PACKED QEDHeader {
+    uint32_t magic;
+    uint32_t cluster_size;          /* in bytes */
+    uint32_t table_size;            /* for L1 and L2 tables, in clusters */
+    uint32_t header_size;           /* in clusters */
+    uint64_t features;              /* must be understood to open */
+    uint64_t compat_features;       /* may be ignored */
+    uint64_t autoclear_features;    /* cleared by writers that ignore them */
+    uint64_t l1_table_offset;       /* in bytes */
+    uint64_t image_size;            /* virtual disk size, in bytes */
+    uint32_t backing_filename_offset;   /* in bytes from start of header */
+    uint32_t backing_filename_size;     /* in bytes */
+} QEDHeader;
+
+QEMU_BUILD_BUG_ON(sizeof(QEDHeader) != 64);
+
+/* A table in memory: entries in CPU byte order */
+typedef struct QEDTable {
+    uint64_t offsets[0];
+} QEDTable;
+
+/* One L2 table held by the cache */
+typedef struct CachedL2Table {
+    QEDTable *table;
+    uint64_t offset;        /* file offset of the table */
+    int ref;                /* users; never freed while > 0 */
+    bool dropped;           /* no longer in the cache, freed at last unref */
+    QTAILQ_ENTRY(CachedL2Table) lru;    /* least recently used at the tail */
+} CachedL2Table;
+
+typedef struct L2TableCache {
+    GHashTable *by_offset;              /* uint64_t offset -> CachedL2Table */
+    QTAILQ_HEAD(, CachedL2Table) lru;
+    unsigned int n_entries;
+    unsigned int max_entries;
+    size_t table_bytes;
+} L2TableCache;
+
+/* What a range of the virtual disk maps to */
+typedef enum QEDExtentType {
+    QED_EXTENT_UNALLOCATED,     /* backing file, or zeros without one */
+    QED_EXTENT_ZERO,            /* zero cluster */
+    QED_EXTENT_DATA,            /* data cluster(s) at a file offset */
+} QEDExtentType;
+
+typedef struct QEDExtent {
+    QEDExtentType type;
+    uint64_t file_offset;       /* QED_EXTENT_DATA: where pos lives */
+    uint64_t bytes;             /* contiguous bytes from pos in this state */
+} QEDExtent;
+
+/*
+ * A group of table updates: entries queued by many requests land in one
+ * write (group commit).  There is one group for the L1 table and one for
+ * each L2 table that has an update in flight.
+ */
+typedef struct QEDTableUpdate QEDTableUpdate;
+
+typedef struct BDRVQEDState {
+    BlockDriverState *bs;
+    QEDHeader header;           /* CPU order, equal to the disk */
+
+    QEDTable *l1_table;         /* CPU order, equal to the disk */
+    L2TableCache l2_cache;      /* writethrough: equal to the disk */
+    uint32_t table_nelems;
+    uint32_t l1_shift;
+    uint32_t l2_shift;
+    uint32_t l2_mask;
+
+    /* First byte past the last allocated cluster; only ever grows */
+    uint64_t file_end;
+
+    /* Allocations in flight, to keep two writes off one cluster */
+    QLIST_HEAD(, QEDAllocation) allocs;
+    CoQueue alloc_waiters;
+    unsigned int allocating_writes;
+    uint64_t l2_gen;            /* bumped whenever table entries land */
+
+    /* Table update groups */
+    QEDTableUpdate *l1_update;
+    QLIST_HEAD(, QEDTableUpdate) l2_updates;
+
+    /* NEED_CHECK handling */
+    CoMutex header_lock;
+    bool need_check_ready;      /* NEED_CHECK is on disk and may be relied on */
+    QEMUTimer *need_check_timer;
+    bool timer_running;         /* the clearing coroutine has been started */
+
+    unsigned int error_reports; /* rate limit for corrupt-metadata messages */
+} BDRVQEDState;
+
+/* Geometry helpers */
+static inline uint64_t qed_table_bytes(BDRVQEDState *s)
+{
+    return (uint64_t)s->header.table_size * s->header.cluster_size;
+}
+
+static inline uint64_t qed_max_image_size(uint32_t cluster_size,
+                                          uint32_t table_size)
+{
+    uint64_t nelems = (uint64_t)table_size * cluster_size / sizeof(uint64_t);
+    return nelems * nelems * cluster_size;
+}
+
+static inline uint64_t qed_offset_into_cluster(BDRVQEDState *s, uint64_t off)
+{
+    return off & (s->header.cluster_size - 1);
+}
+
+static inline uint64_t qed_start_of_cluster(BDRVQEDState *s, uint64_t off)
+{
+    return off & ~(uint64_t)(s->header.cluster_size - 1);
+}
+
+static inline unsigned int qed_l1_index(BDRVQEDState *s, uint64_t pos)
+{
+    return pos >> s->l1_shift;
+}
+
+static inline unsigned int qed_l2_index(BDRVQEDState *s, uint64_t pos)
+{
+    return (pos >> s->l2_shift) & s->l2_mask;
+}
+
+/*
+ * Is @offset a plausible cluster offset: aligned, after the header and
+ * inside the allocated part of the file?  Tables also need @bytes to fit.
+ */
+static inline bool qed_check_offset(BDRVQEDState *s, uint64_t offset,
+                                    uint64_t bytes)
+{
+    uint64_t header_end = (uint64_t)s->header.header_size *
+                          s->header.cluster_size;
+
+    return qed_offset_into_cluster(s, offset) == 0 &&
+           offset >= header_end &&
+           offset <= s->file_end && bytes <= s->file_end - offset;
+}
+
+static inline bool qed_is_data_offset(uint64_t entry)
+{
+    return entry > QED_L2_ZERO;
+}
+
+/* qed.c */
+void qed_report_corruption(BDRVQEDState *s, const char *fmt, ...)
+    G_GNUC_PRINTF(2, 3);
+
+/* qed-table.c: byte order is converted here and nowhere else */
+QEDTable *qed_alloc_table(BDRVQEDState *s);
+int coroutine_fn qed_read_table(BDRVQEDState *s, uint64_t offset,
+                                QEDTable *table);
+int coroutine_fn qed_write_table(BDRVQEDState *s, uint64_t offset,
+                                 QEDTable *table, unsigned int index,
+                                 unsigned int n);
+int coroutine_fn qed_write_table_sectors(BDRVQEDState *s,
+                                         uint64_t table_offset,
+                                         unsigned int first, unsigned int n,
+                                         const uint64_t *entries);
+int coroutine_fn qed_read_l1_table(BDRVQEDState *s);
+int coroutine_fn qed_write_l1_table(BDRVQEDState *s, QEDTable *l1,
+                                    unsigned int index, unsigned int n);
+int coroutine_fn qed_read_tables(BDRVQEDState *s, uint64_t offset,
+                                 unsigned int n, QEDTable **tables);
+
+/* qed-l2-cache.c: pure memory */
+void qed_l2_cache_init(L2TableCache *c, unsigned int max_entries,
+                       size_t table_bytes);
+void qed_l2_cache_destroy(L2TableCache *c);
+CachedL2Table *qed_l2_cache_find(L2TableCache *c, uint64_t offset);
+CachedL2Table *qed_l2_cache_insert(L2TableCache *c, uint64_t offset,
+                                   QEDTable *table);
+void qed_l2_cache_unref(L2TableCache *c, CachedL2Table *entry);
+void qed_l2_cache_drop(L2TableCache *c, uint64_t offset);
+void qed_l2_cache_clear(L2TableCache *c);
+void qed_l2_cache_set_max(L2TableCache *c, unsigned int max_entries);
+
+/* qed-cluster.c */
+int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
+                                  CachedL2Table **entry);
+int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
+                                 uint64_t bytes, QEDExtent *ext);
+
+/* qed-check.c */
+int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
+                           BdrvCheckMode fix);
+
+#endif /* BLOCK_QED_H */

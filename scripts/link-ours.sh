@@ -1,0 +1,17 @@
+#!/bin/bash
+# Replace the base's QED files with links to ours.  Safe to run again: it
+# also links any of our files added since the base was prepared.
+set -euo pipefail
+TOP=$(cd "$(dirname "$0")/.." && pwd)
+SRC=$TOP/.base/qemu
+
+rm -f "$SRC"/block/qed*.c "$SRC"/block/qed*.h "$SRC/docs/interop/qed_spec.txt"
+for f in "$TOP"/block/qed*.[ch]; do
+    ln -sfn "$f" "$SRC/block/$(basename "$f")"
+done
+ln -sfn "$TOP/docs/interop/qed_spec.txt" "$SRC/docs/interop/qed_spec.txt"
+mkdir -p "$SRC/tests/qemu-iotests/tests"
+for t in "$TOP"/tests/qemu-iotests/tests/*; do
+    [ -e "$t" ] || continue
+    ln -sfn "$t" "$SRC/tests/qemu-iotests/tests/$(basename "$t")"
+done
