@@ -58,6 +58,8 @@ typedef struct QEDCheck {
 
     QEDCheckL2 *tables;
     size_t n_tables;
+    bool tables_by_offset;      /* @tables is sorted by offset */
+    unsigned int unread_tables; /* tables that could not be read */
 } QEDCheck;
 
 static const char *qed_check_fix_prefix(QEDCheck *check)
@@ -114,14 +116,64 @@ static bool qed_check_mark(QEDCheck *check, uint64_t offset, uint64_t bytes)
     return true;
 }
 
-/* Classify and mark one table entry; NULL if it is good */
-static const char *qed_check_entry(QEDCheck *check, uint64_t offset,
-                                   uint64_t bytes)
+static int qed_check_l2_by_offset(const void *a, const void *b)
 {
-    const char *problem = qed_check_range(check, offset, bytes);
+    const QEDCheckL2 *ta = a, *tb = b;
 
-    if (!problem && !qed_check_mark(check, offset, bytes)) {
-        problem = "is already referenced";
+    return ta->offset < tb->offset ? -1 : ta->offset > tb->offset;
+}
+
+static int qed_check_l2_by_index(const void *a, const void *b)
+{
+    const QEDCheckL2 *ta = a, *tb = b;
+
+    return ta->l1_index < tb->l1_index ? -1 : ta->l1_index > tb->l1_index;
+}
+
+/* Does the cluster at @offset belong to one of the (sorted) L2 tables? */
+static bool qed_check_in_table(QEDCheck *check, uint64_t offset)
+{
+    uint64_t table_bytes = qed_table_bytes(check->s);
+    size_t lo = 0, hi = check->n_tables;
+
+    assert(check->tables_by_offset);
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        QEDCheckL2 *t = &check->tables[mid];
+
+        if (offset < t->offset) {
+            hi = mid;
+        } else if (offset - t->offset >= table_bytes) {
+            lo = mid + 1;
+        } else {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Classify and mark one L1 entry; NULL if it is good */
+static const char *qed_check_l1_entry(QEDCheck *check, uint64_t offset)
+{
+    uint64_t table_bytes = qed_table_bytes(check->s);
+    const char *problem = qed_check_range(check, offset, table_bytes);
+
+    /* Only tables are marked yet: header and L1 have been ruled out */
+    if (!problem && !qed_check_mark(check, offset, table_bytes)) {
+        problem = "overlaps an earlier L2 table";
+    }
+    return problem;
+}
+
+/* Classify and mark one L2 entry; NULL if it is good */
+static const char *qed_check_l2_entry(QEDCheck *check, uint64_t offset)
+{
+    uint64_t cluster_size = check->s->header.cluster_size;
+    const char *problem = qed_check_range(check, offset, cluster_size);
+
+    if (!problem && !qed_check_mark(check, offset, cluster_size)) {
+        problem = qed_check_in_table(check, offset) ?
+                  "points into an L2 table" : "is already referenced";
     }
     return problem;
 }
@@ -145,7 +197,7 @@ static void coroutine_fn qed_check_l1(QEDCheck *check)
             continue;
         }
 
-        problem = qed_check_entry(check, offset, table_bytes);
+        problem = qed_check_l1_entry(check, offset);
         if (problem) {
             fprintf(stderr, "%s L1 entry %u: L2 table offset 0x%" PRIx64
                     " %s\n", qed_check_fix_prefix(check), i, offset, problem);
@@ -214,7 +266,7 @@ static void coroutine_fn qed_check_l2(QEDCheck *check, QEDCheckL2 *t,
             continue;
         }
 
-        problem = qed_check_entry(check, offset, cluster_size);
+        problem = qed_check_l2_entry(check, offset);
         if (problem) {
             fprintf(stderr, "%s L2 table 0x%" PRIx64 " entry %u "
                     "(guest offset 0x%" PRIx64 "): data cluster offset 0x%"
@@ -265,20 +317,6 @@ static void coroutine_fn qed_check_l2(QEDCheck *check, QEDCheckL2 *t,
     result->corruptions_fixed += n_fixed;
 }
 
-static int qed_check_l2_by_offset(const void *a, const void *b)
-{
-    const QEDCheckL2 *ta = a, *tb = b;
-
-    return ta->offset < tb->offset ? -1 : ta->offset > tb->offset;
-}
-
-static int qed_check_l2_by_index(const void *a, const void *b)
-{
-    const QEDCheckL2 *ta = a, *tb = b;
-
-    return ta->l1_index < tb->l1_index ? -1 : ta->l1_index > tb->l1_index;
-}
-
 /*
  * Read and check every listed L2 table.  They are read in file order, and
  * tables that lie next to each other in the file come in one request, so
@@ -298,6 +336,7 @@ static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
 
     qsort(check->tables, check->n_tables, sizeof(check->tables[0]),
           qed_check_l2_by_offset);
+    check->tables_by_offset = true;
 
     while (i < check->n_tables) {
         unsigned int n = 1;
@@ -312,17 +351,20 @@ static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
             bufs[n_bufs] = qed_alloc_table(s);
         }
 
+        BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
         ret = qed_read_tables(s, check->tables[i].offset, n, bufs);
         if (ret < 0 && n > 1) {
             /* Read the run table by table so one bad sector costs one */
             for (unsigned int j = 0; j < n; j++) {
                 QEDCheckL2 *t = &check->tables[i + j];
 
+                BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
                 ret = qed_read_table(s, t->offset, bufs[0]);
                 if (ret < 0) {
                     fprintf(stderr, "ERROR: could not read L2 table 0x%"
                             PRIx64 ": %s\n", t->offset, strerror(-ret));
                     check->result->check_errors++;
+                    check->unread_tables++;
                     continue;
                 }
                 t->read_ok = true;
@@ -332,6 +374,7 @@ static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
             fprintf(stderr, "ERROR: could not read L2 table 0x%" PRIx64
                     ": %s\n", check->tables[i].offset, strerror(-ret));
             check->result->check_errors++;
+            check->unread_tables++;
         } else {
             for (unsigned int j = 0; j < n; j++) {
                 check->tables[i + j].read_ok = true;
@@ -357,6 +400,7 @@ static void qed_check_frag(QEDCheck *check)
 
     qsort(check->tables, check->n_tables, sizeof(check->tables[0]),
           qed_check_l2_by_index);
+    check->tables_by_offset = false;
 
     for (size_t i = 0; i < check->n_tables; i++) {
         QEDCheckL2 *t = &check->tables[i];
@@ -444,6 +488,14 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
     /* The header is always marked, so there is a last used cluster */
     assert(last_used < check->nclusters);
 
+    if (check->unread_tables) {
+        /* What the unread tables reference is unknown, and so are leaks */
+        fprintf(stderr, "Leaked clusters not counted: %u L2 tables could "
+                "not be read\n", check->unread_tables);
+        result->image_end_offset = check->file_size;
+        return;
+    }
+
     /* Inner runs of unreferenced clusters: discard what they hold */
     while ((a = find_next_zero_bit(check->used, used_end, a)) < used_end) {
         uint64_t b = find_next_bit(check->used, used_end, a);
@@ -457,9 +509,10 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
 
         off = first * cluster_size;
         bytes = (last + 1 - first) * cluster_size;
-        fprintf(stderr, "%s %" PRId64 " leaked clusters at 0x%" PRIx64
-                "..0x%" PRIx64 "\n", reclaim ? "Repairing" : "Leaked", n,
-                off, off + bytes - 1);
+        fprintf(stderr, "%s clusters at 0x%" PRIx64 "..0x%" PRIx64
+                " (%" PRId64 " clusters)\n",
+                reclaim ? "Repairing leaked" : "Leaked",
+                off, off + bytes - 1, n);
         result->leaks += n;
         if (!reclaim) {
             continue;
@@ -489,9 +542,9 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
         uint64_t new_len = used_end * cluster_size;
 
         if (n > 0) {
-            fprintf(stderr, "%s %" PRId64 " leaked clusters at the end of the "
-                    "file, after 0x%" PRIx64 "\n",
-                    reclaim ? "Repairing" : "Leaked", n, new_len);
+            fprintf(stderr, "%s clusters at the end of the file, after 0x%"
+                    PRIx64 " (%" PRId64 " clusters)\n",
+                    reclaim ? "Repairing leaked" : "Leaked", new_len, n);
             result->leaks += n;
         }
         if (n > 0 && reclaim) {
@@ -514,7 +567,7 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
     if (result->leaks > 0 && (check->fix & BDRV_FIX_LEAKS) && !reclaim) {
         fprintf(stderr, "Not reclaiming leaked clusters: %s\n",
                 result->corruptions ? "the image has corruptions left" :
-                "not every table could be read");
+                "errors occurred during the check");
     }
 
     result->image_end_offset = used_end * cluster_size;

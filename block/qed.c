@@ -454,7 +454,7 @@ static int qed_validate_header(QEDHeader *h, int64_t file_size, Error **errp)
         return -EINVAL;
     }
 
-    if (h->image_size == 0 || h->image_size % BDRV_SECTOR_SIZE ||
+    if (h->image_size % BDRV_SECTOR_SIZE ||
         h->image_size > qed_max_image_size(h->cluster_size, h->table_size)) {
         error_setg(errp, "QED image size is invalid");
         return -EINVAL;
@@ -536,17 +536,26 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     s->file_end = ROUND_UP(file_size, s->header.cluster_size);
 
     if (s->header.features & QED_F_BACKING_FILE) {
+        char name[PATH_MAX];
+
         ret = bdrv_co_pread(bs->file, s->header.backing_filename_offset,
-                            s->header.backing_filename_size,
-                            bs->auto_backing_file, 0);
+                            s->header.backing_filename_size, name, 0);
         if (ret < 0) {
             error_setg_errno(errp, -ret,
                              "Could not read the backing file name");
             return ret;
         }
-        bs->auto_backing_file[s->header.backing_filename_size] = '\0';
-        pstrcpy(bs->backing_file, sizeof(bs->backing_file),
-                bs->auto_backing_file);
+        name[s->header.backing_filename_size] = '\0';
+        /*
+         * On a reopen (migration) the block layer has already resolved
+         * auto_backing_file to the backing node's name: keep it unless the
+         * image now names another file.
+         */
+        if (strcmp(name, bs->backing_file)) {
+            pstrcpy(bs->backing_file, sizeof(bs->backing_file), name);
+            pstrcpy(bs->auto_backing_file, sizeof(bs->auto_backing_file),
+                    name);
+        }
         if (s->header.features & QED_F_BACKING_FORMAT_NO_PROBE) {
             pstrcpy(bs->backing_format, sizeof(bs->backing_format), "raw");
         }
@@ -1644,6 +1653,8 @@ static int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque)
     ret = qed_write_header(s, &h);
     if (ret == 0) {
         s->header = h;
+        pstrcpy(s->bs->auto_backing_file, sizeof(s->bs->auto_backing_file),
+                file ?: "");
     }
     return ret;
 }
@@ -1692,17 +1703,12 @@ static int qed_validate_create(BlockdevCreateOptionsQed *o, Error **errp)
                    QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE);
         return -EINVAL;
     }
-    if (!o->has_table_size ? false :
-        (o->table_size < 0 ||
-         !qed_is_pow2_in(table_size, QED_MIN_TABLE_SIZE,
-                         QED_MAX_TABLE_SIZE))) {
+    if (o->has_table_size &&
+        !qed_is_pow2_in(o->table_size, QED_MIN_TABLE_SIZE,
+                        QED_MAX_TABLE_SIZE)) {
         error_setg(errp, "Invalid table_size %" PRId64 ": must be a power of "
                    "two between %d and %d clusters", o->table_size,
                    QED_MIN_TABLE_SIZE, QED_MAX_TABLE_SIZE);
-        return -EINVAL;
-    }
-    if (o->size == 0) {
-        error_setg(errp, "Invalid size 0: a QED image must not be empty");
         return -EINVAL;
     }
     max = qed_max_image_size(cluster_size, table_size);

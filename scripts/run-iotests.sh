@@ -38,9 +38,13 @@ done
 die() { echo "run-iotests: $*" >&2; echo "iotests: 0 passed, 1 failed"; exit 2; }
 
 [ -x "$BUILD_IOTESTS/check" ] || die "no $BUILD_IOTESTS/check: run 'make' first"
-for b in qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon \
-         qemu-system-x86_64; do
-    [ -x "$BASE/build/$b" ] || die "missing $BASE/build/$b: run 'make' first"
+# (./check takes the binaries from the environment if set there)
+for b in "${QEMU_IMG_PROG:-$BASE/build/qemu-img}" \
+         "${QEMU_IO_PROG:-$BASE/build/qemu-io}" \
+         "${QEMU_NBD_PROG:-$BASE/build/qemu-nbd}" \
+         "${QSD_PROG:-$BASE/build/storage-daemon/qemu-storage-daemon}" \
+         "${QEMU_PROG:-$BASE/build/qemu-system-x86_64}"; do
+    [ -x "$b" ] || die "missing $b: run 'make' first"
 done
 
 # Our tests are linked into the base by `make`; link again so that a test
