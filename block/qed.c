@@ -1733,11 +1733,82 @@ static int qed_validate_create(BlockdevCreateOptionsQed *o, Error **errp)
         return -EINVAL;
     }
     if (o->has_preallocation && o->preallocation != PREALLOC_MODE_OFF) {
-        error_setg(errp, "Unsupported preallocation mode '%s'",
-                   PreallocMode_str(o->preallocation));
-        return -ENOTSUP;
+        if (o->has_backing_file) {
+            error_setg(errp, "Backing file and preallocation cannot be used "
+                       "at the same time: preallocated clusters would hide "
+                       "the backing file");
+            return -EINVAL;
+        }
     }
     return 0;
+}
+
+/*
+ * preallocation=metadata|falloc|full: every L2 table and every data
+ * cluster is allocated at creation, tables first, then the data clusters
+ * in guest order, so the image never allocates again.  Nothing points at
+ * the new space until the L1 table is written last, and the new image is
+ * not in use by anyone yet, so no ordering beyond that is needed.
+ */
+static int coroutine_fn qed_preallocate(BlockBackend *blk, QEDHeader *h,
+                                        PreallocMode mode, Error **errp)
+{
+    uint64_t cs = h->cluster_size;
+    uint64_t table_bytes = (uint64_t)h->table_size * cs;
+    uint64_t nelems = table_bytes / sizeof(uint64_t);
+    uint64_t nclusters = DIV_ROUND_UP(h->image_size, cs);
+    uint64_t ntables = DIV_ROUND_UP(nclusters, nelems);
+    uint64_t tables_start = h->l1_table_offset + table_bytes;
+    uint64_t data_start = tables_start + ntables * table_bytes;
+    uint64_t *l1, *l2;
+    int ret = 0;
+
+    if (nclusters == 0) {
+        return 0;
+    }
+    l1 = g_malloc0(table_bytes);
+    l2 = qemu_try_blockalign(blk_bs(blk), table_bytes);
+    if (!l2) {
+        g_free(l1);
+        error_setg(errp, "Could not allocate memory for an L2 table");
+        return -ENOMEM;
+    }
+
+    for (uint64_t t = 0; t < ntables; t++) {
+        uint64_t first = t * nelems;
+
+        for (uint64_t i = 0; i < nelems; i++) {
+            l2[i] = first + i < nclusters ?
+                    cpu_to_le64(data_start + (first + i) * cs) : 0;
+        }
+        ret = blk_co_pwrite(blk, tables_start + t * table_bytes, table_bytes,
+                            l2, 0);
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "Could not write an L2 table");
+            goto out;
+        }
+        l1[t] = cpu_to_le64(tables_start + t * table_bytes);
+    }
+
+    /* The data area: sparse, allocated or written with zeros */
+    ret = blk_co_truncate(blk, data_start + nclusters * cs, false,
+                          mode == PREALLOC_MODE_METADATA ? PREALLOC_MODE_OFF :
+                          mode, 0, errp);
+    if (ret < 0) {
+        goto out;
+    }
+    ret = blk_co_flush(blk);
+    if (ret == 0) {
+        ret = blk_co_pwrite(blk, h->l1_table_offset, table_bytes, l1, 0);
+    }
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not write the L1 table");
+    }
+
+out:
+    g_free(l1);
+    qemu_vfree(l2);
+    return ret;
 }
 
 /*
@@ -1843,6 +1914,12 @@ static int coroutine_fn qed_co_create(BlockdevCreateOptions *opts,
     if (ret < 0) {
         goto out;
     }
+    if (o->has_preallocation && o->preallocation != PREALLOC_MODE_OFF) {
+        ret = qed_preallocate(blk, &header, o->preallocation, errp);
+        if (ret < 0) {
+            goto out;
+        }
+    }
     ret = 0;
 
 out:
@@ -1881,6 +1958,30 @@ static QemuOptsList qed_create_opts = {
             .name = BLOCK_OPT_TABLE_SIZE,
             .type = QEMU_OPT_SIZE,
             .help = "L1/L2 table size (in clusters, power of two, 1 to 16)"
+        },
+        {
+            .name = BLOCK_OPT_PREALLOC,
+            .type = QEMU_OPT_STRING,
+            .help = "Preallocation mode (allowed values: off, metadata, "
+                    "falloc, full)"
+        },
+        { /* end of list */ }
+    }
+};
+
+static QemuOptsList qed_amend_opts = {
+    .name = "qed-amend-opts",
+    .head = QTAILQ_HEAD_INITIALIZER(qed_amend_opts.head),
+    .desc = {
+        {
+            .name = BLOCK_OPT_BACKING_FILE,
+            .type = QEMU_OPT_STRING,
+            .help = "File name of a base image"
+        },
+        {
+            .name = BLOCK_OPT_BACKING_FMT,
+            .type = QEMU_OPT_STRING,
+            .help = "Image format of the base image"
         },
         { /* end of list */ }
     }
@@ -1957,6 +2058,167 @@ fail:
     return ret;
 }
 
+/* qemu-img amend -o backing_file=...,backing_fmt=... */
+static int qed_amend_options(BlockDriverState *bs, QemuOpts *opts,
+                             BlockDriverAmendStatusCB *status_cb,
+                             void *cb_opaque, bool force, Error **errp)
+{
+    BDRVQEDState *s = bs->opaque;
+    const char *file = qemu_opt_get(opts, BLOCK_OPT_BACKING_FILE);
+    const char *fmt = qemu_opt_get(opts, BLOCK_OPT_BACKING_FMT);
+    int ret;
+
+    if (!file && !fmt) {
+        return 0;
+    }
+    if (!file) {
+        if (!(s->header.features & QED_F_BACKING_FILE)) {
+            error_setg(errp, "backing_fmt needs a backing_file");
+            return -EINVAL;
+        }
+        file = bs->backing_file;
+    }
+    if (fmt && !bdrv_find_format(fmt)) {
+        error_setg(errp, "Unknown backing_fmt '%s'", fmt);
+        return -EINVAL;
+    }
+    if (strlen(file) > (uint64_t)s->header.header_size *
+                       s->header.cluster_size - sizeof(QEDHeader)) {
+        error_setg(errp, "Backing file name too long: %zu bytes, a %" PRIu64
+                   "-byte header holds at most %" PRIu64, strlen(file),
+                   (uint64_t)s->header.header_size * s->header.cluster_size,
+                   (uint64_t)s->header.header_size * s->header.cluster_size -
+                   sizeof(QEDHeader));
+        return -EINVAL;
+    }
+
+    ret = qed_change_backing_file(bs, *file ? file : NULL, fmt);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not change the backing file");
+        return ret;
+    }
+    pstrcpy(bs->backing_file, sizeof(bs->backing_file), file);
+    pstrcpy(bs->backing_format, sizeof(bs->backing_format), fmt ?: "");
+    return 0;
+}
+
+/* qemu-img measure -O qed: the file size a conversion or creation needs */
+static BlockMeasureInfo *qed_measure(QemuOpts *opts, BlockDriverState *in_bs,
+                                     Error **errp)
+{
+    uint64_t cs = qemu_opt_get_size_del(opts, BLOCK_OPT_CLUSTER_SIZE,
+                                        QED_DEFAULT_CLUSTER_SIZE);
+    uint64_t ts = qemu_opt_get_size_del(opts, BLOCK_OPT_TABLE_SIZE,
+                                        QED_DEFAULT_TABLE_SIZE);
+    uint64_t size = qemu_opt_get_size_del(opts, BLOCK_OPT_SIZE, 0);
+    char *backing = qemu_opt_get_del(opts, BLOCK_OPT_BACKING_FILE);
+    char *prealloc_str = qemu_opt_get_del(opts, BLOCK_OPT_PREALLOC);
+    uint64_t table_bytes, nelems, nclusters, ntables, meta;
+    uint64_t data = 0, data_tables = 0;
+    BlockMeasureInfo *info = NULL;
+    PreallocMode prealloc;
+    Error *local_err = NULL;
+
+    prealloc = qapi_enum_parse(&PreallocMode_lookup, prealloc_str,
+                               PREALLOC_MODE_OFF, &local_err);
+    if (local_err) {
+        error_propagate(errp, local_err);
+        goto out;
+    }
+    if (!qed_is_pow2_in(cs, QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE)) {
+        error_setg(errp, "Invalid cluster_size %" PRIu64 ": must be a power "
+                   "of two between %d and %d bytes", cs,
+                   QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE);
+        goto out;
+    }
+    if (!qed_is_pow2_in(ts, QED_MIN_TABLE_SIZE, QED_MAX_TABLE_SIZE)) {
+        error_setg(errp, "Invalid table_size %" PRIu64 ": must be a power of "
+                   "two between %d and %d clusters", ts, QED_MIN_TABLE_SIZE,
+                   QED_MAX_TABLE_SIZE);
+        goto out;
+    }
+    if (in_bs) {
+        int64_t ssize = bdrv_getlength(in_bs);
+
+        if (ssize < 0) {
+            error_setg_errno(errp, -ssize, "Unable to get image virtual_size");
+            goto out;
+        }
+        size = ssize;
+    }
+    size = ROUND_UP(size, BDRV_SECTOR_SIZE);
+    if (size > qed_max_image_size(cs, ts)) {
+        error_setg(errp, "Invalid size %" PRIu64 ": with cluster_size %"
+                   PRIu64 " and table_size %" PRIu64 " a QED image holds at "
+                   "most %" PRIu64 " bytes", size, cs, ts,
+                   qed_max_image_size(cs, ts));
+        goto out;
+    }
+
+    table_bytes = ts * cs;
+    nelems = table_bytes / sizeof(uint64_t);
+    nclusters = DIV_ROUND_UP(size, cs);
+    ntables = DIV_ROUND_UP(nclusters, nelems);
+    meta = cs + table_bytes;        /* header and L1 table */
+
+    if (in_bs && !backing) {
+        /* Count the data clusters, and the tables that map them */
+        uint64_t counted_end = 0;   /* clusters below this are counted */
+        int64_t pnum;
+
+        for (int64_t offset = 0; offset < size; offset += pnum) {
+            int ret = bdrv_block_status_above(in_bs, NULL, offset,
+                                              size - offset, &pnum, NULL,
+                                              NULL);
+            if (ret < 0) {
+                error_setg_errno(errp, -ret, "Unable to get block status");
+                goto out;
+            }
+            if (!(ret & BDRV_BLOCK_ZERO) && (ret & BDRV_BLOCK_DATA)) {
+                uint64_t first = MAX(offset / cs, counted_end);
+                uint64_t end = DIV_ROUND_UP(offset + pnum, cs);
+
+                for (uint64_t c = first; c < end; c++) {
+                    /* A table counts with the first cluster it maps */
+                    if (c == first ? (c / nelems != (counted_end - 1) / nelems
+                                      || counted_end == 0)
+                                   : c % nelems == 0) {
+                        data_tables++;
+                    }
+                }
+                if (end > first) {
+                    data += (end - first) * cs;
+                    counted_end = end;
+                }
+            }
+        }
+    } else if (backing) {
+        /* Everything may end up allocated */
+        data = nclusters * cs;
+        data_tables = ntables;
+    }
+
+    info = g_new0(BlockMeasureInfo, 1);
+    info->fully_allocated = meta + ntables * table_bytes + nclusters * cs;
+    switch (prealloc) {
+    case PREALLOC_MODE_METADATA:
+        info->required = meta + ntables * table_bytes + data;
+        break;
+    case PREALLOC_MODE_FALLOC:
+    case PREALLOC_MODE_FULL:
+        info->required = info->fully_allocated;
+        break;
+    default:
+        info->required = meta + data_tables * table_bytes + data;
+        break;
+    }
+
+out:
+    g_free(backing);
+    g_free(prealloc_str);
+    return info;
+}
+
 static const char *const qed_strong_runtime_opts[] = {
     "backing",
     "backing.",
@@ -1973,6 +2235,7 @@ static BlockDriver bdrv_qed = {
     .format_name                = "qed",
     .instance_size              = sizeof(BDRVQEDState),
     .create_opts                = &qed_create_opts,
+    .amend_opts                 = &qed_amend_opts,
     .is_format                  = true,
     .supports_backing           = true,
     .strong_runtime_opts        = qed_strong_runtime_opts,
@@ -2001,6 +2264,8 @@ static BlockDriver bdrv_qed = {
     .bdrv_co_invalidate_cache   = qed_co_invalidate_cache,
     .bdrv_inactivate            = qed_inactivate,
     .bdrv_co_check              = qed_co_check,
+    .bdrv_amend_options         = qed_amend_options,
+    .bdrv_measure               = qed_measure,
     .bdrv_detach_aio_context    = qed_detach_aio_context,
     .bdrv_attach_aio_context    = qed_attach_aio_context,
     .bdrv_co_drain_begin        = qed_co_drain_begin,
