@@ -10,7 +10,7 @@ BASE      := .base/qemu
 BUILD     := $(BASE)/build
 BINARIES  := qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon \
              qemu-system-x86_64
-PATCHES   := $(wildcard patches/*)
+PATCHES   := $(wildcard patches/*.patch)
 
 .PHONY: all deps base build demo check check-quick clean distclean
 

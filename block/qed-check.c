@@ -623,6 +623,15 @@ int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
     qed_check_leaks(&check);
 
     /*
+     * A table cached under an offset that nothing references any more, or
+     * that truncation gave back for reuse, must not be found by a later
+     * lookup.  Repairs are rare: start the cache afresh.
+     */
+    if (result->corruptions_fixed || result->leaks_fixed) {
+        qed_l2_cache_clear(&s->l2_cache);
+    }
+
+    /*
      * Make the repaired (or found good) metadata durable before the caller
      * clears NEED_CHECK, which says that it no longer needs this check.
      */

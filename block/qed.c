@@ -40,20 +40,16 @@
 #define QED_DEFAULT_L2_CACHE_COVERAGE (256 * GiB)
 #define QED_MIN_L2_CACHE_TABLES 64
 
-/* Without a zero tail this long or shorter, pad the write instead */
-#define QED_MAX_TAIL_PAD (4 * KiB)
+/* The file grows ahead of allocation by this much at least */
+#define QED_FILE_GROW_STEP (32 * MiB)
 
-/* A range of clusters whose table entries are changing (guest offsets) */
-typedef struct QEDAllocation {
-    uint64_t start;
-    uint64_t end;
-    QLIST_ENTRY(QEDAllocation) next;
-} QEDAllocation;
+typedef struct QEDAllocation QEDAllocation;
 
 /*
  * Entries [index, index + n) of one table become value, value + step, ...
  * (step is the cluster size for new data clusters, 0 for zero or
- * unallocated markers).
+ * unallocated markers).  An entry either has a coroutine waiting for it
+ * (done/ret) or belongs to an allocation that completes when it lands.
  */
 typedef struct QEDPendingEntry {
     unsigned int index;
@@ -62,22 +58,42 @@ typedef struct QEDPendingEntry {
     uint64_t step;
     int ret;
     bool done;
+    QEDAllocation *alloc;       /* deferred: complete this when landed */
     QSIMPLEQ_ENTRY(QEDPendingEntry) next;
 } QEDPendingEntry;
 
 typedef QSIMPLEQ_HEAD(, QEDPendingEntry) QEDPendingList;
 
-struct QEDTableUpdate {
-    unsigned int l1_index;      /* for an L2 group: which table */
-    unsigned int users;         /* coroutines that queued into this group */
-    bool busy;                  /* a leader is writing a batch */
-    QEDPendingList pending;
-    CoQueue waiters;
-    QLIST_ENTRY(QEDTableUpdate) next;
+/*
+ * A range of whole clusters (guest offsets) whose table entries are
+ * changing.  While it is on s->allocs no other request may change the
+ * same entries.  Once data_ready, the clusters' new data is on disk at
+ * file_offset and lookups use it even though the entries have not landed
+ * yet (the table update completes after the write is acknowledged; a
+ * flush waits for it).
+ */
+struct QEDAllocation {
+    uint64_t start;
+    uint64_t end;
+    uint64_t file_offset;
+    bool data_ready;
+    QEDPendingEntry entry;
+    QLIST_ENTRY(QEDAllocation) next;
 };
 
 typedef int coroutine_fn QEDCommitFunc(BDRVQEDState *s, QEDTableUpdate *upd,
                                        QEDPendingList *batch);
+
+struct QEDTableUpdate {
+    BDRVQEDState *s;
+    unsigned int l1_index;      /* for an L2 group: which table */
+    bool busy;                  /* its leader coroutine is running */
+    bool permanent;             /* the L1 group: never freed by its leader */
+    QEDCommitFunc *commit;
+    QEDPendingList pending;
+    CoQueue waiters;            /* coroutines waiting for their entry */
+    QLIST_ENTRY(QEDTableUpdate) next;
+};
 
 static void qed_header_le_to_cpu(const QEDHeader *le, QEDHeader *cpu)
 {
@@ -370,6 +386,22 @@ static int qed_call_in_coroutine(BDRVQEDState *s, QEDCoFunc *fn,
     return call.ret;
 }
 
+/* Cut the file back to the clusters in use (on close and hand-over) */
+static int coroutine_fn qed_trim_file_tail(BDRVQEDState *s, void *opaque)
+{
+    int ret;
+
+    if (s->file_size <= s->file_end) {
+        return 0;
+    }
+    ret = bdrv_co_truncate(s->bs->file, s->file_end, false,
+                           PREALLOC_MODE_OFF, 0, NULL);
+    if (ret == 0) {
+        s->file_size = s->file_end;
+    }
+    return ret;
+}
+
 /* ---- open and close ---------------------------------------------------- */
 
 static QemuOptsList qed_runtime_opts = {
@@ -486,10 +518,18 @@ static void qed_free_state(BDRVQEDState *s)
     s->l1_update = NULL;
 }
 
-static QEDTableUpdate *qed_new_update(unsigned int l1_index)
+static int coroutine_fn qed_commit_l1(BDRVQEDState *s, QEDTableUpdate *upd,
+                                      QEDPendingList *batch);
+static int coroutine_fn qed_commit_l2(BDRVQEDState *s, QEDTableUpdate *upd,
+                                      QEDPendingList *batch);
+
+static QEDTableUpdate *qed_new_update(BDRVQEDState *s, unsigned int l1_index,
+                                      QEDCommitFunc *commit)
 {
     QEDTableUpdate *upd = g_new0(QEDTableUpdate, 1);
 
+    upd->s = s;
+    upd->commit = commit;
     upd->l1_index = l1_index;
     QSIMPLEQ_INIT(&upd->pending);
     qemu_co_queue_init(&upd->waiters);
@@ -509,7 +549,9 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     QLIST_INIT(&s->allocs);
     QLIST_INIT(&s->l2_updates);
     qemu_co_queue_init(&s->alloc_waiters);
+    qemu_co_queue_init(&s->idle_waiters);
     qemu_co_mutex_init(&s->header_lock);
+    qemu_co_mutex_init(&s->grow_lock);
 
     ret = bdrv_co_pread(bs->file, 0, sizeof(le), &le, 0);
     if (ret < 0) {
@@ -534,6 +576,8 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     s->l1_shift = s->l2_shift + ctz32(s->table_nelems);
     /* New clusters go after everything the file holds, never over it */
     s->file_end = ROUND_UP(file_size, s->header.cluster_size);
+    s->file_size = file_size;
+    s->can_grow = true;
 
     if (s->header.features & QED_F_BACKING_FILE) {
         char name[PATH_MAX];
@@ -566,7 +610,8 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
         return -EINVAL;
     }
     qed_l2_cache_init(&s->l2_cache, cache_tables, qed_table_bytes(s));
-    s->l1_update = qed_new_update(0);
+    s->l1_update = qed_new_update(s, 0, qed_commit_l1);
+    s->l1_update->permanent = true;
 
     s->l1_table = qed_alloc_table(s);
     ret = qed_read_l1_table(s);
@@ -695,9 +740,12 @@ static void qed_close(BlockDriverState *bs)
     qed_cancel_timer(s);
     qed_detach_aio_context(bs);
 
-    /* A clean close leaves a clean image (crash ordering 5) */
-    if (qed_may_write_header(s) && (s->header.features & QED_F_NEED_CHECK)) {
-        qed_call_in_coroutine(s, qed_co_clear_need_check, NULL);
+    if (qed_may_write_header(s)) {
+        /* A clean close leaves a clean image (crash ordering 5) */
+        if (s->header.features & QED_F_NEED_CHECK) {
+            qed_call_in_coroutine(s, qed_co_clear_need_check, NULL);
+        }
+        qed_call_in_coroutine(s, qed_trim_file_tail, NULL);
     }
     qed_free_state(s);
 }
@@ -711,6 +759,9 @@ static int qed_inactivate(BlockDriverState *bs)
     qed_cancel_timer(s);
     if (!bdrv_is_read_only(bs) && (s->header.features & QED_F_NEED_CHECK)) {
         ret = qed_call_in_coroutine(s, qed_co_clear_need_check, NULL);
+    }
+    if (ret == 0 && !bdrv_is_read_only(bs)) {
+        ret = qed_call_in_coroutine(s, qed_trim_file_tail, NULL);
     }
     return ret;
 }
@@ -803,86 +854,183 @@ static QEDAllocation *qed_find_alloc(BDRVQEDState *s, uint64_t start,
 /*
  * Claim the clusters [start, end) for a change of their table entries.
  * Returns false, after waiting for the one in the way to finish, if
- * another request holds any of them: the caller must look up again.
+ * another request holds any of them, or if entries landed since the
+ * caller's lookup (s->l2_gen moved past @gen): the caller must look up
+ * again.
  */
 static bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
-                                   uint64_t start, uint64_t end)
+                                   uint64_t start, uint64_t end, uint64_t gen)
 {
     if (qed_find_alloc(s, start, end)) {
         qemu_co_queue_wait(&s->alloc_waiters, NULL);
         return false;
     }
+    if (gen != s->l2_gen) {
+        return false;
+    }
     a->start = start;
     a->end = end;
+    a->data_ready = false;
     QLIST_INSERT_HEAD(&s->allocs, a, next);
+    if (s->allocating_writes++ == 0) {
+        qed_cancel_timer(s);
+    }
     return true;
 }
 
-static void coroutine_fn qed_release(BDRVQEDState *s, QEDAllocation *a)
+static void qed_release(BDRVQEDState *s, QEDAllocation *a)
 {
     QLIST_REMOVE(a, next);
     qemu_co_queue_restart_all(&s->alloc_waiters);
+    assert(s->allocating_writes > 0);
+    if (--s->allocating_writes == 0) {
+        qed_arm_timer(s);
+        qemu_co_queue_restart_all(&s->idle_waiters);
+    }
 }
 
-/* Hand out @bytes of new file space; never reused while the image is open */
-static uint64_t qed_alloc_file_space(BDRVQEDState *s, uint64_t bytes)
+/*
+ * Lookup for requests: like qed_find_extent, but data that allocations
+ * have written and whose entries are still on their way to the table
+ * counts as the data it is.
+ */
+static int coroutine_fn qed_lookup(BDRVQEDState *s, uint64_t pos,
+                                   uint64_t bytes, QEDExtent *ext)
+{
+    uint64_t end = pos + bytes;
+    QEDAllocation *a;
+
+    QLIST_FOREACH(a, &s->allocs, next) {
+        if (!a->data_ready || a->end <= pos || end <= a->start) {
+            continue;
+        }
+        if (a->start <= pos) {
+            ext->type = QED_EXTENT_DATA;
+            ext->file_offset = a->file_offset + (pos - a->start);
+            ext->bytes = MIN(end, a->end) - pos;
+            return 0;
+        }
+        end = a->start;
+    }
+    return qed_find_extent(s, pos, end - pos, ext);
+}
+
+/*
+ * Hand out @bytes of new file space; never reused while the image is
+ * open.  The file grows ahead of allocation in large steps: writes that
+ * extend a file are slow (with O_DIRECT and native AIO they even block
+ * submission), writes into its sparse tail are not.  A clean close cuts
+ * the file back to what is in use.  The new size reaches the disk with
+ * the flush that precedes table updates (images with a backing file) or
+ * the check repairs what a crash leaves (NEED_CHECK): a crash never
+ * leaves an entry past the end of the file unrepaired.
+ */
+static int64_t coroutine_fn qed_alloc_file_space(BDRVQEDState *s,
+                                                 uint64_t bytes)
 {
     uint64_t offset = s->file_end;
 
     s->file_end += bytes;
     trace_qed_alloc_clusters(s, offset, bytes / s->header.cluster_size);
+
+    if (s->file_end > s->file_size && s->can_grow) {
+        qemu_co_mutex_lock(&s->grow_lock);
+        if (s->file_end > s->file_size) {
+            uint64_t step = MAX(QED_FILE_GROW_STEP, s->file_size / 8);
+            uint64_t new_size = ROUND_UP(s->file_end + step,
+                                         s->header.cluster_size);
+            int ret;
+
+            ret = bdrv_co_truncate(s->bs->file, new_size, false,
+                                   PREALLOC_MODE_OFF, 0, NULL);
+            if (ret == 0) {
+                s->file_size = new_size;
+            } else {
+                /* Fine: the writes themselves extend the file */
+                s->can_grow = false;
+            }
+        }
+        qemu_co_mutex_unlock(&s->grow_lock);
+    }
     return offset;
-}
-
-static void qed_alloc_begin(BDRVQEDState *s)
-{
-    if (s->allocating_writes++ == 0) {
-        qed_cancel_timer(s);
-    }
-}
-
-static void qed_alloc_end(BDRVQEDState *s)
-{
-    assert(s->allocating_writes > 0);
-    if (--s->allocating_writes == 0) {
-        qed_arm_timer(s);
-    }
 }
 
 /* ---- table update groups (group commit) --------------------------------- */
 
+static void qed_entry_done(BDRVQEDState *s, QEDPendingEntry *e, int ret)
+{
+    QEDAllocation *a = e->alloc;
+
+    e->ret = ret;
+    e->done = true;
+    if (!a) {
+        return;
+    }
+    /* A deferred table update: its allocation completes now */
+    if (ret < 0 && s->deferred_error == 0) {
+        s->deferred_error = ret;
+    }
+    qed_release(s, a);
+    g_free(a);
+}
+
 /*
- * Queue @entry into @upd and return once it is on disk (or failed).  The
- * first coroutine to find the group idle becomes its leader: it takes
- * every queued entry and writes them in one table update while the others
- * wait, so many allocations into one table cost one write.
+ * The leader of a group: while entries are queued, take them all and
+ * write them in one table update, so many allocations into one table
+ * cost one write.  It runs in a coroutine of its own, counted as in
+ * flight so that drain waits for it.
  */
-static int coroutine_fn qed_table_update(BDRVQEDState *s, QEDTableUpdate *upd,
-                                         QEDPendingEntry *entry,
-                                         QEDCommitFunc *commit)
+static void coroutine_fn qed_table_update_leader(void *opaque)
+{
+    QEDTableUpdate *upd = opaque;
+    BDRVQEDState *s = upd->s;
+    BlockDriverState *bs = s->bs;
+
+    while (!QSIMPLEQ_EMPTY(&upd->pending)) {
+        QEDPendingList batch = QSIMPLEQ_HEAD_INITIALIZER(batch);
+        QEDPendingEntry *e, *next;
+        int ret;
+
+        QSIMPLEQ_CONCAT(&batch, &upd->pending);
+        ret = upd->commit(s, upd, &batch);
+        QSIMPLEQ_FOREACH_SAFE(e, &batch, next, next) {
+            qed_entry_done(s, e, ret);
+        }
+        qemu_co_queue_restart_all(&upd->waiters);
+    }
+    upd->busy = false;
+    if (!upd->permanent) {
+        /* Waiters only look at their own entries once woken */
+        QLIST_REMOVE(upd, next);
+        g_free(upd);
+    }
+    bdrv_dec_in_flight(bs);
+}
+
+/* Queue @entry into @upd, starting its leader if it has none */
+static void qed_table_update_queue(BDRVQEDState *s, QEDTableUpdate *upd,
+                                   QEDPendingEntry *entry)
 {
     entry->done = false;
     QSIMPLEQ_INSERT_TAIL(&upd->pending, entry, next);
-
-    while (!entry->done) {
-        QEDPendingList batch = QSIMPLEQ_HEAD_INITIALIZER(batch);
-        QEDPendingEntry *e;
-        int ret;
-
-        if (upd->busy) {
-            qemu_co_queue_wait(&upd->waiters, NULL);
-            continue;
-        }
-
+    if (!upd->busy) {
         upd->busy = true;
-        QSIMPLEQ_CONCAT(&batch, &upd->pending);
-        ret = commit(s, upd, &batch);
-        QSIMPLEQ_FOREACH(e, &batch, next) {
-            e->ret = ret;
-            e->done = true;
-        }
-        upd->busy = false;
-        qemu_co_queue_restart_all(&upd->waiters);
+        bdrv_inc_in_flight(s->bs);
+        aio_co_enter(bdrv_get_aio_context(s->bs),
+                     qemu_coroutine_create(qed_table_update_leader, upd));
+    }
+}
+
+/* Queue @entry into @upd and wait until it is on disk (or failed) */
+static int coroutine_fn qed_table_update(BDRVQEDState *s, QEDTableUpdate *upd,
+                                         QEDPendingEntry *entry)
+{
+    CoQueue *waiters = &upd->waiters;
+
+    entry->alloc = NULL;
+    qed_table_update_queue(s, upd, entry);
+    while (!entry->done) {
+        qemu_co_queue_wait(waiters, NULL);
     }
     return entry->ret;
 }
@@ -968,7 +1116,6 @@ static int coroutine_fn qed_commit_new_l2(BDRVQEDState *s,
                                           QEDTableUpdate *upd,
                                           QEDPendingList *batch)
 {
-    const unsigned int per_sector = BDRV_SECTOR_SIZE / sizeof(uint64_t);
     QEDPendingEntry l1_entry = { .index = upd->l1_index, .n = 1 };
     unsigned int first, end;
     uint64_t l2_offset;
@@ -987,13 +1134,6 @@ static int coroutine_fn qed_commit_new_l2(BDRVQEDState *s,
     BLKDBG_EVENT(s->bs->file, BLKDBG_L2_ALLOC_WRITE);
     ret = qed_write_table_sectors(s, l2_offset, first, end - first,
                                   &table->offsets[first]);
-    if (ret == 0 && end < s->table_nelems) {
-        ret = qed_write_table_sectors(s, l2_offset,
-                                      s->table_nelems - per_sector,
-                                      per_sector,
-                                      &table->offsets[s->table_nelems -
-                                                      per_sector]);
-    }
     if (ret == 0 && qed_has_backing_file(s)) {
         BLKDBG_EVENT(s->bs->file, BLKDBG_FLUSH_TO_DISK);
         ret = bdrv_co_flush(s->bs->file->bs);
@@ -1004,7 +1144,7 @@ static int coroutine_fn qed_commit_new_l2(BDRVQEDState *s,
     }
 
     l1_entry.value = l2_offset;
-    ret = qed_table_update(s, s->l1_update, &l1_entry, qed_commit_l1);
+    ret = qed_table_update(s, s->l1_update, &l1_entry);
     if (ret < 0) {
         qemu_vfree(table);
         return ret;
@@ -1039,7 +1179,8 @@ static int coroutine_fn qed_commit_l2(BDRVQEDState *s, QEDTableUpdate *upd,
     }
 
     l2_offset = s->l1_table->offsets[upd->l1_index];
-    trace_qed_l2_update(s, l2_offset, 0, 0, upd->users);
+    qed_batch_range(batch, s->table_nelems, &first, &end);
+    trace_qed_l2_update(s, l2_offset, first, end - first);
     if (l2_offset == 0) {
         return qed_commit_new_l2(s, upd, batch);
     }
@@ -1057,7 +1198,6 @@ static int coroutine_fn qed_commit_l2(BDRVQEDState *s, QEDTableUpdate *upd,
         return ret;
     }
 
-    qed_batch_range(batch, s->table_nelems, &first, &end);
     entries = g_memdup2(&e->table->offsets[first],
                         (end - first) * sizeof(uint64_t));
     qed_batch_apply(batch, entries, first);
@@ -1078,29 +1218,43 @@ static int coroutine_fn qed_commit_l2(BDRVQEDState *s, QEDTableUpdate *upd,
     return ret;
 }
 
-/* Set entries of the L2 table for @l1_index through its update group */
-static int coroutine_fn qed_update_l2(BDRVQEDState *s, unsigned int l1_index,
-                                      QEDPendingEntry *entry)
+/* The update group of the L2 table for @l1_index */
+static QEDTableUpdate *qed_l2_group(BDRVQEDState *s, unsigned int l1_index)
 {
     QEDTableUpdate *upd;
-    int ret;
 
     QLIST_FOREACH(upd, &s->l2_updates, next) {
         if (upd->l1_index == l1_index) {
-            break;
+            return upd;
         }
     }
-    if (!upd) {
-        upd = qed_new_update(l1_index);
-        QLIST_INSERT_HEAD(&s->l2_updates, upd, next);
-    }
+    upd = qed_new_update(s, l1_index, qed_commit_l2);
+    QLIST_INSERT_HEAD(&s->l2_updates, upd, next);
+    return upd;
+}
 
-    upd->users++;
-    ret = qed_table_update(s, upd, entry, qed_commit_l2);
-    if (--upd->users == 0) {
-        QLIST_REMOVE(upd, next);
-        g_free(upd);
+/* Set entries of the L2 table for @l1_index and wait until they landed */
+static int coroutine_fn qed_update_l2(BDRVQEDState *s, unsigned int l1_index,
+                                      QEDPendingEntry *entry)
+{
+    return qed_table_update(s, qed_l2_group(s, l1_index), entry);
+}
+
+/*
+ * A flush makes every completed write durable, so it first waits for the
+ * table updates that completed writes left in flight; an error that one
+ * of them met is reported here (once), as a failed flush.
+ */
+static int coroutine_fn qed_co_flush_to_os(BlockDriverState *bs)
+{
+    BDRVQEDState *s = bs->opaque;
+    int ret;
+
+    while (s->allocating_writes > 0) {
+        qemu_co_queue_wait(&s->idle_waiters, NULL);
     }
+    ret = s->deferred_error;
+    s->deferred_error = 0;
     return ret;
 }
 
@@ -1133,7 +1287,7 @@ static int coroutine_fn qed_co_preadv_part(BlockDriverState *bs,
         QEDExtent ext;
         int ret;
 
-        ret = qed_find_extent(s, offset, bytes, &ext);
+        ret = qed_lookup(s, offset, bytes, &ext);
         if (ret < 0) {
             return ret;
         }
@@ -1166,8 +1320,14 @@ static int coroutine_fn qed_co_preadv_part(BlockDriverState *bs,
 /*
  * Write [pos, pos + bytes) of the virtual disk, which all lies in
  * unallocated or zero clusters mapped by one L2 table, into new clusters.
- * Returns the bytes written, 0 if the caller must look up again, or a
- * negative errno.
+ * @gen is s->l2_gen from before the lookup that found them.  Returns the
+ * bytes written, 0 if the caller must look up again, or a negative errno.
+ *
+ * Crash ordering 1: the data (with its copy-on-write padding) is written
+ * before the entry is queued for the table.  The request completes once
+ * its data is on disk; the entry lands in the background (group commit)
+ * and a flush waits for it.  Until then lookups see the new data through
+ * the allocation record.
  */
 static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
                                                  uint64_t pos, uint64_t bytes,
@@ -1182,36 +1342,29 @@ static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
     uint64_t head = pos - start;
     uint64_t tail_end = MIN(end, s->header.image_size);
     uint64_t tail = tail_end > pos + bytes ? tail_end - (pos + bytes) : 0;
-    uint64_t nclusters = (end - start) / cs;
     bool cow = type == QED_EXTENT_UNALLOCATED && s->bs->backing;
-    QEDPendingEntry entry;
-    QEDAllocation alloc;
+    QEDAllocation *alloc = g_new0(QEDAllocation, 1);
     QEMUIOVector wqiov;
     uint8_t *head_buf = NULL, *tail_buf = NULL;
-    uint64_t file_offset, wstart, written_end, cluster_end;
+    uint64_t wstart;
     int64_t ret;
 
-    if (!qed_claim(s, &alloc, start, end)) {
-        return 0;
-    }
-    /* Entries that landed while we looked up make the lookup stale */
-    if (gen != s->l2_gen) {
-        qed_release(s, &alloc);
+    if (!qed_claim(s, alloc, start, end, gen)) {
+        g_free(alloc);
         return 0;
     }
 
-    qed_alloc_begin(s);
-    file_offset = qed_alloc_file_space(s, end - start);
-    cluster_end = file_offset + (end - start);
+    ret = qed_alloc_file_space(s, end - start);
+    alloc->file_offset = ret;
     BLKDBG_EVENT(s->bs->file, BLKDBG_CLUSTER_ALLOC);
 
     /*
-     * The new clusters read as zeros already.  Over a backing file the
-     * rest of each new cluster is copied from it (copy-on-write); else only
-     * the end of the last cluster is written, so that the file covers the
-     * whole cluster.
+     * New clusters read as zeros (fresh space past everything the file
+     * held).  Over a backing file the rest of each new cluster is copied
+     * from it (copy-on-write); otherwise only the data is written.
      */
     qemu_iovec_init(&wqiov, qiov->niov + 2);
+    wstart = alloc->file_offset + head;
     if (cow && head) {
         QEMUIOVector hq;
 
@@ -1220,62 +1373,53 @@ static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
         BLKDBG_EVENT(s->bs->file, BLKDBG_COW_READ);
         ret = qed_read_backing(s, start, head, &hq, 0);
         if (ret < 0) {
-            goto out;
+            goto fail;
         }
         qemu_iovec_add(&wqiov, head_buf, head);
-        wstart = file_offset;
-    } else {
-        wstart = file_offset + head;
+        wstart = alloc->file_offset;
     }
     qemu_iovec_concat(&wqiov, qiov, qiov_offset, bytes);
-    if (tail && (cow || tail <= QED_MAX_TAIL_PAD)) {
+    if (cow && tail) {
         QEMUIOVector tq;
 
-        tail_buf = qemu_blockalign0(s->bs, tail);
-        if (cow) {
-            qemu_iovec_init_buf(&tq, tail_buf, tail);
-            BLKDBG_EVENT(s->bs->file, BLKDBG_COW_READ);
-            ret = qed_read_backing(s, pos + bytes, tail, &tq, 0);
-            if (ret < 0) {
-                goto out;
-            }
+        tail_buf = qemu_blockalign(s->bs, tail);
+        qemu_iovec_init_buf(&tq, tail_buf, tail);
+        BLKDBG_EVENT(s->bs->file, BLKDBG_COW_READ);
+        ret = qed_read_backing(s, pos + bytes, tail, &tq, 0);
+        if (ret < 0) {
+            goto fail;
         }
         qemu_iovec_add(&wqiov, tail_buf, tail);
     }
 
     BLKDBG_EVENT(s->bs->file, cow ? BLKDBG_COW_WRITE : BLKDBG_WRITE_AIO);
     ret = bdrv_co_pwritev(s->bs->file, wstart, wqiov.size, &wqiov, 0);
-    written_end = wstart + wqiov.size;
-    if (ret == 0 && written_end < cluster_end) {
-        /* The file must hold the whole last cluster: zero its final block */
-        uint32_t align = MAX(BDRV_SECTOR_SIZE,
-                             s->bs->file->bs->bl.request_alignment);
-        uint64_t z = MAX(written_end, cluster_end - align);
-
-        ret = bdrv_co_pwrite_zeroes(s->bs->file, z, cluster_end - z, 0);
-    }
     if (ret < 0) {
         /* The new clusters leak; nothing points at them */
-        goto out;
+        goto fail;
     }
-
-    entry = (QEDPendingEntry) {
-        .index = qed_l2_index(s, start),
-        .n = nclusters,
-        .value = file_offset,
-        .step = cs,
-    };
-    ret = qed_update_l2(s, qed_l1_index(s, start), &entry);
-    if (ret == 0) {
-        ret = bytes;
-    }
-
-out:
     qemu_iovec_destroy(&wqiov);
     qemu_vfree(head_buf);
     qemu_vfree(tail_buf);
-    qed_release(s, &alloc);
-    qed_alloc_end(s);
+
+    alloc->data_ready = true;
+    alloc->entry = (QEDPendingEntry) {
+        .index = qed_l2_index(s, start),
+        .n = (end - start) / cs,
+        .value = alloc->file_offset,
+        .step = cs,
+        .alloc = alloc,
+    };
+    qed_table_update_queue(s, qed_l2_group(s, qed_l1_index(s, start)),
+                           &alloc->entry);
+    return bytes;
+
+fail:
+    qemu_iovec_destroy(&wqiov);
+    qemu_vfree(head_buf);
+    qemu_vfree(tail_buf);
+    qed_release(s, alloc);
+    g_free(alloc);
     return ret;
 }
 
@@ -1301,7 +1445,7 @@ static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
         QEDExtent ext;
         int64_t ret;
 
-        ret = qed_find_extent(s, offset, bytes, &ext);
+        ret = qed_lookup(s, offset, bytes, &ext);
         if (ret < 0) {
             return ret;
         }
@@ -1342,25 +1486,18 @@ static int coroutine_fn qed_set_markers(BDRVQEDState *s, uint64_t start,
                                         uint64_t gen)
 {
     QEDAllocation alloc;
-    QEDPendingEntry entry;
     int ret;
 
-    if (!qed_claim(s, &alloc, start, end)) {
+    if (!qed_claim(s, &alloc, start, end, gen)) {
         return -EAGAIN;
     }
-    if (gen != s->l2_gen) {
-        qed_release(s, &alloc);
-        return -EAGAIN;
-    }
-    qed_alloc_begin(s);
-    entry = (QEDPendingEntry) {
+    alloc.entry = (QEDPendingEntry) {
         .index = qed_l2_index(s, start),
         .n = (end - start) >> s->l2_shift,
         .value = value,
     };
-    ret = qed_update_l2(s, qed_l1_index(s, start), &entry);
+    ret = qed_update_l2(s, qed_l1_index(s, start), &alloc.entry);
     qed_release(s, &alloc);
-    qed_alloc_end(s);
     return ret;
 }
 
@@ -1386,7 +1523,7 @@ static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
         QEDExtent ext;
         int ret;
 
-        ret = qed_find_extent(s, offset, bytes, &ext);
+        ret = qed_lookup(s, offset, bytes, &ext);
         if (ret < 0) {
             return ret;
         }
@@ -1449,7 +1586,7 @@ static int coroutine_fn qed_co_pdiscard(BlockDriverState *bs, int64_t offset,
         QEDExtent ext;
         int ret;
 
-        ret = qed_find_extent(s, offset, bytes, &ext);
+        ret = qed_lookup(s, offset, bytes, &ext);
         if (ret < 0) {
             return ret;
         }
@@ -1485,7 +1622,7 @@ static int coroutine_fn qed_co_block_status(BlockDriverState *bs,
     QEDExtent ext;
     int ret;
 
-    ret = qed_find_extent(s, offset, bytes, &ext);
+    ret = qed_lookup(s, offset, bytes, &ext);
     if (ret < 0) {
         return ret;
     }
@@ -2257,6 +2394,7 @@ static BlockDriver bdrv_qed = {
     .bdrv_co_pwrite_zeroes      = qed_co_pwrite_zeroes,
     .bdrv_co_pdiscard           = qed_co_pdiscard,
     .bdrv_co_truncate           = qed_co_truncate,
+    .bdrv_co_flush_to_os        = qed_co_flush_to_os,
     .bdrv_getlength             = qed_getlength,
     .bdrv_get_info              = qed_get_info,
     .bdrv_refresh_limits        = qed_refresh_limits,

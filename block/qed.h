@@ -138,11 +138,17 @@ typedef struct BDRVQEDState {
 
     /* First byte past the last allocated cluster; only ever grows */
     uint64_t file_end;
+    /* The file's length: it grows ahead of file_end, in steps */
+    uint64_t file_size;
+    bool can_grow;
+    CoMutex grow_lock;
 
     /* Allocations in flight, to keep two writes off one cluster */
     QLIST_HEAD(, QEDAllocation) allocs;
     CoQueue alloc_waiters;
-    unsigned int allocating_writes;
+    unsigned int allocating_writes;     /* until their entries landed */
+    CoQueue idle_waiters;               /* for allocating_writes == 0 */
+    int deferred_error;     /* a table update failed after its write */
     uint64_t l2_gen;            /* bumped whenever table entries land */
 
     /* Table update groups */

@@ -15,3 +15,9 @@ for t in "$TOP"/tests/qemu-iotests/tests/*; do
     [ -e "$t" ] || continue
     ln -sfn "$t" "$SRC/tests/qemu-iotests/tests/$(basename "$t")"
 done
+
+# Scripted changes to the base (idempotent; they touch files only on change)
+for p in "$TOP"/patches/*.sh; do
+    [ -e "$p" ] || continue
+    (cd "$SRC" && bash "$p" "$TOP")
+done

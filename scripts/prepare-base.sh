@@ -30,16 +30,12 @@ basename "$DSC" .dsc > "$BASE/version"
 # it can be compiled, then link ours in at the same paths.
 "$TOP/scripts/link-ours.sh"
 
-# Our patches to the base, in order.
+# Our patches to the base, in order (patches/*.sh run on every build, from
+# link-ours.sh).
 for p in "$TOP"/patches/*.patch; do
     [ -e "$p" ] || continue
     echo "Applying $(basename "$p")"
     patch -d "$SRC" -p1 --forward --quiet < "$p"
-done
-for s in "$TOP"/patches/*.sh; do
-    [ -e "$s" ] || continue
-    echo "Running $(basename "$s")"
-    (cd "$SRC" && bash "$s" "$TOP")
 done
 
 # Binaries run from the build folder look for firmware in qemu-bundle.
