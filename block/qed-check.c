@@ -534,7 +534,13 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
         result->leaks_fixed += n;
     }
 
-    /* Trailing clusters that nothing references: cut them off */
+    /*
+     * Trailing clusters that nothing references: cut them off.  A tail that
+     * is all hole (the driver grows the file ahead of allocation, and a
+     * crash leaves that behind) is no leak, but goes too when repairing
+     * leaks: else the file would keep its length, and the reference driver
+     * and every later crash would add to it.
+     */
     if (used_end < file_clusters) {
         uint64_t first, last;
         int64_t n = qed_check_held(check, used_end, file_clusters,
@@ -547,7 +553,7 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
                     reclaim ? "Repairing leaked" : "Leaked", new_len, n);
             result->leaks += n;
         }
-        if (n > 0 && reclaim) {
+        if (reclaim) {
             /* Header and L1 table are marked, so this keeps them */
             assert(new_len >= check->l1_end && new_len >= check->header_end);
             ret = bdrv_co_truncate(s->bs->file, new_len, false,
@@ -560,6 +566,7 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
                 result->leaks -= n;
                 result->leaks_fixed += n;
                 s->file_end = new_len;
+                s->file_size = new_len;
             }
         }
     }

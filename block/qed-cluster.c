@@ -93,6 +93,10 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
             continue;
         }
 
+        if (!first && !qed_check_offset(s, l2_offset, qed_table_bytes(s))) {
+            /* Reported when a lookup starts there */
+            break;
+        }
         ret = qed_get_l2_table(s, l2_offset, &e);
         if (ret < 0) {
             if (first) {

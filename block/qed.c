@@ -1105,9 +1105,9 @@ static int coroutine_fn qed_commit_l1(BDRVQEDState *s, QEDTableUpdate *upd,
  *
  * Crash ordering 2: the table is written before the L1 entry that points
  * at it.  New file space reads as zeros (it lies past everything the file
- * held at open and is never reused), so only the sectors holding the new
- * entries are written, plus the table's last sector to make the file
- * cover the whole table.  With a backing file a flush separates the table
+ * held at open, is never reused, and the file already covers it), so only
+ * the sectors holding the new entries are written.  With a backing file a
+ * flush separates the table
  * (and the batch's data, crash ordering 1 and 3) from the L1 update;
  * without one NEED_CHECK is already set and the check repairs an L1 entry
  * that landed without its table.

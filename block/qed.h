@@ -170,11 +170,18 @@ static inline uint64_t qed_table_bytes(BDRVQEDState *s)
     return (uint64_t)s->header.table_size * s->header.cluster_size;
 }
 
+/* What the tables can address; saturates where that passes 2^64 - 1 */
 static inline uint64_t qed_max_image_size(uint32_t cluster_size,
                                           uint32_t table_size)
 {
     uint64_t nelems = (uint64_t)table_size * cluster_size / sizeof(uint64_t);
-    return nelems * nelems * cluster_size;
+    uint64_t max;
+
+    if (__builtin_mul_overflow(nelems, nelems, &max) ||
+        __builtin_mul_overflow(max, (uint64_t)cluster_size, &max)) {
+        return UINT64_MAX;
+    }
+    return max;
 }
 
 static inline uint64_t qed_offset_into_cluster(BDRVQEDState *s, uint64_t off)
