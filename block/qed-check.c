@@ -258,8 +258,6 @@ static void coroutine_fn qed_check_l2(QEDCheck *check, QEDCheckL2 *t,
 
     for (unsigned int i = 0; i < s->table_nelems; i++) {
         uint64_t offset = table->offsets[i];
-        uint64_t guest = ((uint64_t)t->l1_index << s->l1_shift) +
-                         ((uint64_t)i << s->l2_shift);
         const char *problem;
 
         if (!qed_is_data_offset(offset)) {
@@ -268,6 +266,9 @@ static void coroutine_fn qed_check_l2(QEDCheck *check, QEDCheckL2 *t,
 
         problem = qed_check_l2_entry(check, offset);
         if (problem) {
+            uint64_t guest = ((uint64_t)t->l1_index << s->l1_shift) +
+                             ((uint64_t)i << s->l2_shift);
+
             fprintf(stderr, "%s L2 table 0x%" PRIx64 " entry %u "
                     "(guest offset 0x%" PRIx64 "): data cluster offset 0x%"
                     PRIx64 " %s\n", qed_check_fix_prefix(check), t->offset,
