@@ -40,6 +40,9 @@
 #define QED_DEFAULT_L2_CACHE_COVERAGE (256 * GiB)
 #define QED_MIN_L2_CACHE_TABLES 64
 
+/* A failed deferred table update is tried this often before it is lost */
+#define QED_TABLE_UPDATE_TRIES 3
+
 /* The file grows ahead of allocation by this much at least */
 #define QED_FILE_GROW_STEP (32 * MiB)
 
@@ -77,6 +80,9 @@ struct QEDAllocation {
     uint64_t end;
     uint64_t file_offset;
     bool data_ready;
+    uint64_t ticket;            /* order of acknowledgement, for flushes */
+    bool failed;                /* its table update failed; retried later */
+    unsigned int failures;
     QEDPendingEntry entry;
     QLIST_ENTRY(QEDAllocation) next;
 };
@@ -509,6 +515,19 @@ static int qed_validate_header(QEDHeader *h, int64_t file_size, Error **errp)
 
 static void qed_free_state(BDRVQEDState *s)
 {
+    QEDAllocation *a, *next;
+
+    /* Only allocations whose table update kept failing can be left */
+    QLIST_FOREACH_SAFE(a, &s->allocs, next, next) {
+        assert(a->failed);
+        error_report("qed: %s: giving up a write of guest offset 0x%" PRIx64
+                     ": its L2 table update failed", s->bs->filename,
+                     a->start);
+        QLIST_REMOVE(a, next);
+        g_free(a);
+    }
+    s->allocating_writes = 0;
+
     if (s->l2_cache.by_offset) {
         qed_l2_cache_destroy(&s->l2_cache);
     }
@@ -858,10 +877,18 @@ static QEDAllocation *qed_find_alloc(BDRVQEDState *s, uint64_t start,
  * caller's lookup (s->l2_gen moved past @gen): the caller must look up
  * again.
  */
+static void qed_retry_update(BDRVQEDState *s, QEDAllocation *a);
+
 static bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
                                    uint64_t start, uint64_t end, uint64_t gen)
 {
-    if (qed_find_alloc(s, start, end)) {
+    QEDAllocation *other = qed_find_alloc(s, start, end);
+
+    if (other) {
+        if (other->failed) {
+            /* Nobody else would make it land: try again now */
+            qed_retry_update(s, other);
+        }
         qemu_co_queue_wait(&s->alloc_waiters, NULL);
         return false;
     }
@@ -882,10 +909,10 @@ static void qed_release(BDRVQEDState *s, QEDAllocation *a)
 {
     QLIST_REMOVE(a, next);
     qemu_co_queue_restart_all(&s->alloc_waiters);
+    qemu_co_queue_restart_all(&s->idle_waiters);
     assert(s->allocating_writes > 0);
     if (--s->allocating_writes == 0) {
         qed_arm_timer(s);
-        qemu_co_queue_restart_all(&s->idle_waiters);
     }
 }
 
@@ -966,9 +993,26 @@ static void qed_entry_done(BDRVQEDState *s, QEDPendingEntry *e, int ret)
     if (!a) {
         return;
     }
-    /* A deferred table update: its allocation completes now */
-    if (ret < 0 && s->deferred_error == 0) {
+    /*
+     * A deferred table update.  When it failed, the data stays reachable
+     * through the allocation record and the update is tried again (by the
+     * next flush, or a request that needs these clusters); only after
+     * several failures is the write given up, and the flush that waits
+     * for it fails.
+     */
+    if (ret < 0 && ++a->failures < QED_TABLE_UPDATE_TRIES) {
+        a->failed = true;
         s->deferred_error = ret;
+        qemu_co_queue_restart_all(&s->alloc_waiters);
+        qemu_co_queue_restart_all(&s->idle_waiters);
+        return;
+    }
+    if (ret < 0) {
+        error_report("qed: %s: could not record a write of guest offset "
+                     "0x%" PRIx64 " in the L2 table: %s; the write is lost",
+                     s->bs->filename, a->start, strerror(-ret));
+        s->deferred_error = ret;
+        s->lost_writes++;
     }
     qed_release(s, a);
     g_free(a);
@@ -1019,6 +1063,15 @@ static void qed_table_update_queue(BDRVQEDState *s, QEDTableUpdate *upd,
         aio_co_enter(bdrv_get_aio_context(s->bs),
                      qemu_coroutine_create(qed_table_update_leader, upd));
     }
+}
+
+static QEDTableUpdate *qed_l2_group(BDRVQEDState *s, unsigned int l1_index);
+
+static void qed_retry_update(BDRVQEDState *s, QEDAllocation *a)
+{
+    a->failed = false;
+    qed_table_update_queue(s, qed_l2_group(s, qed_l1_index(s, a->start)),
+                           &a->entry);
 }
 
 /* Queue @entry into @upd and wait until it is on disk (or failed) */
@@ -1248,14 +1301,37 @@ static int coroutine_fn qed_update_l2(BDRVQEDState *s, unsigned int l1_index,
 static int coroutine_fn qed_co_flush_to_os(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
-    int ret;
+    uint64_t target = s->ack_ticket;
+    QEDAllocation *a;
+    bool waiting, failed;
 
-    while (s->allocating_writes > 0) {
-        qemu_co_queue_wait(&s->idle_waiters, NULL);
+    /* Writes acknowledged after this flush started are not its business */
+    QLIST_FOREACH(a, &s->allocs, next) {
+        if (a->data_ready && a->ticket <= target && a->failed) {
+            qed_retry_update(s, a);
+        }
     }
-    ret = s->deferred_error;
-    s->deferred_error = 0;
-    return ret;
+    do {
+        waiting = failed = false;
+        QLIST_FOREACH(a, &s->allocs, next) {
+            if (a->data_ready && a->ticket <= target) {
+                if (a->failed) {
+                    failed = true;
+                } else {
+                    waiting = true;
+                }
+            }
+        }
+        if (waiting) {
+            qemu_co_queue_wait(&s->idle_waiters, NULL);
+        }
+    } while (waiting);
+
+    if (failed || s->reported_lost != s->lost_writes) {
+        s->reported_lost = s->lost_writes;
+        return s->deferred_error ?: -EIO;
+    }
+    return 0;
 }
 
 /* ---- reads ---------------------------------------------------------------- */
@@ -1403,6 +1479,7 @@ static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
     qemu_vfree(tail_buf);
 
     alloc->data_ready = true;
+    alloc->ticket = ++s->ack_ticket;
     alloc->entry = (QEDPendingEntry) {
         .index = qed_l2_index(s, start),
         .n = (end - start) / cs,

@@ -149,6 +149,9 @@ typedef struct BDRVQEDState {
     unsigned int allocating_writes;     /* until their entries landed */
     CoQueue idle_waiters;               /* for allocating_writes == 0 */
     int deferred_error;     /* a table update failed after its write */
+    uint64_t ack_ticket;    /* allocations acknowledged so far */
+    unsigned int lost_writes;       /* given up after failed table updates */
+    unsigned int reported_lost;     /* of those, reported by a flush */
     uint64_t l2_gen;            /* bumped whenever table entries land */
 
     /* Table update groups */

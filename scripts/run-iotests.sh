@@ -27,7 +27,7 @@ only=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --ours) ours_only=1 ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -j|-o|-c|-i) check_opts+=("$1" "$2"); shift ;;
         -*) check_opts+=("$1") ;;
         *) only+=("$1") ;;
@@ -109,24 +109,28 @@ skipped_names=()
 if [ ${#runnable[@]} -gt 0 ]; then
     out=$(mktemp)
     trap 'rm -f "$out"' EXIT
-    # TAP output is easy to count; the diffs of failing tests go to stderr.
-    (cd "$BUILD_IOTESTS" && ./check -qed -tap "${check_opts[@]}" "${runnable[@]}") |
+    # TAP output is easy to count.  The diffs of failing tests go to
+    # stderr: keep them in the same stream, next to their test.
+    (cd "$BUILD_IOTESTS" &&
+        ./check -qed -tap "${check_opts[@]}" "${runnable[@]}" 2>&1) |
         tee "$out"
     rc=${PIPESTATUS[0]}
 
+    # A result line may follow the unterminated last line of a diff, so
+    # the match is not anchored at the start of the line.
     declare -A done_=()
     while read -r line; do
-        if [[ $line =~ ^ok\ [a-z0-9]+\ ([^ ]+)\ \#\ SKIP ]]; then
-            skipped=$((skipped + 1))
-            skipped_names+=("${BASH_REMATCH[1]}")
-            done_[${BASH_REMATCH[1]}]=1
-        elif [[ $line =~ ^ok\ [a-z0-9]+\ ([^ ]+)$ ]]; then
-            passed=$((passed + 1))
-            done_[${BASH_REMATCH[1]}]=1
-        elif [[ $line =~ ^not\ ok\ [a-z0-9]+\ ([^ ]+)$ ]]; then
+        if [[ $line =~ (^|[^a-zA-Z])not\ ok\ qed\ ([^ ]+)$ ]]; then
             failed=$((failed + 1))
-            failed_names+=("${BASH_REMATCH[1]}")
-            done_[${BASH_REMATCH[1]}]=1
+            failed_names+=("${BASH_REMATCH[2]}")
+            done_[${BASH_REMATCH[2]}]=1
+        elif [[ $line =~ (^|[^a-zA-Z])ok\ qed\ ([^ ]+)\ \#\ SKIP$ ]]; then
+            skipped=$((skipped + 1))
+            skipped_names+=("${BASH_REMATCH[2]}")
+            done_[${BASH_REMATCH[2]}]=1
+        elif [[ $line =~ (^|[^a-zA-Z])ok\ qed\ ([^ ]+)$ ]]; then
+            passed=$((passed + 1))
+            done_[${BASH_REMATCH[2]}]=1
         fi
     done < "$out"
 
