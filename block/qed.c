@@ -43,6 +43,13 @@
 /* A failed deferred table update is tried this often before it is lost */
 #define QED_TABLE_UPDATE_TRIES 3
 
+/*
+ * Acknowledged writes whose entries have not landed, at most: beyond this
+ * a write waits for table updates to catch up, which bounds the lookup
+ * overlay, the memory and the time a flush waits.
+ */
+#define QED_MAX_DEFERRED 64
+
 /* The file grows ahead of allocation by this much at least */
 #define QED_FILE_GROW_STEP (32 * MiB)
 
@@ -1014,6 +1021,7 @@ static void qed_entry_done(BDRVQEDState *s, QEDPendingEntry *e, int ret)
         s->deferred_error = ret;
         s->lost_writes++;
     }
+    s->deferred--;
     qed_release(s, a);
     g_free(a);
 }
@@ -1489,6 +1497,10 @@ static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
     };
     qed_table_update_queue(s, qed_l2_group(s, qed_l1_index(s, start)),
                            &alloc->entry);
+    s->deferred++;
+    while (s->deferred > QED_MAX_DEFERRED) {
+        qemu_co_queue_wait(&s->idle_waiters, NULL);
+    }
     return bytes;
 
 fail:
@@ -2044,6 +2056,28 @@ static int qed_check_growable(BlockDriverState *file, Error **errp)
     return 0;
 }
 
+/* The same, by name, before the protocol layer creates (or zeroes) it */
+static int qed_check_growable_name(const char *filename, Error **errp)
+{
+    BlockDriver *proto = bdrv_find_protocol(filename, true, NULL);
+    const char *path = filename;
+    struct stat st;
+
+    if (!strstart(filename, "file:", &path) &&
+        !strstart(filename, "host_device:", &path)) {
+        strstart(filename, "host_cdrom:", &path);
+    }
+    if ((proto && (!strcmp(proto->format_name, "host_device") ||
+                   !strcmp(proto->format_name, "host_cdrom"))) ||
+        (stat(path, &st) == 0 && (S_ISBLK(st.st_mode) ||
+                                  S_ISCHR(st.st_mode)))) {
+        error_setg(errp, "QED needs a regular file that can grow: '%s' is a "
+                   "block device", path);
+        return -ENOTSUP;
+    }
+    return 0;
+}
+
 static int coroutine_fn qed_co_create(BlockdevCreateOptions *opts,
                                       Error **errp)
 {
@@ -2247,6 +2281,10 @@ static int coroutine_fn qed_co_create_opts(BlockDriver *drv,
         goto fail;
     }
 
+    ret = qed_check_growable_name(filename, errp);
+    if (ret < 0) {
+        goto fail;
+    }
     ret = bdrv_create_file(filename, opts, errp);
     if (ret < 0) {
         goto fail;

@@ -59,7 +59,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 SECTOR = 512
 NEED_CHECK = 0x2
@@ -126,6 +126,21 @@ class Crash:
             Case('64k-backing', 65536, True, 64 * MiB, 192 * 1024, w),
         ]
         self.stats: Dict[str, int] = {}
+        self.caches = ['writeback', 'writeback']
+        if self.o_direct_works():
+            self.caches.append('none')
+
+    def o_direct_works(self) -> bool:
+        probe = os.path.join(self.args.workdir, 'crash-o-direct-probe')
+        try:
+            fd = os.open(probe, os.O_CREAT | os.O_RDWR | os.O_DIRECT)
+            os.close(fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            if os.path.exists(probe):
+                os.remove(probe)
 
     def count(self, what: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1
@@ -198,7 +213,7 @@ class Crash:
                 writes, text = self.gen_round(c)
                 rounds.append(writes)
                 f.write(text)
-        cache = self.rng.choice(['writeback', 'writeback', 'none'])
+        cache = self.rng.choice(self.caches)
         delay = self.rng.uniform(0, self.args.max_delay)
         with open(self.cmds) as stdin, open(self.out, 'w') as stdout:
             p = subprocess.Popen(['stdbuf', '-oL', self.qemu_io, '-f', 'qed',
@@ -217,7 +232,8 @@ class Crash:
         with open(self.out) as f:
             text = f.read()
         lines = text.split('\n')[:-1]       # complete lines only
-        done = sum(1 for line in lines if re.search(r'\bread 512/512 bytes', line))
+        done = sum(1 for line in lines
+                   if re.search(r'\bread 512/512 bytes', line))
         bad = [line for line in lines
                if re.search(r'fail|error|Error|verification', line)]
         if bad:
