@@ -299,10 +299,16 @@ static void qed_start_clear(BDRVQEDState *s)
     aio_co_enter(bdrv_get_aio_context(s->bs), co);
 }
 
+static void qed_arm_timer(BDRVQEDState *s);
+
 static void qed_need_check_timer_cb(void *opaque)
 {
     BDRVQEDState *s = opaque;
 
+    if (qatomic_read(&s->bs->quiesce_counter) > 0) {
+        /* No I/O of ours inside a drained section: drain_end re-arms */
+        return;
+    }
     trace_qed_timer_fire(s);
     qed_start_clear(s);
 }
@@ -363,6 +369,15 @@ static void coroutine_fn qed_co_drain_begin(BlockDriverState *bs)
     if (s->need_check_timer && timer_pending(s->need_check_timer)) {
         qed_cancel_timer(s);
         qed_start_clear(s);
+    }
+}
+
+static void coroutine_fn qed_co_drain_end(BlockDriverState *bs)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    if (s->allocating_writes == 0 && !s->timer_running) {
+        qed_arm_timer(s);
     }
 }
 
@@ -2522,6 +2537,7 @@ static BlockDriver bdrv_qed = {
     .bdrv_detach_aio_context    = qed_detach_aio_context,
     .bdrv_attach_aio_context    = qed_attach_aio_context,
     .bdrv_co_drain_begin        = qed_co_drain_begin,
+    .bdrv_co_drain_end          = qed_co_drain_end,
 };
 
 static void bdrv_qed_init(void)
