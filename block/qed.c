@@ -276,10 +276,26 @@ static int coroutine_fn qed_co_clear_need_check(BDRVQEDState *s,
     return qed_clear_need_check(s);
 }
 
+/* Allocations still on their way (failed ones wait for a retry) */
+static bool qed_allocs_in_flight(BDRVQEDState *s)
+{
+    QEDAllocation *a;
+
+    QLIST_FOREACH(a, &s->allocs, next) {
+        if (!a->failed) {
+            return true;
+        }
+    }
+    return false;
+}
+
 static void coroutine_fn qed_need_check_timer_entry(void *opaque)
 {
     BDRVQEDState *s = opaque;
 
+    while (qed_allocs_in_flight(s)) {
+        qemu_co_queue_wait(&s->idle_waiters, NULL);
+    }
     qed_clear_need_check(s);
     s->timer_running = false;
     bdrv_dec_in_flight(s->bs);
@@ -361,12 +377,19 @@ static void qed_detach_aio_context(BlockDriverState *bs)
     }
 }
 
-/* A drain clears the bit now rather than leave a timer behind */
+/*
+ * A drain (stop, snapshot, hand-over...) clears the bit as soon as the
+ * allocations in flight have landed, rather than leave a timer behind
+ * that would write in the middle of whatever the drain is for.
+ */
 static void coroutine_fn qed_co_drain_begin(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
 
-    if (s->need_check_timer && timer_pending(s->need_check_timer)) {
+    /* In-flight table updates may set the bit yet: wait for them too */
+    if (qed_may_write_header(s) &&
+        ((s->header.features & QED_F_NEED_CHECK) ||
+         qed_allocs_in_flight(s))) {
         qed_cancel_timer(s);
         qed_start_clear(s);
     }

@@ -1,0 +1,483 @@
+#!/usr/bin/env python3
+"""Helper of scripts/bench.sh (`make bench`).
+
+  bench.py mkdata PATH full|half     create the backing file (1 GiB of data) or
+                                     the convert source (2 GiB, alternating
+                                     64 MiB of data and 64 MiB of hole)
+  bench.py mkdata-ok PATH full|half  exit 0 if PATH was made by mkdata
+  bench.py mark-dirty qed|qcow2 PATH set the image's dirty bit (QED: NEED_CHECK,
+                                     0x2 in the LE features field at offset 16;
+                                     qcow2 v3: bit 0 of the BE incompatible
+                                     features at offset 72)
+  bench.py is-dirty qed|qcow2 PATH   exit 0 if the dirty bit is set
+  bench.py report RESULTS.tsv ...    print the table and ratios; with --docs DIR
+                                     write DIR/benchmarks.md and DIR/benchmarks.png
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+# id, table label, description (as in issue 8)
+WORKLOADS = [
+    ("seqalloc-d1", "1 seqalloc d1",
+     "1 GiB of 64 KiB writes on a fresh 4 GiB image, depth 1"),
+    ("seqalloc-d32", "1 seqalloc d32",
+     "1 GiB of 64 KiB writes on a fresh 4 GiB image, depth 32"),
+    ("scatter-d1", "2 scatter d1",
+     "8,192 4 KiB writes on a fresh 64 GiB image, step 2 GiB - 64 KiB, depth 1"),
+    ("scatter-d32", "2 scatter d32",
+     "8,192 4 KiB writes on a fresh 64 GiB image, step 2 GiB - 64 KiB, depth 32"),
+    ("bigscatter", "3 big scatter d32",
+     "65,536 4 KiB writes on a fresh 1 TiB image, step 2 GiB - 448 KiB, depth 32"),
+    ("rewrite", "4 rewrite d32",
+     "1 GiB of 64 KiB writes over allocated clusters, depth 32"),
+    ("read", "5 read d32",
+     "1 GiB of 4 KiB reads over allocated clusters, depth 32"),
+    ("cow", "6 backing COW d32",
+     "16,384 4 KiB writes, step 64 KiB, over a 1 GiB raw backing file full "
+     "of data, depth 32 (raw: no overlay)"),
+    ("check", "7 check",
+     "`qemu-img check` of the big-scatter image (raw: no check)"),
+    ("dirty-open", "7 dirty open",
+     "`qemu-io -c 'read 0 512'` (read-write) of the big-scatter image marked "
+     "dirty: the check and repair on open (raw: no dirty bit)"),
+    ("convert", "8 convert",
+     "`qemu-img convert` of a 2 GiB raw image, alternating 64 MiB data / "
+     "64 MiB hole, to the contender's format"),
+]
+BENCH_WLS = {"seqalloc-d1", "seqalloc-d32", "scatter-d1", "scatter-d32",
+             "bigscatter", "rewrite", "read", "cow"}
+CONTENDERS = [("ours", "ours QED"), ("peer", "peer QED"),
+              ("qcow2", "qcow2"), ("raw", "raw")]
+OTHERS = ["peer", "qcow2", "raw"]
+
+# (text, workload, against, max ratio ours/against)
+TARGETS = [
+    ("seqalloc d32 at most 1.5x raw", "seqalloc-d32", "raw", 1.5),
+    ("seqalloc d32 at least 4x faster than the peer's QED (<= 0.25x)",
+     "seqalloc-d32", "peer", 0.25),
+    ("seqalloc d1 at most 1.2x raw", "seqalloc-d1", "raw", 1.2),
+    ("scatter d32 at most 2.5x raw", "scatter-d32", "raw", 2.5),
+    ("big scatter at most 0.6x raw", "bigscatter", "raw", 0.6),
+    ("backing COW at most qcow2's time", "cow", "qcow2", 1.0),
+    ("rewrite within 10% of raw (<= 1.1x)", "rewrite", "raw", 1.1),
+    ("read within 10% of raw (<= 1.1x)", "read", "raw", 1.1),
+    ("check of the big-scatter image no slower than the peer's", "check",
+     "peer", 1.0),
+    ("dirty open of the big-scatter image no slower than the peer's",
+     "dirty-open", "peer", 1.0),
+] + [("%s at least as fast as qcow2" % label[2:], wl, "qcow2", 1.0)
+     for wl, label, _ in WORKLOADS]
+
+
+# ---------------------------------------------------------------- data files
+
+def mkdata(path, kind):
+    stamp = path + ".ok"
+    if os.path.exists(stamp):
+        os.unlink(stamp)
+    block = bytearray(os.urandom(MiB))
+    with open(path, "wb") as f:
+        if kind == "full":
+            regions = [(0, GiB)]
+            f.truncate(GiB)
+        else:
+            f.truncate(2 * GiB)
+            regions = [(off, 64 * MiB) for off in range(0, 2 * GiB, 128 * MiB)]
+        for start, length in regions:
+            f.seek(start)
+            for off in range(start, start + length, MiB):
+                block[0:8] = struct.pack("<Q", off)  # no two blocks alike
+                f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(stamp, "w") as f:
+        f.write("%s %d\n" % (kind, os.path.getsize(path)))
+
+
+def mkdata_ok(path, kind):
+    size = GiB if kind == "full" else 2 * GiB
+    try:
+        with open(path + ".ok") as f:
+            ok = f.read().split() == [kind, str(size)]
+        return ok and os.path.getsize(path) == size
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- dirty bits
+
+def dirty_field(fmt, f):
+    head = f.read(80)
+    if fmt == "qed":
+        if head[:4] != b"QED\0":
+            sys.exit("not a QED image")
+        return 16, "<Q", 0x2
+    if fmt == "qcow2":
+        if head[:4] != b"QFI\xfb" or struct.unpack(">I", head[4:8])[0] < 3:
+            sys.exit("not a qcow2 v3 image")
+        return 72, ">Q", 0x1
+    sys.exit("no dirty bit in format " + fmt)
+
+
+def mark_dirty(fmt, path):
+    with open(path, "r+b") as f:
+        off, pk, bit = dirty_field(fmt, f)
+        f.seek(off)
+        val = struct.unpack(pk, f.read(8))[0] | bit
+        f.seek(off)
+        f.write(struct.pack(pk, val))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def is_dirty(fmt, path):
+    with open(path, "rb") as f:
+        off, pk, bit = dirty_field(fmt, f)
+        f.seek(off)
+        return bool(struct.unpack(pk, f.read(8))[0] & bit)
+
+
+# ---------------------------------------------------------------- report
+
+def read_results(path):
+    res = {}      # (wl, c) -> {"secs": [...], "wall": [...], "modes": set, "fails": [...]}
+    with open(path) as f:
+        next(f)
+        for line in f:
+            wl, c, rep, secs, wall, mode = line.rstrip("\n").split("\t", 5)
+            r = res.setdefault((wl, c), {"secs": [], "wall": [], "modes": set(),
+                                         "fails": []})
+            if secs == "FAIL":
+                r["fails"].append("rep %s: %s" % (rep, mode))
+                continue
+            r["secs"].append(float(secs))
+            try:
+                r["wall"].append(float(wall))
+            except ValueError:
+                pass
+            r["modes"].add(mode.split(";")[0])
+    return res
+
+
+def med(r):
+    return statistics.median(r["secs"]) if r and r["secs"] else None
+
+
+def fmt_s(v):
+    if v is None:
+        return "-"
+    return "%.3f" % v if v < 10 else "%.2f" % v if v < 100 else "%.1f" % v
+
+
+def cell(r, mode, wall=False):
+    if not r or not (r["wall"] if wall else r["secs"]):
+        return "FAIL" if r and r["fails"] else "-"
+    xs = r["wall"] if wall else r["secs"]
+    s = fmt_s(statistics.median(xs))
+    if len(xs) > 1:
+        s += " (%s-%s)" % (fmt_s(min(xs)), fmt_s(max(xs)))
+    if r["modes"] - {mode}:
+        s += " †"
+    return s
+
+
+def ratio(res, wl, other):
+    a, b = med(res.get((wl, "ours"))), med(res.get((wl, other)))
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def machine(bench_dir):
+    def sh(*cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True,
+                                  check=False).stdout
+        except OSError:
+            return ""
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = "%.1f GiB" % (int(line.split()[1]) / 1024 / 1024)
+    df = sh("df", "-T", bench_dir).splitlines()
+    fs = df[1].split()[1] if len(df) > 1 else "?"
+    dev = df[1].split()[0] if len(df) > 1 else "?"
+    return {
+        "nproc": str(os.cpu_count()),
+        "memory": mem,
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "fs": "%s (%s, bench dir %s)" % (fs, dev, bench_dir),
+        "load": "%.2f %.2f %.2f" % os.getloadavg(),
+    }
+
+
+def version(binary):
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                         check=False).stdout
+    return out.splitlines()[0] if out else "?"
+
+
+def git_rev(root):
+    out = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
+                         capture_output=True, text=True, check=False).stdout
+    return out.strip() or "?"
+
+
+def table(res, mode, rows, wall=False):
+    head = ["workload"] + [n for _, n in CONTENDERS]
+    if not wall:
+        head += ["ours/peer", "ours/qcow2", "ours/raw"]
+    out = []
+    for wl, label, _ in WORKLOADS:
+        if wall and wl not in BENCH_WLS:
+            continue
+        if not any((wl, c) in res for c, _ in CONTENDERS):
+            continue
+        row = [label] + [cell(res.get((wl, c)), mode, wall) for c, _ in CONTENDERS]
+        if not wall:
+            for o in OTHERS:
+                r = ratio(res, wl, o)
+                row.append("-" if r is None else "%.2f" % r)
+        out.append(row)
+    rows.extend(out)
+    return head
+
+
+def text_table(head, rows):
+    w = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i])
+                       for i, x in enumerate(r)) for r in [head] + rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def md_table(head, rows):
+    out = ["| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def evaluate(res):
+    out = []
+    for text, wl, other, limit in TARGETS:
+        r = ratio(res, wl, other)
+        if r is None:
+            verdict = "n/a"
+        else:
+            verdict = "met" if r <= limit else "**missed**"
+        out.append((text, "-" if r is None else "%.2f" % r,
+                    "%.2f" % limit, verdict))
+    out.append(("the crash guarantees of the integrity and reliability issues",
+                "", "", "not measured here (make check)"))
+    return out
+
+
+def chart(res, png):
+    gp = shutil.which("gnuplot")
+    if not gp:
+        print("bench: gnuplot missing, no chart", file=sys.stderr)
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        dat = os.path.join(tmp, "ratios.dat")
+        n = 0
+        with open(dat, "w") as f:
+            for wl, label, _ in WORKLOADS:
+                rs = [ratio(res, wl, o) for o in OTHERS]
+                if all(r is None for r in rs):
+                    continue
+                n += 1
+                f.write('"%s" %s\n' % (label[2:], " ".join(
+                    "-" if r is None else "%.4f" % r for r in rs)))
+        if n == 0:
+            return False
+        script = f"""
+set terminal pngcairo size 1200,560 font "DejaVu Sans,11"
+set output "{png}"
+set title "Ours (QED) relative to each contender: time ratio, below 1 = ours faster (median of the run)"
+set datafile missing "-"
+set style data histogram
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set boxwidth 0.9
+set logscale y 2
+set yrange [0.0625:16]
+set ytics ("1/16" 0.0625, "1/8" 0.125, "1/4" 0.25, "1/2" 0.5, "1" 1, "2" 2, "4" 4, "8" 8, "16" 16)
+set grid ytics
+set ylabel "ours / contender (log scale)"
+set xtics rotate by -25 nomirror
+set key top left
+set arrow from graph 0, first 1 to graph 1, first 1 nohead lw 2 lc rgb "black"
+plot "{dat}" using 2:xtic(1) title "ours / peer QED" lc rgb "#d95f02", \\
+     "" using 3 title "ours / qcow2" lc rgb "#1b9e77", \\
+     "" using 4 title "ours / raw" lc rgb "#7570b3"
+"""
+        sp = os.path.join(tmp, "chart.gp")
+        with open(sp, "w") as f:
+            f.write(script)
+        p = subprocess.run([gp, sp], capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            print("bench: gnuplot failed:\n" + p.stderr, file=sys.stderr)
+            return False
+    return True
+
+
+def report(a):
+    res = read_results(a.results)
+    mode = a.mode
+    rows = []
+    head = table(res, mode, rows)
+    wrows = []
+    whead = table(res, mode, wrows, wall=True)
+    fails = [(wl, c, f) for (wl, c), r in res.items() for f in r["fails"]]
+    fallbacks = sorted({(wl, c) for (wl, c), r in res.items()
+                        if r["modes"] - {mode}})
+    ref = "our build" if a.ref == "ours" else "the peer's /usr/bin/qemu-img"
+
+    print()
+    print("Median seconds (min-max) of the run; ratios are of medians, "
+          "below 1 = ours faster")
+    print(text_table(head, rows))
+    for wl, c in fallbacks:
+        print("† %s %s: ran with -t writeback (failed under O_DIRECT)" % (wl, c))
+    for wl, c, f in fails:
+        print("FAILED %s %s %s" % (wl, c, f))
+    print()
+    print("Targets (issue 8), ours/contender:")
+    for text, r, lim, verdict in evaluate(res):
+        print("  %-66s %6s  (<= %s)  %s" % (text, r, lim, verdict.strip("*"))
+              if lim else "  %-66s %s" % (text, verdict))
+    print()
+    print("bench: %d s in the benchmark" % a.runtime)
+
+    if not a.docs:
+        return
+    os.makedirs(a.docs, exist_ok=True)
+    png = os.path.join(a.docs, "benchmarks.png")
+    have_png = chart(res, png)
+    m = machine(a.bench_dir)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    md = []
+    md.append("# Benchmarks: our QED against the original QED, qcow2 and raw\n")
+    md.append("Written by `make bench` (`scripts/bench.sh`, `scripts/bench.py`); "
+              "the workloads and targets are those of issue 8. Re-run "
+              "`make bench` to refresh this page.\n")
+    md.append("## Run\n")
+    md.append("- date: %s" % now)
+    md.append("- tree: %s" % git_rev(root))
+    md.append("- ours: `.base/qemu/build/qemu-img` (%s), the fork's QED" %
+              version(a.ours))
+    md.append("- peer QED: `/usr/bin/qemu-img` (%s), the original QED driver" %
+              version(a.peer))
+    md.append("- qcow2 and raw: run with %s" % ref)
+    md.append("- cache: %s for every run%s" % (
+        "`-t none -i native` (O_DIRECT)" if mode == "none/native"
+        else "`-t writeback` (O_DIRECT was refused on this file system)",
+        "; check `-T none`, dirty open `qemu-io -t none -i native`, "
+        "convert `-t none -T none`" if mode == "none/native" else ""))
+    md.append("- repetitions: %d, alternating the contenders within each "
+              "(ours, peer, qcow2, raw, ours, ...); big scatter, check and dirty "
+              "open: %d (the slowest)" % (a.reps, a.slow_reps))
+    md.append("- time in the benchmark: %d s" % a.runtime)
+    md.append("")
+    md.append("## Machine\n")
+    md.append("- CPUs (nproc): %s" % m["nproc"])
+    md.append("- memory: %s" % m["memory"])
+    md.append("- CPU: %s" % m["cpu"])
+    md.append("- kernel: %s" % m["kernel"])
+    md.append("- file system: %s" % m["fs"])
+    md.append("- load average at the end: %s (other jobs may have run "
+              "alongside: the figures can be noisy)" % m["load"])
+    md.append("")
+    md.append("## Workloads\n")
+    for wl, label, desc in WORKLOADS:
+        md.append("%s. **%s**: %s" % (label.split()[0], " ".join(label.split()[1:]),
+                                      desc))
+    md.append("\nEach runs on a fresh image (rewrite and read: the first GiB of "
+              "a fresh 4 GiB image is filled first, untimed). `qemu-img bench` "
+              "workloads are timed by its own \"Run completed in X seconds\" "
+              "line; check, dirty open and convert by `/usr/bin/time` "
+              "(wall clock of the whole command).\n")
+    md.append("## Times\n")
+    md.append("Median seconds of the run, (min-max) over the repetitions; "
+              "ratios are of medians, below 1 = ours faster. `-` = does not "
+              "apply.\n")
+    md.append(md_table(head, rows))
+    for wl, c in fallbacks:
+        md.append("\n† %s, %s: ran with `-t writeback` after failing under "
+                  "O_DIRECT (see below); its ratio compares different cache "
+                  "modes." % (wl, c))
+    if fails:
+        md.append("\nFailures:\n")
+        for wl, c, f in fails:
+            md.append("- %s, %s, %s" % (wl, c, f))
+    md.append("\nWhole `qemu-img bench` process (wall clock, including open and "
+              "the close, which flushes), median (min-max):\n")
+    md.append(md_table(whead, wrows))
+    md.append("\n## Targets (issue 8)\n")
+    md.append("| target | ours/contender | limit | verdict |")
+    md.append("|---|---:|---:|---|")
+    for text, r, lim, verdict in evaluate(res):
+        md.append("| %s | %s | %s | %s |" % (text, r, ("<= " + lim) if lim else "",
+                                            verdict))
+    if have_png:
+        md.append("\n## Chart\n")
+        md.append("![ratios](benchmarks.png)\n")
+    with open(os.path.join(a.docs, "benchmarks.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("bench: wrote %s%s" % (os.path.join(a.docs, "benchmarks.md"),
+                                 " and " + png if have_png else ""))
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "mkdata":
+        mkdata(args[0], args[1])
+    elif cmd == "mkdata-ok":
+        sys.exit(0 if mkdata_ok(args[0], args[1]) else 1)
+    elif cmd == "mark-dirty":
+        mark_dirty(args[0], args[1])
+    elif cmd == "is-dirty":
+        sys.exit(0 if is_dirty(args[0], args[1]) else 1)
+    elif cmd == "report":
+        p = argparse.ArgumentParser(prog="bench.py report")
+        p.add_argument("results")
+        p.add_argument("--bench-dir", required=True)
+        p.add_argument("--reps", type=int, required=True)
+        p.add_argument("--slow-reps", type=int, required=True)
+        p.add_argument("--ref", default="peer")
+        p.add_argument("--mode", default="none/native")
+        p.add_argument("--runtime", type=int, default=0)
+        p.add_argument("--ours", required=True)
+        p.add_argument("--peer", required=True)
+        p.add_argument("--docs")
+        report(p.parse_args(args))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()

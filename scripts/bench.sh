@@ -1,0 +1,294 @@
+#!/bin/bash
+# `make bench`: the workloads of issue 8, timed for four contenders, alternating
+# within each repetition (ours peer qcow2 raw ours peer qcow2 raw ...), each
+# workload on a fresh image:
+#
+#   ours   the fork's QED        .base/qemu/build/qemu-img (and qemu-io)
+#   peer   the original QED      /usr/bin/qemu-img (Debian's qemu-utils)
+#   qcow2  qcow2 and             /usr/bin/qemu-img by default;
+#   raw    raw                   BENCH_REF=ours uses our build instead (same
+#                                base code, only the QED driver differs)
+#
+# qemu-img bench workloads are timed by the bench's own "Run completed in X
+# seconds" line; check, dirty open and convert by /usr/bin/time (wall clock).
+# The results go to $BENCH_DIR/results.tsv; scripts/bench.py turns them into
+# the table, docs/benchmarks.md and docs/benchmarks.png.
+#
+# Environment:
+#   BENCH_REPS       repetitions (default 3)
+#   BENCH_SLOW_REPS  repetitions of big scatter and its check/dirty open
+#                    (default 2, at most BENCH_REPS): they are the slowest
+#   BENCH_DIR        work folder (default bench-out/ in the repo, git-ignored);
+#                    must be on a real disk, not tmpfs
+#   BENCH_REF        peer (default) | ours: whose qemu-img runs qcow2 and raw
+#   BENCH_ONLY       run only these workloads (space separated ids, see below)
+#   BENCH_NO_DOCS=1  print the table but do not write docs/benchmarks.*
+#   BENCH_KEEP=1     keep the images of the last repetition
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+T_START=$(date +%s)
+REPS=${BENCH_REPS:-3}
+SLOW_REPS=${BENCH_SLOW_REPS:-2}
+[ "$SLOW_REPS" -le "$REPS" ] || SLOW_REPS=$REPS
+BENCH_DIR=${BENCH_DIR:-$ROOT/bench-out}
+BENCH_REF=${BENCH_REF:-peer}
+ONLY=${BENCH_ONLY:-}
+PY=python3
+[ -x /usr/bin/python3 ] && PY=/usr/bin/python3
+
+OURS_IMG=$ROOT/.base/qemu/build/qemu-img
+OURS_IO=$ROOT/.base/qemu/build/qemu-io
+PEER_IMG=/usr/bin/qemu-img
+PEER_IO=/usr/bin/qemu-io
+if [ "$BENCH_REF" = ours ]; then
+    REF_IMG=$OURS_IMG REF_IO=$OURS_IO
+else
+    REF_IMG=$PEER_IMG REF_IO=$PEER_IO
+fi
+
+for b in "$OURS_IMG" "$OURS_IO" "$PEER_IMG" "$PEER_IO" /usr/bin/time; do
+    [ -x "$b" ] || { echo "bench: $b missing (run make bench)" >&2; exit 1; }
+done
+
+CONTENDERS="ours peer qcow2 raw"
+img_of()  { case $1 in ours) echo "$OURS_IMG";; peer) echo "$PEER_IMG";; *) echo "$REF_IMG";; esac; }
+io_of()   { case $1 in ours) echo "$OURS_IO";;  peer) echo "$PEER_IO";;  *) echo "$REF_IO";;  esac; }
+fmt_of()  { case $1 in ours|peer) echo qed;; *) echo "$1";; esac; }
+
+mkdir -p "$BENCH_DIR/static" "$BENCH_DIR/run"
+RUN=$BENCH_DIR/run
+STATIC=$BENCH_DIR/static
+RESULTS=$BENCH_DIR/results.tsv
+LOG=$BENCH_DIR/bench.log
+rm -f "$RUN"/* "$RESULTS"
+: > "$LOG"
+printf 'workload\tcontender\trep\tseconds\twall\tmode\n' > "$RESULTS"
+
+FSTYPE=$(df -T "$BENCH_DIR" | awk 'NR==2 {print $2}')
+if [ "$FSTYPE" = tmpfs ]; then
+    echo "bench: $BENCH_DIR is on tmpfs; set BENCH_DIR to a folder on a real disk" >&2
+    exit 1
+fi
+
+log() { echo "$*" >> "$LOG"; }
+wants() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+
+# --- cache mode: O_DIRECT with native AIO, or writeback where it is refused ---
+DIRECT=1
+"$PEER_IMG" create -q -f raw "$RUN/probe" 1M >>"$LOG" 2>&1
+if ! "$PEER_IMG" bench -q -c 1 -t none -i native -f raw "$RUN/probe" >>"$LOG" 2>&1 ||
+   ! "$OURS_IMG" bench -q -c 1 -t none -i native -f raw "$RUN/probe" >>"$LOG" 2>&1; then
+    DIRECT=0
+fi
+rm -f "$RUN/probe"
+# Per contender+workload override after a failure under O_DIRECT (see run_bench).
+declare -A FORCE_WB=()
+
+bench_mode()   { if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$1]:-}" ]; then echo "-t none -i native"; else echo "-t writeback"; fi; }
+mode_name()    { if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$1]:-}" ]; then echo "none/native"; else echo "writeback"; fi; }
+io_mode()      { if [ "$DIRECT" = 1 ]; then echo "-t none -i native"; else echo "-t writeback"; fi; }
+check_mode()   { if [ "$DIRECT" = 1 ]; then echo "-T none"; else echo "-T writeback"; fi; }
+convert_mode() { if [ "$DIRECT" = 1 ]; then echo "-t none -T none"; else echo "-t writeback -T writeback"; fi; }
+GLOBAL_MODE=$([ "$DIRECT" = 1 ] && echo "none/native" || echo "writeback")
+
+echo "bench: dir $BENCH_DIR ($FSTYPE), $REPS repetitions ($SLOW_REPS for big scatter, check, dirty open)"
+echo "bench: qcow2 and raw run with $([ "$BENCH_REF" = ours ] && echo "our build" || echo "the peer ($PEER_IMG)")"
+if [ "$DIRECT" = 1 ]; then
+    echo "bench: cache mode -t none -i native (O_DIRECT)"
+else
+    echo "bench: O_DIRECT refused here: falling back to -t writeback for every workload"
+fi
+
+record() { # workload contender rep seconds wall mode
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >> "$RESULTS"
+}
+
+# timed CMD...: runs CMD under /usr/bin/time; sets OUT (its output), WALL, RC.
+timed() {
+    local tf; tf=$(mktemp)
+    sync
+    OUT=$(/usr/bin/time -f '%e' -o "$tf" "$@" 2>&1)
+    RC=$?
+    WALL=$(tail -n 1 "$tf")
+    rm -f "$tf"
+    log "\$ $*"; log "$OUT"; log "rc=$RC wall=$WALL"
+}
+
+# fresh_image contender path size [create args...]
+fresh_image() {
+    local c=$1 path=$2 size=$3; shift 3
+    rm -f "$path"
+    "$(img_of "$c")" create -q -f "$(fmt_of "$c")" "$@" "$path" $size >>"$LOG" 2>&1
+}
+
+# run_bench WL CONTENDER REP SIZE "CREATE ARGS" "PREP ARGS" BENCH ARGS...
+# A fresh image; PREP ARGS (if any) is an untimed qemu-img bench run first; then
+# the timed bench. If the contender fails under O_DIRECT, the failure is logged
+# and the workload runs again (and in later repetitions) with -t writeback.
+run_bench() {
+    local wl=$1 c=$2 rep=$3 size=$4 cargs=$5 prep=$6; shift 6
+    local img; img=$(img_of "$c")
+    local fmt; fmt=$(fmt_of "$c")
+    local path=$RUN/$wl.$c.$fmt
+    local key=$c:$wl attempt
+    for attempt in 1 2; do
+        # shellcheck disable=SC2086
+        fresh_image "$c" "$path" "$size" $cargs
+        if [ -n "$prep" ]; then
+            # shellcheck disable=SC2086
+            "$img" bench -q -w $(bench_mode "$key") -f "$fmt" $prep "$path" >>"$LOG" 2>&1
+        fi
+        # shellcheck disable=SC2046
+        timed "$img" bench $(bench_mode "$key") -f "$fmt" "$@" "$path"
+        local secs
+        secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$OUT")
+        if [ "$RC" = 0 ] && [ -n "$secs" ]; then
+            record "$wl" "$c" "$rep" "$secs" "$WALL" "$(mode_name "$key")"
+            printf '  %-14s %-6s rep %s: %8.3f s\n' "$wl" "$c" "$rep" "$secs"
+            return 0
+        fi
+        local why; why=$(grep -v '^Sending' <<<"$OUT" | tail -n 1)
+        echo "  $wl $c rep $rep: FAILED ($(mode_name "$key")): $why"
+        echo "    command: $img bench $(bench_mode "$key") -f $fmt $* $path"
+        record "$wl" "$c" "$rep" "FAIL" "$WALL" "$(mode_name "$key"): ${why//$'\t'/ }"
+        if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$key]:-}" ]; then
+            FORCE_WB[$key]=1
+            echo "    retrying with -t writeback (and in later repetitions)"
+        else
+            return 1
+        fi
+    done
+}
+
+# --- data that never changes: created once, reused by later runs ---
+BACKING=$STATIC/backing-1g.raw      # 1 GiB, all data
+HALF=$STATIC/half-2g.raw            # 2 GiB, 64 MiB data / 64 MiB hole
+if ! "$PY" scripts/bench.py mkdata-ok "$BACKING" full ||
+   ! "$PY" scripts/bench.py mkdata-ok "$HALF" half; then
+    echo "bench: creating the backing file and the convert source in $STATIC"
+    "$PY" scripts/bench.py mkdata "$BACKING" full
+    "$PY" scripts/bench.py mkdata "$HALF" half
+    sync
+fi
+
+G=$((1024 * 1024 * 1024))
+
+for rep in $(seq 1 "$REPS"); do
+    echo "== repetition $rep of $REPS"
+
+    # 1. seqalloc: 1 GiB of 64 KiB writes on a fresh 4 GiB image, depth 1 and 32
+    for d in 1 32; do
+        wants seqalloc-d$d || continue
+        for c in $CONTENDERS; do
+            run_bench seqalloc-d$d "$c" "$rep" 4G "" "" -w -c 16384 -s 65536 -d $d
+            rm -f "$RUN"/*
+        done
+    done
+
+    # 2. scatter: 8,192 4 KiB writes on a fresh 64 GiB image, step 2 GiB - 64 KiB
+    for d in 1 32; do
+        wants scatter-d$d || continue
+        for c in $CONTENDERS; do
+            run_bench scatter-d$d "$c" "$rep" 64G "" "" -w -c 8192 -s 4096 -S $((2 * G - 65536)) -d $d
+            rm -f "$RUN"/*
+        done
+    done
+
+    # 3. big scatter: 65,536 4 KiB writes on a fresh 1 TiB image,
+    #    step 2 GiB - 448 KiB, depth 32; then 7. check and dirty open of it.
+    if [ "$rep" -le "$SLOW_REPS" ] && { wants bigscatter || wants check || wants dirty-open; }; then
+        for c in $CONTENDERS; do
+            run_bench bigscatter "$c" "$rep" 1T "" "" -w -c 65536 -s 4096 -S $((2 * G - 458752)) -d 32
+        done
+        if wants check; then
+            for c in ours peer qcow2; do
+                f=$(fmt_of "$c"); p=$RUN/bigscatter.$c.$f
+                [ -f "$p" ] || continue
+                # shellcheck disable=SC2046
+                timed "$(img_of "$c")" check $(check_mode) -f "$f" "$p"
+                note=$GLOBAL_MODE
+                [ "$RC" = 0 ] || { note="$note; exit $RC"; echo "  check $c: exit $RC (see $LOG)"; }
+                record check "$c" "$rep" "$WALL" "$WALL" "$note"
+                printf '  %-14s %-6s rep %s: %8.3f s\n' check "$c" "$rep" "$WALL"
+            done
+        fi
+        if wants dirty-open; then
+            for c in ours peer qcow2; do
+                f=$(fmt_of "$c"); p=$RUN/bigscatter.$c.$f
+                [ -f "$p" ] || continue
+                "$PY" scripts/bench.py mark-dirty "$f" "$p"
+                # qemu-io opens read-write: a dirty image is checked and
+                # repaired on open.
+                # shellcheck disable=SC2046
+                timed "$(io_of "$c")" $(io_mode) -f "$f" -c 'read 0 512' "$p"
+                note=$GLOBAL_MODE
+                [ "$RC" = 0 ] || { note="$note; exit $RC"; echo "  dirty-open $c: exit $RC (see $LOG)"; }
+                if "$PY" scripts/bench.py is-dirty "$f" "$p"; then
+                    note="$note; still marked dirty after close"
+                    echo "  dirty-open $c: image still marked dirty after close"
+                fi
+                record dirty-open "$c" "$rep" "$WALL" "$WALL" "$note"
+                printf '  %-14s %-6s rep %s: %8.3f s\n' dirty-open "$c" "$rep" "$WALL"
+            done
+        fi
+        rm -f "$RUN"/*
+    fi
+
+    # 4. rewrite: 1 GiB of 64 KiB writes over allocated clusters, depth 32
+    #    (the first GiB of a fresh 4 GiB image, filled first, untimed)
+    if wants rewrite; then
+        for c in $CONTENDERS; do
+            run_bench rewrite "$c" "$rep" 4G "" "-c 16384 -s 65536 -d 32" -w -c 16384 -s 65536 -d 32
+            rm -f "$RUN"/*
+        done
+    fi
+
+    # 5. read: 1 GiB of 4 KiB reads over allocated clusters, depth 32
+    if wants read; then
+        for c in $CONTENDERS; do
+            run_bench read "$c" "$rep" 4G "" "-c 16384 -s 65536 -d 32" -c 262144 -s 4096 -d 32
+            rm -f "$RUN"/*
+        done
+    fi
+
+    # 6. backing COW: 16,384 4 KiB writes, step 64 KiB, over a 1 GiB raw
+    #    backing file full of data, depth 32 (raw has no overlay)
+    if wants cow; then
+        for c in ours peer qcow2; do
+            run_bench cow "$c" "$rep" "" "-b $BACKING -F raw" "" -w -c 16384 -s 4096 -S 65536 -d 32
+            rm -f "$RUN"/*
+        done
+    fi
+
+    # 8. convert of a 2 GiB raw image half full of data (to each format)
+    if wants convert; then
+        for c in $CONTENDERS; do
+            f=$(fmt_of "$c"); p=$RUN/convert.$c.$f
+            rm -f "$p"
+            # shellcheck disable=SC2046
+            timed "$(img_of "$c")" convert $(convert_mode) -f raw -O "$f" "$HALF" "$p"
+            note=$GLOBAL_MODE
+            if [ "$RC" != 0 ]; then
+                echo "  convert $c: FAILED: $(tail -n 1 <<<"$OUT")"
+                record convert "$c" "$rep" FAIL "$WALL" "$note: $(tail -n 1 <<<"$OUT")"
+            else
+                record convert "$c" "$rep" "$WALL" "$WALL" "$note"
+                printf '  %-14s %-6s rep %s: %8.3f s\n' convert "$c" "$rep" "$WALL"
+            fi
+            rm -f "$RUN"/*
+        done
+    fi
+done
+
+[ -n "${BENCH_KEEP:-}" ] || rm -f "$RUN"/*
+
+T_END=$(date +%s)
+DOCS_ARGS=()
+[ -n "${BENCH_NO_DOCS:-}" ] || DOCS_ARGS=(--docs "$ROOT/docs")
+"$PY" scripts/bench.py report "$RESULTS" \
+    --bench-dir "$BENCH_DIR" --reps "$REPS" --slow-reps "$SLOW_REPS" \
+    --ref "$BENCH_REF" --mode "$GLOBAL_MODE" --runtime $((T_END - T_START)) \
+    --ours "$OURS_IMG" --peer "$PEER_IMG" "${DOCS_ARGS[@]}"
