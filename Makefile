@@ -3,6 +3,8 @@
 #   make            install build deps, prepare the base once, build
 #   make demo       build, then show QED working
 #   make check      build, then run the iotests over QED (see README.md)
+#   make check-long the crash test's long run (240 kills)
+#   make bench      build, then time our QED against the original, qcow2, raw
 #
 # The base (Debian bookworm's qemu source) lives in .base/, never in git.
 
@@ -12,7 +14,7 @@ BINARIES  := qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon \
              qemu-system-x86_64
 PATCHES   := $(wildcard patches/*.patch)
 
-.PHONY: all deps base build demo check check-quick clean distclean
+.PHONY: all deps base build demo check check-quick bench clean distclean
 
 all: build
 
@@ -37,9 +39,36 @@ demo: build
 check: build
 	@./scripts/run-iotests.sh
 
+# The crash test's full run: 240 SIGKILLs instead of the 20 of make check.
+check-long: build
+	@QED_CRASH_LOOPS=240 ./scripts/run-iotests.sh --ours qed-crash-kill
+
 # Only our own iotests, for a fast edit-test loop.
 check-quick: build
 	@./scripts/run-iotests.sh --ours
+
+# The benchmark of issue 8 (never part of `make check`): writes
+# docs/benchmarks.md and docs/benchmarks.png. BENCH_REPS, BENCH_DIR, ... : see
+# scripts/bench.sh.
+bench: build
+	@./scripts/install-bench-deps.sh
+	@./scripts/bench.sh
+
+# Install the fork's binaries under $(PREFIX)/bin (default /usr/local/bin).
+# Never over the distribution's QEMU: PREFIX=/usr (or /) is refused.  The
+# installed qemu-system-x86_64 finds its firmware where Debian's packages put
+# it (the build is configured with that firmware path).
+PREFIX ?= /usr/local
+.PHONY: install
+install: build
+	@case "$(abspath $(DESTDIR)$(PREFIX))" in \
+	    /usr|/) echo "make install: PREFIX=$(PREFIX) would overwrite the distribution's QEMU in /usr/bin; choose another PREFIX" >&2; exit 1 ;; \
+	esac
+	@install -d "$(DESTDIR)$(PREFIX)/bin"
+	@for b in $(BINARIES); do \
+	    install -m 0755 "$(BUILD)/$$b" "$(DESTDIR)$(PREFIX)/bin/" || exit 1; \
+	    echo "installed $(DESTDIR)$(PREFIX)/bin/$$(basename $$b)"; \
+	done
 
 clean:
 	@[ ! -d $(BUILD) ] || ninja -C $(BUILD) clean

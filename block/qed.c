@@ -241,6 +241,8 @@ static int coroutine_fn qed_set_need_check(BDRVQEDState *s)
  * allocation that starts meanwhile finds need_check_ready false and waits
  * for header_lock before its table update, then sets the bit again.
  */
+static void qed_cancel_timer(BDRVQEDState *s);
+
 static int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
 {
     QEDHeader h;
@@ -264,6 +266,8 @@ static int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
         if (ret == 0) {
             s->header = h;
             trace_qed_need_check_clear(s);
+            /* Armed meanwhile by an allocation that has landed: no need */
+            qed_cancel_timer(s);
         }
     }
     qemu_co_mutex_unlock(&s->header_lock);

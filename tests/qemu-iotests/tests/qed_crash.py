@@ -42,6 +42,9 @@
 #    either that or round C+1's value; the peer reads exactly the same
 #    bytes.  The model then takes the contents read.
 #
+# The binaries are copied into DIR first, so that a long run tests one build
+# even if the tree is rebuilt meanwhile.
+#
 # Output: a deterministic summary on stdout (failures say what, where, the
 # seed and how to replay); details of every crash go to DIR/qed-crash.log.
 #
@@ -109,8 +112,10 @@ class Crash:
         self.args = args
         self.log = log
         self.rng = random.Random(args.seed)
-        self.qemu_io = os.environ.get('QEMU_IO_PROG', 'qemu-io')
-        self.qemu_img = os.environ.get('QEMU_IMG_PROG', 'qemu-img')
+        self.qemu_io = self.snapshot(os.environ.get('QEMU_IO_PROG',
+                                                    'qemu-io'))
+        self.qemu_img = self.snapshot(os.environ.get('QEMU_IMG_PROG',
+                                                     'qemu-img'))
         self.peer_img = os.environ.get('PEER_QEMU_IMG', '/usr/bin/qemu-img')
         w = args.workdir
         self.cmds = os.path.join(w, 'crash-cmds.txt')
@@ -141,6 +146,24 @@ class Crash:
         finally:
             if os.path.exists(probe):
                 os.remove(probe)
+
+    def snapshot(self, prog: str) -> str:
+        """A private copy of a binary under test, so that a long run keeps
+        testing one build even if the tree is rebuilt meanwhile"""
+        path = shutil.which(prog)
+        if path is None:
+            raise Failure(f'{prog} not found')
+        copy = os.path.join(self.args.workdir, 'bin', os.path.basename(path))
+        os.makedirs(os.path.dirname(copy), exist_ok=True)
+        for _ in range(60):
+            try:
+                shutil.copy2(path, copy)
+                if run([copy, '--version']).returncode == 0:
+                    return copy
+            except OSError:
+                pass
+            time.sleep(1)       # being rebuilt right now?
+        raise Failure(f'cannot run a copy of {path}')
 
     def count(self, what: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1
@@ -447,6 +470,8 @@ class Crash:
             for f in (c.img, c.back, self.pre, self.cmds, self.out):
                 if os.path.exists(f):
                     os.remove(f)
+        shutil.rmtree(os.path.join(self.args.workdir, 'bin'),
+                      ignore_errors=True)
         self.log.write('\n' + ''.join(f'{k}: {v}\n'
                                       for k, v in sorted(self.stats.items())))
         print(f'{len(self.cases)} cases: cluster_size 4 KiB and 64 KiB, '
