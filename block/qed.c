@@ -319,14 +319,15 @@ static void qed_start_clear(BDRVQEDState *s)
     aio_co_enter(bdrv_get_aio_context(s->bs), co);
 }
 
-static void qed_arm_timer(BDRVQEDState *s);
-
 static void qed_need_check_timer_cb(void *opaque)
 {
     BDRVQEDState *s = opaque;
 
     if (qatomic_read(&s->bs->quiesce_counter) > 0) {
-        /* No I/O of ours inside a drained section: drain_end re-arms */
+        /* No I/O of ours inside a drained section: look again later */
+        timer_mod(s->need_check_timer,
+                  qemu_clock_get_ns(QEMU_CLOCK_REALTIME) +
+                  NANOSECONDS_PER_SECOND);
         return;
     }
     trace_qed_timer_fire(s);
@@ -396,15 +397,6 @@ static void coroutine_fn qed_co_drain_begin(BlockDriverState *bs)
          qed_allocs_in_flight(s))) {
         qed_cancel_timer(s);
         qed_start_clear(s);
-    }
-}
-
-static void coroutine_fn qed_co_drain_end(BlockDriverState *bs)
-{
-    BDRVQEDState *s = bs->opaque;
-
-    if (s->allocating_writes == 0 && !s->timer_running) {
-        qed_arm_timer(s);
     }
 }
 
@@ -1478,6 +1470,19 @@ static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
     if (!qed_claim(s, alloc, start, end, gen)) {
         g_free(alloc);
         return 0;
+    }
+
+    /*
+     * The table update that follows must find NEED_CHECK on disk (crash
+     * ordering 4).  Setting it here, before the write is acknowledged,
+     * also keeps the header honest for whoever looks at it once the write
+     * has returned; it costs one header write and flush per dirty period.
+     */
+    ret = qed_set_need_check(s);
+    if (ret < 0) {
+        qed_release(s, alloc);
+        g_free(alloc);
+        return ret;
     }
 
     ret = qed_alloc_file_space(s, end - start);
@@ -2564,7 +2569,6 @@ static BlockDriver bdrv_qed = {
     .bdrv_detach_aio_context    = qed_detach_aio_context,
     .bdrv_attach_aio_context    = qed_attach_aio_context,
     .bdrv_co_drain_begin        = qed_co_drain_begin,
-    .bdrv_co_drain_end          = qed_co_drain_end,
 };
 
 static void bdrv_qed_init(void)

@@ -106,6 +106,14 @@ skipped=0
 failed_names=("${missing[@]}")
 skipped_names=()
 
+# A private scratch folder: the default one lies under .base/, whose dot
+# makes some base tests refuse to run, and another run may be using it.
+if [ -z "${TEST_DIR:-}" ]; then
+    TEST_DIR=$(mktemp -d /tmp/qed-iotests-XXXXXXXX)
+    export TEST_DIR
+    own_test_dir=1
+fi
+
 if [ ${#runnable[@]} -gt 0 ]; then
     out=$(mktemp)
     trap 'rm -f "$out"' EXIT
@@ -160,6 +168,13 @@ if [ ${#runnable[@]} -gt 0 ]; then
     done
 fi
 
+if [ -n "${own_test_dir:-}" ]; then
+    if [ ${#failed_names[@]} -gt 0 ]; then
+        echo "scratch files of the failed tests: $TEST_DIR"
+    else
+        rm -rf "$TEST_DIR"
+    fi
+fi
 [ ${#failed_names[@]} -gt 0 ] && echo "failed: ${failed_names[*]}"
 summary="iotests: $passed passed, $failed failed"
 [ "$skipped" -gt 0 ] && summary="$summary, $skipped skipped"
