@@ -11,16 +11,19 @@
  */
 
 #include "qemu/osdep.h"
+#include "qemu/bitmap.h"
 #include "qemu/memalign.h"
 #include "qed.h"
 
-/* Return the L2 table at @l2_offset with a reference, reading it on a miss */
+/*
+ * Return the L2 table at @l2_offset with a reference; on a miss it enters
+ * the cache empty and qed_l2_ensure() reads the chunks that are used.
+ */
 int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
                                   CachedL2Table **entry)
 {
     CachedL2Table *e;
     QEDTable *table;
-    int ret;
 
     if (!qed_check_offset(s, l2_offset, qed_table_bytes(s))) {
         qed_report_corruption(s, "L2 table offset 0x%" PRIx64 " is invalid",
@@ -35,14 +38,60 @@ int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
     }
 
     table = qed_alloc_table(s);
-    BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
-    ret = qed_read_table(s, l2_offset, table);
-    if (ret < 0) {
-        qemu_vfree(table);
-        return ret;
-    }
-    *entry = qed_l2_cache_insert(&s->l2_cache, l2_offset, table);
+    *entry = qed_l2_cache_insert(&s->l2_cache, l2_offset, table, false);
     return 0;
+}
+
+/*
+ * Make entries [first, end) of @e hold what the disk holds, reading the
+ * chunks that are not in memory yet (adjacent ones in one request).  The
+ * caller holds e->lock, so no table update of @e runs meanwhile and a
+ * chunk read from disk cannot miss an update that lands during the read.
+ */
+int coroutine_fn qed_l2_load_locked(BDRVQEDState *s, CachedL2Table *e,
+                                    unsigned int first, unsigned int end)
+{
+    unsigned int ce = s->l2_cache.chunk_entries;
+    unsigned long c = first / ce;
+    unsigned long last = (end - 1) / ce;
+
+    while (c <= last) {
+        unsigned long run_end;
+        int ret;
+
+        c = find_next_zero_bit(e->loaded, last + 1, c);
+        if (c > last) {
+            break;
+        }
+        run_end = find_next_bit(e->loaded, last + 1, c);
+        BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
+        ret = qed_read_table_entries(s, e->offset, c * ce, (run_end - c) * ce,
+                                     &e->table->offsets[c * ce]);
+        if (ret < 0) {
+            return ret;
+        }
+        bitmap_set(e->loaded, c, run_end - c);
+        c = run_end;
+    }
+    return 0;
+}
+
+/* The same, taking the lock only when something must be read */
+int coroutine_fn qed_l2_ensure(BDRVQEDState *s, CachedL2Table *e,
+                               unsigned int first, unsigned int end)
+{
+    unsigned int ce = s->l2_cache.chunk_entries;
+    unsigned long c = first / ce;
+    unsigned long last = (end - 1) / ce;
+    int ret;
+
+    if (find_next_zero_bit(e->loaded, last + 1, c) > last) {
+        return 0;
+    }
+    qemu_co_mutex_lock(&e->lock);
+    ret = qed_l2_load_locked(s, e, first, end);
+    qemu_co_mutex_unlock(&e->lock);
+    return ret;
 }
 
 static QEDExtentType qed_entry_type(uint64_t entry)
@@ -98,6 +147,17 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
             break;
         }
         ret = qed_get_l2_table(s, l2_offset, &e);
+        if (ret == 0) {
+            /* The entries this lookup may need, up to its end */
+            unsigned int i0 = qed_l2_index(s, cur);
+            uint64_t span = MIN(end, table_end) - cur;
+            unsigned int iend = i0 + DIV_ROUND_UP(span, cluster_size);
+
+            ret = qed_l2_ensure(s, e, i0, MIN(iend, s->table_nelems));
+            if (ret < 0) {
+                qed_l2_cache_unref(&s->l2_cache, e);
+            }
+        }
         if (ret < 0) {
             if (first) {
                 return ret;

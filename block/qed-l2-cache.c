@@ -13,6 +13,7 @@
  */
 
 #include "qemu/osdep.h"
+#include "qemu/bitmap.h"
 #include "qemu/memalign.h"
 #include "trace.h"
 #include "qed.h"
@@ -25,11 +26,15 @@ void qed_l2_cache_init(L2TableCache *c, unsigned int max_entries,
     c->n_entries = 0;
     c->max_entries = MAX(max_entries, 1);
     c->table_bytes = table_bytes;
+    c->chunk_entries = MIN(table_bytes, QED_L2_CHUNK_BYTES) /
+                       sizeof(uint64_t);
+    c->nchunks = table_bytes / sizeof(uint64_t) / c->chunk_entries;
 }
 
 static void qed_l2_cache_free_entry(CachedL2Table *e)
 {
     qemu_vfree(e->table);
+    g_free(e->loaded);
     g_free(e);
 }
 
@@ -103,12 +108,13 @@ CachedL2Table *qed_l2_cache_find(L2TableCache *c, uint64_t offset)
 }
 
 /*
- * Add @table, read from @offset, taking ownership of it, and return the
- * entry with a reference taken.  If another reader inserted the same table
- * meanwhile, @table is freed and that entry returned instead.
+ * Add @table, the table at @offset, taking ownership of it, and return the
+ * entry with a reference taken.  @loaded says whether @table holds all of
+ * the disk's entries already; if not, its chunks are read as needed.  If
+ * the cache has the table already, @table is freed and that entry returned.
  */
 CachedL2Table *qed_l2_cache_insert(L2TableCache *c, uint64_t offset,
-                                   QEDTable *table)
+                                   QEDTable *table, bool loaded)
 {
     CachedL2Table *e = qed_l2_cache_find(c, offset);
 
@@ -121,6 +127,11 @@ CachedL2Table *qed_l2_cache_insert(L2TableCache *c, uint64_t offset,
     e->table = table;
     e->offset = offset;
     e->ref = 1;
+    e->loaded = bitmap_new(c->nchunks);
+    if (loaded) {
+        bitmap_set(e->loaded, 0, c->nchunks);
+    }
+    qemu_co_mutex_init(&e->lock);
     g_hash_table_insert(c->by_offset, &e->offset, e);
     QTAILQ_INSERT_HEAD(&c->lru, e, lru);
     c->n_entries++;

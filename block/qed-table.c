@@ -63,6 +63,24 @@ int coroutine_fn qed_read_tables(BDRVQEDState *s, uint64_t offset,
     return ret;
 }
 
+/* Read entries [first, first + n) of the table at @table_offset */
+int coroutine_fn qed_read_table_entries(BDRVQEDState *s,
+                                        uint64_t table_offset,
+                                        unsigned int first, unsigned int n,
+                                        uint64_t *entries)
+{
+    int ret;
+
+    assert(n > 0 && first + n <= s->table_nelems);
+    trace_qed_read_table(s, table_offset + first * sizeof(uint64_t), n);
+    ret = bdrv_co_pread(s->bs->file, table_offset + first * sizeof(uint64_t),
+                        n * sizeof(uint64_t), entries, 0);
+    if (ret == 0) {
+        qed_table_to_cpu(entries, n);
+    }
+    return ret;
+}
+
 int coroutine_fn qed_read_table(BDRVQEDState *s, uint64_t offset,
                                 QEDTable *table)
 {

@@ -1244,7 +1244,7 @@ static int coroutine_fn qed_commit_new_l2(BDRVQEDState *s,
         qemu_vfree(table);
         return ret;
     }
-    e = qed_l2_cache_insert(&s->l2_cache, l2_offset, table);
+    e = qed_l2_cache_insert(&s->l2_cache, l2_offset, table, true);
     qed_l2_cache_unref(&s->l2_cache, e);
     return 0;
 }
@@ -1293,6 +1293,14 @@ static int coroutine_fn qed_commit_l2(BDRVQEDState *s, QEDTableUpdate *upd,
         return ret;
     }
 
+    /* No chunk of this table is read from disk while it changes there */
+    qemu_co_mutex_lock(&e->lock);
+    ret = qed_l2_load_locked(s, e, first, end);
+    if (ret < 0) {
+        qemu_co_mutex_unlock(&e->lock);
+        qed_l2_cache_unref(&s->l2_cache, e);
+        return ret;
+    }
     entries = g_memdup2(&e->table->offsets[first],
                         (end - first) * sizeof(uint64_t));
     qed_batch_apply(batch, entries, first);
@@ -1302,13 +1310,13 @@ static int coroutine_fn qed_commit_l2(BDRVQEDState *s, QEDTableUpdate *upd,
     if (ret == 0) {
         /* Writethrough: the cache changes only once the disk has */
         qed_batch_apply(batch, e->table->offsets, 0);
-        qed_l2_cache_unref(&s->l2_cache, e);
         s->l2_gen++;
     } else {
         /* The disk may hold part of the update: forget the cached copy */
-        qed_l2_cache_unref(&s->l2_cache, e);
         qed_l2_cache_drop(&s->l2_cache, l2_offset);
     }
+    qemu_co_mutex_unlock(&e->lock);
+    qed_l2_cache_unref(&s->l2_cache, e);
     g_free(entries);
     return ret;
 }

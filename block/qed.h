@@ -88,12 +88,20 @@ typedef struct QEDTable {
     uint64_t offsets[0];
 } QEDTable;
 
+/*
+ * A cached L2 table is read from disk in chunks of this size, as lookups
+ * need them: a miss costs one small read, not a whole table.
+ */
+#define QED_L2_CHUNK_BYTES 4096
+
 /* One L2 table held by the cache */
 typedef struct CachedL2Table {
     QEDTable *table;
     uint64_t offset;        /* file offset of the table */
     int ref;                /* users; never freed while > 0 */
     bool dropped;           /* no longer in the cache, freed at last unref */
+    unsigned long *loaded;  /* chunks of table that hold the disk's entries */
+    CoMutex lock;           /* held to load chunks, and by a table update */
     QTAILQ_ENTRY(CachedL2Table) lru;    /* least recently used at the tail */
 } CachedL2Table;
 
@@ -103,6 +111,8 @@ typedef struct L2TableCache {
     unsigned int n_entries;
     unsigned int max_entries;
     size_t table_bytes;
+    unsigned int chunk_entries;         /* entries in one chunk */
+    unsigned int nchunks;               /* chunks in one table */
 } L2TableCache;
 
 /* What a range of the virtual disk maps to */
@@ -243,6 +253,10 @@ int coroutine_fn qed_write_table_sectors(BDRVQEDState *s,
                                          uint64_t table_offset,
                                          unsigned int first, unsigned int n,
                                          const uint64_t *entries);
+int coroutine_fn qed_read_table_entries(BDRVQEDState *s,
+                                        uint64_t table_offset,
+                                        unsigned int first, unsigned int n,
+                                        uint64_t *entries);
 int coroutine_fn qed_read_l1_table(BDRVQEDState *s);
 int coroutine_fn qed_write_l1_table(BDRVQEDState *s, QEDTable *l1,
                                     unsigned int index, unsigned int n);
@@ -255,7 +269,7 @@ void qed_l2_cache_init(L2TableCache *c, unsigned int max_entries,
 void qed_l2_cache_destroy(L2TableCache *c);
 CachedL2Table *qed_l2_cache_find(L2TableCache *c, uint64_t offset);
 CachedL2Table *qed_l2_cache_insert(L2TableCache *c, uint64_t offset,
-                                   QEDTable *table);
+                                   QEDTable *table, bool loaded);
 void qed_l2_cache_unref(L2TableCache *c, CachedL2Table *entry);
 void qed_l2_cache_drop(L2TableCache *c, uint64_t offset);
 void qed_l2_cache_clear(L2TableCache *c);
@@ -264,6 +278,10 @@ void qed_l2_cache_set_max(L2TableCache *c, unsigned int max_entries);
 /* qed-cluster.c */
 int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
                                   CachedL2Table **entry);
+int coroutine_fn qed_l2_load_locked(BDRVQEDState *s, CachedL2Table *e,
+                                    unsigned int first, unsigned int end);
+int coroutine_fn qed_l2_ensure(BDRVQEDState *s, CachedL2Table *e,
+                               unsigned int first, unsigned int end);
 int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
                                  uint64_t bytes, QEDExtent *ext);
 

@@ -108,8 +108,9 @@ skipped_names=()
 
 # A private scratch folder: the default one lies under .base/, whose dot
 # makes some base tests refuse to run, and another run may be using it.
+# (No "qed" in its name: the tests' filters replace the format's name.)
 if [ -z "${TEST_DIR:-}" ]; then
-    TEST_DIR=$(mktemp -d /tmp/qed-iotests-XXXXXXXX)
+    TEST_DIR=$(mktemp -d /tmp/iotests-XXXXXXXX)
     export TEST_DIR
     own_test_dir=1
 fi
