@@ -22,6 +22,7 @@
 #include "qapi/qapi-visit-block-core.h"
 #include "qapi/qobject-input-visitor.h"
 #include "qapi/qmp/qdict.h"
+#include "qemu/bitmap.h"
 #include "qemu/bswap.h"
 #include "qemu/error-report.h"
 #include "qemu/main-loop.h"
@@ -36,8 +37,13 @@
 
 #define QED_OPT_L2_CACHE_SIZE "l2-cache-size"
 
-/* Default L2 cache: enough tables to map this much of the virtual disk */
-#define QED_DEFAULT_L2_CACHE_COVERAGE (256 * GiB)
+/*
+ * Default L2 cache: enough tables to map this much of the virtual disk,
+ * within a memory bound.  Tables are read in chunks as they are used, so a
+ * miss costs a small read whatever the table size.
+ */
+#define QED_DEFAULT_L2_CACHE_COVERAGE (1 * TiB)
+#define QED_DEFAULT_L2_CACHE_MAX (128 * MiB)
 #define QED_MIN_L2_CACHE_TABLES 64
 
 /* A failed deferred table update is tried this often before it is lost */
@@ -477,7 +483,8 @@ static unsigned int qed_parse_cache_tables(BDRVQEDState *s, QDict *options,
         qemu_opts_del(opts);
         return 0;
     }
-    tables = QED_DEFAULT_L2_CACHE_COVERAGE >> s->l1_shift;
+    tables = MIN(QED_DEFAULT_L2_CACHE_COVERAGE >> s->l1_shift,
+                 QED_DEFAULT_L2_CACHE_MAX / table_bytes);
     tables = MAX(tables, QED_MIN_L2_CACHE_TABLES);
     bytes = qemu_opt_get_size(opts, QED_OPT_L2_CACHE_SIZE,
                               tables * table_bytes);
@@ -1212,16 +1219,23 @@ static int coroutine_fn qed_commit_new_l2(BDRVQEDState *s,
                                           QEDPendingList *batch)
 {
     QEDPendingEntry l1_entry = { .index = upd->l1_index, .n = 1 };
-    unsigned int first, end;
+    unsigned int first, end, ce, c0, c1;
     uint64_t l2_offset;
     QEDTable *table;
     CachedL2Table *e;
     int ret;
 
-    table = qed_alloc_table(s);
-    memset(table, 0, qed_table_bytes(s));
-    qed_batch_apply(batch, table->offsets, 0);
+    /*
+     * Only the chunks that hold the batch are filled in memory (and only
+     * they count as loaded): the rest is zeros on disk, read if used.
+     */
     qed_batch_range(batch, s->table_nelems, &first, &end);
+    ce = s->l2_cache.chunk_entries;
+    c0 = first / ce;
+    c1 = DIV_ROUND_UP(end, ce);
+    table = qed_alloc_table(s);
+    memset(&table->offsets[c0 * ce], 0, (c1 - c0) * ce * sizeof(uint64_t));
+    qed_batch_apply(batch, table->offsets, 0);
 
     l2_offset = qed_alloc_file_space(s, qed_table_bytes(s));
     trace_qed_alloc_l2(s, upd->l1_index, l2_offset);
@@ -1244,7 +1258,10 @@ static int coroutine_fn qed_commit_new_l2(BDRVQEDState *s,
         qemu_vfree(table);
         return ret;
     }
-    e = qed_l2_cache_insert(&s->l2_cache, l2_offset, table, true);
+    e = qed_l2_cache_insert(&s->l2_cache, l2_offset, table, false);
+    if (e->table == table) {
+        bitmap_set(e->loaded, c0, c1 - c0);
+    }
     qed_l2_cache_unref(&s->l2_cache, e);
     return 0;
 }
