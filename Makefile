@@ -21,12 +21,14 @@ all: build
 deps:
 	@./scripts/install-deps.sh
 
-# Re-prepared from scratch when our patches to the base change.
-$(BASE)/.prepared: $(PATCHES) scripts/prepare-base.sh | deps
-	@rm -f $(BASE)/.prepared
+# Re-prepared from scratch when our patches to the base change
+# (prepare-base.sh keeps the same stamp).
+STAMP     := .base/.prepared
+$(STAMP): $(PATCHES) scripts/prepare-base.sh | deps
+	@rm -f $(STAMP)
 	@./scripts/prepare-base.sh
 
-base: deps $(BASE)/.prepared
+base: deps $(STAMP)
 
 # Concurrent builds in one tree would trip over each other: take a lock.
 build: base
