@@ -168,6 +168,8 @@ def read_results(path):
             except ValueError:
                 pass
             r["modes"].add(mode.split(";")[0])
+            for note in mode.split(";")[1:]:
+                r.setdefault("notes", []).append("rep %s: %s" % (rep, note.strip()))
     return res
 
 
@@ -178,7 +180,7 @@ def med(r):
 def fmt_s(v):
     if v is None:
         return "-"
-    return "%.3f" % v if v < 10 else "%.2f" % v if v < 100 else "%.1f" % v
+    return "%.3f" % v if v < 1 else "%.2f" % v if v < 100 else "%.1f" % v
 
 
 def cell(r, mode, wall=False):
@@ -218,6 +220,7 @@ def machine(bench_dir):
         for line in f:
             if line.startswith("MemTotal:"):
                 mem = "%.1f GiB" % (int(line.split()[1]) / 1024 / 1024)
+    opts = sh("findmnt", "-no", "OPTIONS", "-T", bench_dir).strip()
     df = sh("df", "-T", bench_dir).splitlines()
     fs = df[1].split()[1] if len(df) > 1 else "?"
     dev = df[1].split()[0] if len(df) > 1 else "?"
@@ -227,6 +230,7 @@ def machine(bench_dir):
         "cpu": cpu,
         "kernel": platform.release(),
         "fs": "%s (%s, bench dir %s)" % (fs, dev, bench_dir),
+        "opts": opts or "?",
         "load": "%.2f %.2f %.2f" % os.getloadavg(),
     }
 
@@ -235,6 +239,19 @@ def version(binary):
     out = subprocess.run([binary, "--version"], capture_output=True, text=True,
                          check=False).stdout
     return out.splitlines()[0] if out else "?"
+
+
+def build_type(binary):
+    import json
+    intro = os.path.join(os.path.dirname(binary), "meson-info",
+                         "intro-buildoptions.json")
+    try:
+        with open(intro) as f:
+            o = {x["name"]: x["value"] for x in json.load(f)}
+        return "meson buildtype %s, -O%s" % (o.get("buildtype"),
+                                             o.get("optimization"))
+    except (OSError, ValueError, KeyError):
+        return "?"
 
 
 def git_rev(root):
@@ -278,7 +295,7 @@ def md_table(head, rows):
     return "\n".join(out)
 
 
-def evaluate(res):
+def evaluate(res, mode):
     out = []
     for text, wl, other, limit in TARGETS:
         r = ratio(res, wl, other)
@@ -286,6 +303,8 @@ def evaluate(res):
             verdict = "n/a"
         else:
             verdict = "met" if r <= limit else "**missed**"
+            if any(res[(wl, c)]["modes"] - {mode} for c in ("ours", other)):
+                verdict += " †"
         out.append((text, "-" if r is None else "%.2f" % r,
                     "%.2f" % limit, verdict))
     out.append(("the crash guarantees of the integrity and reliability issues",
@@ -294,10 +313,16 @@ def evaluate(res):
 
 
 def chart(res, png):
+    """Bars of ours/contender from 1 (down = ours faster), log scale, with the
+    targets of issue 8 as black dashes over the bars they apply to."""
     gp = shutil.which("gnuplot")
     if not gp:
         print("bench: gnuplot missing, no chart", file=sys.stderr)
         return False
+    limits = {}
+    for _, wl, other, limit in TARGETS:
+        k = (wl, other)
+        limits[k] = min(limit, limits.get(k, limit))
     with tempfile.TemporaryDirectory() as tmp:
         dat = os.path.join(tmp, "ratios.dat")
         n = 0
@@ -306,31 +331,52 @@ def chart(res, png):
                 rs = [ratio(res, wl, o) for o in OTHERS]
                 if all(r is None for r in rs):
                     continue
+                ts = [limits.get((wl, o)) if r is not None else None
+                      for o, r in zip(OTHERS, rs)]
+                f.write('%d "%s" %s %s\n' % (n, label[2:], " ".join(
+                    "-" if r is None else "%.4f" % r for r in rs), " ".join(
+                    "-" if t is None else "%.4f" % t for t in ts)))
                 n += 1
-                f.write('"%s" %s\n' % (label[2:], " ".join(
-                    "-" if r is None else "%.4f" % r for r in rs)))
         if n == 0:
             return False
+        series = []
+        colors = ["#d95f02", "#1b9e77", "#7570b3"]
+        names = ["ours / peer QED", "ours / qcow2", "ours / raw"]
+        for i in range(3):
+            off = (i - 1) * 0.27
+            col = 3 + i
+            clip = "(clip(column(%d)))" % col
+            series.append(
+                '"{dat}" using ($1+{off}):(1):($1+{off}-0.12):($1+{off}+0.12):'
+                '(1<{c}?1:{c}):(1<{c}?{c}:1) with boxxyerror fs solid 0.85 '
+                'border -1 lc rgb "{color}" title "{name}"'.format(
+                    dat=dat, off=off, c=clip, color=colors[i], name=names[i]))
+            series.append(
+                '"{dat}" using ($1+{off}):({c}*(1<{c}?1.12:0.89)):'
+                '(sprintf("%.2f", column({col}))) with labels font ",8" '
+                'notitle'.format(dat=dat, off=off, c=clip, col=col))
+            series.append(
+                '"{dat}" using ($1+{off}):(column({t})):(0.13) with xerrorbars '
+                'pt -1 lw 3 lc rgb "black" {title}'.format(
+                    dat=dat, off=off, t=6 + i,
+                    title='title "target (issue 8)"' if i == 2 else "notitle"))
         script = f"""
-set terminal pngcairo size 1200,560 font "DejaVu Sans,11"
+set terminal pngcairo size 1500,640 font "DejaVu Sans,11"
 set output "{png}"
-set title "Ours (QED) relative to each contender: time ratio, below 1 = ours faster (median of the run)"
+set title "Our QED relative to each contender: time ratio of medians, below 1 = ours faster"
 set datafile missing "-"
-set style data histogram
-set style histogram clustered gap 1
-set style fill solid 0.85 border -1
-set boxwidth 0.9
+clip(x) = x < 0.0625 ? 0.0625 : (x > 16 ? 16 : x)
 set logscale y 2
 set yrange [0.0625:16]
+set xrange [-0.6:{n - 0.4}]
 set ytics ("1/16" 0.0625, "1/8" 0.125, "1/4" 0.25, "1/2" 0.5, "1" 1, "2" 2, "4" 4, "8" 8, "16" 16)
 set grid ytics
 set ylabel "ours / contender (log scale)"
 set xtics rotate by -25 nomirror
-set key top left
-set arrow from graph 0, first 1 to graph 1, first 1 nohead lw 2 lc rgb "black"
-plot "{dat}" using 2:xtic(1) title "ours / peer QED" lc rgb "#d95f02", \\
-     "" using 3 title "ours / qcow2" lc rgb "#1b9e77", \\
-     "" using 4 title "ours / raw" lc rgb "#7570b3"
+set key top left opaque
+set arrow from graph 0, first 1 to graph 1, first 1 nohead lw 1.5 lc rgb "black"
+plot "{dat}" using 1:(1/0):xtic(2) notitle, \\
+     {", ".join(series)}
 """
         sp = os.path.join(tmp, "chart.gp")
         with open(sp, "w") as f:
@@ -340,6 +386,10 @@ plot "{dat}" using 2:xtic(1) title "ours / peer QED" lc rgb "#d95f02", \\
             print("bench: gnuplot failed:\n" + p.stderr, file=sys.stderr)
             return False
     return True
+
+
+def cut(a):
+    return a.planned_reps > a.reps or a.planned_slow_reps > a.slow_reps
 
 
 def report(a):
@@ -364,10 +414,16 @@ def report(a):
         print("FAILED %s %s %s" % (wl, c, f))
     print()
     print("Targets (issue 8), ours/contender:")
-    for text, r, lim, verdict in evaluate(res):
-        print("  %-66s %6s  (<= %s)  %s" % (text, r, lim, verdict.strip("*"))
-              if lim else "  %-66s %s" % (text, verdict))
+    for text, r, lim, verdict in evaluate(res, mode):
+        if verdict != "n/a":
+            print("  %-66s %6s  (<= %s)  %s" % (text, r, lim,
+                                              verdict.replace("*", ""))
+                  if lim else "  %-66s %s" % (text, verdict))
     print()
+    if cut(a):
+        print("bench: %d of %d repetitions, %d of %d of the slow block "
+              "(time budget %d s)" % (a.reps, a.planned_reps, a.slow_reps,
+                                      a.planned_slow_reps, a.budget))
     print("bench: %d s in the benchmark" % a.runtime)
 
     if not a.docs:
@@ -386,8 +442,8 @@ def report(a):
     md.append("## Run\n")
     md.append("- date: %s" % now)
     md.append("- tree: %s" % git_rev(root))
-    md.append("- ours: `.base/qemu/build/qemu-img` (%s), the fork's QED" %
-              version(a.ours))
+    md.append("- ours: `.base/qemu/build/qemu-img` (%s), the fork's QED, as "
+              "`make` builds it (%s)" % (version(a.ours), build_type(a.ours)))
     md.append("- peer QED: `/usr/bin/qemu-img` (%s), the original QED driver" %
               version(a.peer))
     md.append("- qcow2 and raw: run with %s" % ref)
@@ -398,7 +454,10 @@ def report(a):
         "convert `-t none -T none`" if mode == "none/native" else ""))
     md.append("- repetitions: %d, alternating the contenders within each "
               "(ours, peer, qcow2, raw, ours, ...); big scatter, check and dirty "
-              "open: %d (the slowest)" % (a.reps, a.slow_reps))
+              "open: %d (the slowest)%s" % (a.reps, a.slow_reps,
+              "; asked for %d and %d, the time budget of %d s (BENCH_BUDGET) "
+              "cut the run short" % (a.planned_reps, a.planned_slow_reps, a.budget)
+              if cut(a) else ""))
     md.append("- time in the benchmark: %d s" % a.runtime)
     md.append("")
     md.append("## Machine\n")
@@ -407,18 +466,23 @@ def report(a):
     md.append("- CPU: %s" % m["cpu"])
     md.append("- kernel: %s" % m["kernel"])
     md.append("- file system: %s" % m["fs"])
+    md.append("- mount options: %s%s" % (m["opts"], (
+        " (with `discard`, deleting an image costs seconds per GiB: that time "
+        "counts against the run's time budget, never in a figure)"
+        if "discard" in m["opts"].split(",") else "")))
     md.append("- load average at the end: %s (other jobs may have run "
               "alongside: the figures can be noisy)" % m["load"])
     md.append("")
     md.append("## Workloads\n")
     for wl, label, desc in WORKLOADS:
-        md.append("%s. **%s**: %s" % (label.split()[0], " ".join(label.split()[1:]),
-                                      desc))
+        md.append("- **%s**: %s" % (label, desc))
     md.append("\nEach runs on a fresh image (rewrite and read: the first GiB of "
               "a fresh 4 GiB image is filled first, untimed). `qemu-img bench` "
               "workloads are timed by its own \"Run completed in X seconds\" "
               "line; check, dirty open and convert by `/usr/bin/time` "
-              "(wall clock of the whole command).\n")
+              "(wall clock of the whole command); check and dirty open run "
+              "several times per repetition (they take about a second), "
+              "alternating the contenders.\n")
     md.append("## Times\n")
     md.append("Median seconds of the run, (min-max) over the repetitions; "
               "ratios are of medians, below 1 = ours faster. `-` = does not "
@@ -428,6 +492,13 @@ def report(a):
         md.append("\n† %s, %s: ran with `-t writeback` after failing under "
                   "O_DIRECT (see below); its ratio compares different cache "
                   "modes." % (wl, c))
+    notes = [(wl, c, n) for (wl, c), r in res.items() for n in r.get("notes", [])]
+    if notes:
+        md.append("\nNotes:\n")
+        for wl, c, n in notes:
+            md.append("- %s, %s, %s%s" % (wl, c, n, (
+                " (`qemu-img check` exit 3: leaked clusters)" if n == "exit 3"
+                else "")))
     if fails:
         md.append("\nFailures:\n")
         for wl, c, f in fails:
@@ -438,7 +509,7 @@ def report(a):
     md.append("\n## Targets (issue 8)\n")
     md.append("| target | ours/contender | limit | verdict |")
     md.append("|---|---:|---:|---|")
-    for text, r, lim, verdict in evaluate(res):
+    for text, r, lim, verdict in evaluate(res, mode):
         md.append("| %s | %s | %s | %s |" % (text, r, ("<= " + lim) if lim else "",
                                             verdict))
     if have_png:
@@ -468,6 +539,9 @@ def main():
         p.add_argument("--bench-dir", required=True)
         p.add_argument("--reps", type=int, required=True)
         p.add_argument("--slow-reps", type=int, required=True)
+        p.add_argument("--planned-reps", type=int, default=0)
+        p.add_argument("--planned-slow-reps", type=int, default=0)
+        p.add_argument("--budget", type=int, default=0)
         p.add_argument("--ref", default="peer")
         p.add_argument("--mode", default="none/native")
         p.add_argument("--runtime", type=int, default=0)

@@ -21,8 +21,14 @@
 #   BENCH_DIR        work folder (default bench-out/ in the repo, git-ignored);
 #                    must be on a real disk, not tmpfs
 #   BENCH_REF        peer (default) | ours: whose qemu-img runs qcow2 and raw
+#   BENCH_BUDGET     seconds (default 780): no further repetition is started
+#                    when, judged by the ones done, it would end past this;
+#                    the report says how many ran (a loaded machine gets fewer)
+#   BENCH_CHECK_RUNS runs of check and of dirty open per repetition (default
+#                    3: they take about a second each)
 #   BENCH_ONLY       run only these workloads (space separated ids, see below)
 #   BENCH_NO_DOCS=1  print the table but do not write docs/benchmarks.*
+#   BENCH_DOCS       where benchmarks.md and .png go (default docs/)
 #   BENCH_KEEP=1     keep the images of the last repetition
 set -uo pipefail
 
@@ -36,6 +42,8 @@ SLOW_REPS=${BENCH_SLOW_REPS:-2}
 BENCH_DIR=${BENCH_DIR:-$ROOT/bench-out}
 BENCH_REF=${BENCH_REF:-peer}
 ONLY=${BENCH_ONLY:-}
+BUDGET=${BENCH_BUDGET:-780}
+CHECK_RUNS=${BENCH_CHECK_RUNS:-3}
 PY=python3
 [ -x /usr/bin/python3 ] && PY=/usr/bin/python3
 
@@ -73,8 +81,9 @@ if [ "$FSTYPE" = tmpfs ]; then
     exit 1
 fi
 
-log() { echo "$*" >> "$LOG"; }
+log() { echo "[$(( $(date +%s) - T_START ))s] $*" >> "$LOG"; }
 wants() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+wants bigscatter || wants check || wants dirty-open || SLOW_REPS=0
 
 # --- cache mode: O_DIRECT with native AIO, or writeback where it is refused ---
 DIRECT=1
@@ -109,12 +118,22 @@ record() { # workload contender rep seconds wall mode
 # timed CMD...: runs CMD under /usr/bin/time; sets OUT (its output), WALL, RC.
 timed() {
     local tf; tf=$(mktemp)
+    log "sync"
     sync
+    log "start"
     OUT=$(/usr/bin/time -f '%e' -o "$tf" "$@" 2>&1)
     RC=$?
     WALL=$(tail -n 1 "$tf")
     rm -f "$tf"
     log "\$ $*"; log "$OUT"; log "rc=$RC wall=$WALL"
+}
+
+# Deleting images is not free (a file system mounted with `discard` may take
+# seconds per GiB): logged, for the budget.
+cleanup() {
+    log "rm"
+    rm -f "$RUN"/*
+    log "rm done"
 }
 
 # fresh_image contender path size [create args...]
@@ -135,9 +154,11 @@ run_bench() {
     local path=$RUN/$wl.$c.$fmt
     local key=$c:$wl attempt
     for attempt in 1 2; do
+        log "create $path"
         # shellcheck disable=SC2086
         fresh_image "$c" "$path" "$size" $cargs
         if [ -n "$prep" ]; then
+            log "fill $path"
             # shellcheck disable=SC2086
             "$img" bench -q -w $(bench_mode "$key") -f "$fmt" $prep "$path" >>"$LOG" 2>&1
         fi
@@ -176,15 +197,35 @@ fi
 
 G=$((1024 * 1024 * 1024))
 
+# Seconds the last repetition spent outside / inside the slow block (big
+# scatter, check, dirty open): the estimate of the next one, for the budget.
+FAST_SECS=0 SLOW_SECS=0 DONE_REPS=0 DONE_SLOW=0
 for rep in $(seq 1 "$REPS"); do
+    do_slow=0
+    if [ "$rep" -le "$SLOW_REPS" ]; then
+        do_slow=1
+    fi
+    if [ "$rep" -gt 1 ]; then
+        elapsed=$(( $(date +%s) - T_START ))
+        if [ "$do_slow" = 1 ] && [ $((elapsed + FAST_SECS + SLOW_SECS)) -gt "$BUDGET" ]; then
+            echo "== time budget (${BUDGET} s, BENCH_BUDGET): no more big scatter, check, dirty open"
+            do_slow=0
+        fi
+        if [ $((elapsed + FAST_SECS)) -gt "$BUDGET" ]; then
+            echo "== time budget (${BUDGET} s, BENCH_BUDGET): stopping after $DONE_REPS repetitions"
+            break
+        fi
+    fi
     echo "== repetition $rep of $REPS"
+    t_rep=$(date +%s)
+    t_slow=0
 
     # 1. seqalloc: 1 GiB of 64 KiB writes on a fresh 4 GiB image, depth 1 and 32
     for d in 1 32; do
         wants seqalloc-d$d || continue
         for c in $CONTENDERS; do
             run_bench seqalloc-d$d "$c" "$rep" 4G "" "" -w -c 16384 -s 65536 -d $d
-            rm -f "$RUN"/*
+            cleanup
         done
     done
 
@@ -193,17 +234,21 @@ for rep in $(seq 1 "$REPS"); do
         wants scatter-d$d || continue
         for c in $CONTENDERS; do
             run_bench scatter-d$d "$c" "$rep" 64G "" "" -w -c 8192 -s 4096 -S $((2 * G - 65536)) -d $d
-            rm -f "$RUN"/*
+            cleanup
         done
     done
 
     # 3. big scatter: 65,536 4 KiB writes on a fresh 1 TiB image,
     #    step 2 GiB - 448 KiB, depth 32; then 7. check and dirty open of it.
-    if [ "$rep" -le "$SLOW_REPS" ] && { wants bigscatter || wants check || wants dirty-open; }; then
+    if [ "$do_slow" = 1 ]; then
+        t0=$(date +%s)
         for c in $CONTENDERS; do
             run_bench bigscatter "$c" "$rep" 1T "" "" -w -c 65536 -s 4096 -S $((2 * G - 458752)) -d 32
         done
+        # These take about a second: CHECK_RUNS runs each per repetition,
+        # alternating (ours peer qcow2 ours ...), recorded as rep.run.
         if wants check; then
+            for run in $(seq 1 "$CHECK_RUNS"); do
             for c in ours peer qcow2; do
                 f=$(fmt_of "$c"); p=$RUN/bigscatter.$c.$f
                 [ -f "$p" ] || continue
@@ -211,11 +256,13 @@ for rep in $(seq 1 "$REPS"); do
                 timed "$(img_of "$c")" check $(check_mode) -f "$f" "$p"
                 note=$GLOBAL_MODE
                 [ "$RC" = 0 ] || { note="$note; exit $RC"; echo "  check $c: exit $RC (see $LOG)"; }
-                record check "$c" "$rep" "$WALL" "$WALL" "$note"
-                printf '  %-14s %-6s rep %s: %8.3f s\n' check "$c" "$rep" "$WALL"
+                record check "$c" "$rep.$run" "$WALL" "$WALL" "$note"
+                printf '  %-14s %-6s rep %s: %8.3f s\n' check "$c" "$rep.$run" "$WALL"
+            done
             done
         fi
         if wants dirty-open; then
+            for run in $(seq 1 "$CHECK_RUNS"); do
             for c in ours peer qcow2; do
                 f=$(fmt_of "$c"); p=$RUN/bigscatter.$c.$f
                 [ -f "$p" ] || continue
@@ -230,27 +277,33 @@ for rep in $(seq 1 "$REPS"); do
                     note="$note; still marked dirty after close"
                     echo "  dirty-open $c: image still marked dirty after close"
                 fi
-                record dirty-open "$c" "$rep" "$WALL" "$WALL" "$note"
-                printf '  %-14s %-6s rep %s: %8.3f s\n' dirty-open "$c" "$rep" "$WALL"
+                record dirty-open "$c" "$rep.$run" "$WALL" "$WALL" "$note"
+                printf '  %-14s %-6s rep %s: %8.3f s\n' dirty-open "$c" "$rep.$run" "$WALL"
+            done
             done
         fi
-        rm -f "$RUN"/*
+        cleanup
+        t_slow=$(( $(date +%s) - t0 ))
+        SLOW_SECS=$t_slow
+        DONE_SLOW=$((DONE_SLOW + 1))
     fi
 
     # 4. rewrite: 1 GiB of 64 KiB writes over allocated clusters, depth 32
-    #    (the first GiB of a fresh 4 GiB image, filled first, untimed)
+    #    (the first GiB of a fresh 4 GiB image, filled first, untimed, with
+    #    1 MiB writes: the same layout as 64 KiB ones, in less time)
+    FILL="-c 1024 -s 1048576 -d 32"
     if wants rewrite; then
         for c in $CONTENDERS; do
-            run_bench rewrite "$c" "$rep" 4G "" "-c 16384 -s 65536 -d 32" -w -c 16384 -s 65536 -d 32
-            rm -f "$RUN"/*
+            run_bench rewrite "$c" "$rep" 4G "" "$FILL" -w -c 16384 -s 65536 -d 32
+            cleanup
         done
     fi
 
     # 5. read: 1 GiB of 4 KiB reads over allocated clusters, depth 32
     if wants read; then
         for c in $CONTENDERS; do
-            run_bench read "$c" "$rep" 4G "" "-c 16384 -s 65536 -d 32" -c 262144 -s 4096 -d 32
-            rm -f "$RUN"/*
+            run_bench read "$c" "$rep" 4G "" "$FILL" -c 262144 -s 4096 -d 32
+            cleanup
         done
     fi
 
@@ -259,7 +312,7 @@ for rep in $(seq 1 "$REPS"); do
     if wants cow; then
         for c in ours peer qcow2; do
             run_bench cow "$c" "$rep" "" "-b $BACKING -F raw" "" -w -c 16384 -s 4096 -S 65536 -d 32
-            rm -f "$RUN"/*
+            cleanup
         done
     fi
 
@@ -278,17 +331,20 @@ for rep in $(seq 1 "$REPS"); do
                 record convert "$c" "$rep" "$WALL" "$WALL" "$note"
                 printf '  %-14s %-6s rep %s: %8.3f s\n' convert "$c" "$rep" "$WALL"
             fi
-            rm -f "$RUN"/*
+            cleanup
         done
     fi
+    FAST_SECS=$(( $(date +%s) - t_rep - t_slow ))
+    DONE_REPS=$rep
 done
 
 [ -n "${BENCH_KEEP:-}" ] || rm -f "$RUN"/*
 
 T_END=$(date +%s)
 DOCS_ARGS=()
-[ -n "${BENCH_NO_DOCS:-}" ] || DOCS_ARGS=(--docs "$ROOT/docs")
+[ -n "${BENCH_NO_DOCS:-}" ] || DOCS_ARGS=(--docs "${BENCH_DOCS:-$ROOT/docs}")
 "$PY" scripts/bench.py report "$RESULTS" \
-    --bench-dir "$BENCH_DIR" --reps "$REPS" --slow-reps "$SLOW_REPS" \
+    --bench-dir "$BENCH_DIR" --reps "$DONE_REPS" --slow-reps "$DONE_SLOW" \
+    --planned-reps "$REPS" --planned-slow-reps "$SLOW_REPS" --budget "$BUDGET" \
     --ref "$BENCH_REF" --mode "$GLOBAL_MODE" --runtime $((T_END - T_START)) \
     --ours "$OURS_IMG" --peer "$PEER_IMG" "${DOCS_ARGS[@]}"
