@@ -175,6 +175,48 @@ static bool qed_is_pow2_in(uint64_t v, uint64_t min, uint64_t max)
     return v >= min && v <= max && is_power_of_2(v);
 }
 
+/* Check the geometry options of create and measure */
+static int qed_check_geometry(uint64_t cluster_size, int64_t table_size,
+                              Error **errp)
+{
+    if (!qed_is_pow2_in(cluster_size, QED_MIN_CLUSTER_SIZE,
+                        QED_MAX_CLUSTER_SIZE)) {
+        error_setg(errp, "Invalid cluster_size %" PRIu64 ": must be a power "
+                   "of two between %d and %d bytes", cluster_size,
+                   QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE);
+        return -EINVAL;
+    }
+    if (table_size < 0 || !qed_is_pow2_in(table_size, QED_MIN_TABLE_SIZE,
+                                          QED_MAX_TABLE_SIZE)) {
+        error_setg(errp, "Invalid table_size %" PRId64 ": must be a power of "
+                   "two between %d and %d clusters", table_size,
+                   QED_MIN_TABLE_SIZE, QED_MAX_TABLE_SIZE);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* Check a virtual disk size against what the tables can address */
+static int qed_check_image_size(uint64_t size, uint64_t cluster_size,
+                                uint64_t table_size, Error **errp)
+{
+    uint64_t max = qed_max_image_size(cluster_size, table_size);
+
+    if (size > max) {
+        error_setg(errp, "Invalid size %" PRIu64 ": with cluster_size %"
+                   PRIu64 " and table_size %" PRIu64 " a QED image holds at "
+                   "most %" PRIu64 " bytes", size, cluster_size, table_size,
+                   max);
+        return -EINVAL;
+    }
+    if (size % BDRV_SECTOR_SIZE) {
+        error_setg(errp, "Invalid size %" PRIu64 ": must be a multiple of "
+                   "512 bytes", size);
+        return -EINVAL;
+    }
+    return 0;
+}
+
 /*
  * Write the header (sector 0) from @header.  Callers say why the moment
  * of the write is safe.
@@ -1808,8 +1850,6 @@ static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
 {
     BDRVQEDState *s = bs->opaque;
     uint64_t old_size = s->header.image_size;
-    uint64_t max = qed_max_image_size(s->header.cluster_size,
-                                      s->header.table_size);
     QEDHeader h;
     int ret;
 
@@ -1823,17 +1863,10 @@ static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
                    " to %" PRId64 " bytes)", old_size, offset);
         return -ENOTSUP;
     }
-    if (offset > max) {
-        error_setg(errp, "Invalid size %" PRId64 ": with cluster_size %u "
-                   "and table_size %u a QED image holds at most %" PRIu64
-                   " bytes", offset, s->header.cluster_size,
-                   s->header.table_size, max);
-        return -EINVAL;
-    }
-    if (offset % BDRV_SECTOR_SIZE) {
-        error_setg(errp, "Invalid size %" PRId64 ": must be a multiple of "
-                   "512 bytes", offset);
-        return -EINVAL;
+    ret = qed_check_image_size(offset, s->header.cluster_size,
+                               s->header.table_size, errp);
+    if (ret < 0) {
+        return ret;
     }
     if (offset == old_size) {
         return 0;
@@ -1990,37 +2023,16 @@ static int qed_validate_create(BlockdevCreateOptionsQed *o, Error **errp)
 {
     uint64_t cluster_size = o->has_cluster_size ? o->cluster_size :
                             QED_DEFAULT_CLUSTER_SIZE;
-    uint64_t table_size = o->has_table_size ? o->table_size :
-                          QED_DEFAULT_TABLE_SIZE;
-    uint64_t max;
+    int64_t table_size = o->has_table_size ? o->table_size :
+                         QED_DEFAULT_TABLE_SIZE;
+    int ret;
 
-    if (!qed_is_pow2_in(cluster_size, QED_MIN_CLUSTER_SIZE,
-                        QED_MAX_CLUSTER_SIZE)) {
-        error_setg(errp, "Invalid cluster_size %" PRIu64 ": must be a power "
-                   "of two between %d and %d bytes", cluster_size,
-                   QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE);
-        return -EINVAL;
+    ret = qed_check_geometry(cluster_size, table_size, errp);
+    if (ret == 0) {
+        ret = qed_check_image_size(o->size, cluster_size, table_size, errp);
     }
-    if (o->has_table_size &&
-        !qed_is_pow2_in(o->table_size, QED_MIN_TABLE_SIZE,
-                        QED_MAX_TABLE_SIZE)) {
-        error_setg(errp, "Invalid table_size %" PRId64 ": must be a power of "
-                   "two between %d and %d clusters", o->table_size,
-                   QED_MIN_TABLE_SIZE, QED_MAX_TABLE_SIZE);
-        return -EINVAL;
-    }
-    max = qed_max_image_size(cluster_size, table_size);
-    if (o->size > max) {
-        error_setg(errp, "Invalid size %" PRIu64 ": with cluster_size %"
-                   PRIu64 " and table_size %" PRIu64 " a QED image holds at "
-                   "most %" PRIu64 " bytes", o->size, cluster_size,
-                   table_size, max);
-        return -EINVAL;
-    }
-    if (o->size % BDRV_SECTOR_SIZE) {
-        error_setg(errp, "Invalid size %" PRIu64 ": must be a multiple of "
-                   "512 bytes", o->size);
-        return -EINVAL;
+    if (ret < 0) {
+        return ret;
     }
     if (o->has_backing_file &&
         strlen(o->backing_file) > cluster_size - sizeof(QEDHeader)) {
@@ -2449,16 +2461,7 @@ static BlockMeasureInfo *qed_measure(QemuOpts *opts, BlockDriverState *in_bs,
         error_propagate(errp, local_err);
         goto out;
     }
-    if (!qed_is_pow2_in(cs, QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE)) {
-        error_setg(errp, "Invalid cluster_size %" PRIu64 ": must be a power "
-                   "of two between %d and %d bytes", cs,
-                   QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE);
-        goto out;
-    }
-    if (!qed_is_pow2_in(ts, QED_MIN_TABLE_SIZE, QED_MAX_TABLE_SIZE)) {
-        error_setg(errp, "Invalid table_size %" PRIu64 ": must be a power of "
-                   "two between %d and %d clusters", ts, QED_MIN_TABLE_SIZE,
-                   QED_MAX_TABLE_SIZE);
+    if (qed_check_geometry(cs, MIN(ts, INT64_MAX), errp) < 0) {
         goto out;
     }
     if (in_bs) {
@@ -2471,11 +2474,7 @@ static BlockMeasureInfo *qed_measure(QemuOpts *opts, BlockDriverState *in_bs,
         size = ssize;
     }
     size = ROUND_UP(size, BDRV_SECTOR_SIZE);
-    if (size > qed_max_image_size(cs, ts)) {
-        error_setg(errp, "Invalid size %" PRIu64 ": with cluster_size %"
-                   PRIu64 " and table_size %" PRIu64 " a QED image holds at "
-                   "most %" PRIu64 " bytes", size, cs, ts,
-                   qed_max_image_size(cs, ts));
+    if (qed_check_image_size(size, cs, ts, errp) < 0) {
         goto out;
     }
 

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Install what building the fork and running its tests needs, with apt-get.
+# Install what building the fork and running its tests needs, with apt-get,
+# plus any packages named as arguments (scripts/install-bench-deps.sh).
 # Idempotent: does nothing when every package is already there.
 set -euo pipefail
 
@@ -9,6 +10,7 @@ PKGS="build-essential dpkg-dev meson ninja-build pkg-config python3 python3-venv
       libslirp-dev seabios ipxe-qemu qemu-system-data qemu-utils
       bc util-linux e2fsprogs file socat
       busybox-static cpio xz-utils zstd"
+PKGS="$PKGS $*"
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
@@ -33,9 +35,9 @@ fi
 
 if [ -n "$missing" ] || [ "$need_update" = 1 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -q
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 update -q
 fi
 if [ -n "$missing" ]; then
     echo "Installing:$missing"
-    $SUDO apt-get install -y -q --no-install-recommends $missing
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends $missing
 fi
