@@ -169,7 +169,7 @@ def read_results(path):
                 pass
             r["modes"].add(mode.split(";")[0])
             for note in mode.split(";")[1:]:
-                r.setdefault("notes", []).append("rep %s: %s" % (rep, note.strip()))
+                r.setdefault("notes", {}).setdefault(note.strip(), []).append(rep)
     return res
 
 
@@ -492,13 +492,14 @@ def report(a):
         md.append("\n† %s, %s: ran with `-t writeback` after failing under "
                   "O_DIRECT (see below); its ratio compares different cache "
                   "modes." % (wl, c))
-    notes = [(wl, c, n) for (wl, c), r in res.items() for n in r.get("notes", [])]
+    notes = [(wl, c, n, reps) for (wl, c), r in res.items()
+             for n, reps in r.get("notes", {}).items()]
     if notes:
         md.append("\nNotes:\n")
-        for wl, c, n in notes:
-            md.append("- %s, %s, %s%s" % (wl, c, n, (
-                " (`qemu-img check` exit 3: leaked clusters)" if n == "exit 3"
-                else "")))
+        for wl, c, n, reps in notes:
+            md.append("- %s, %s: %s%s (repetition.run %s)" % (wl, c, n, (
+                " (`qemu-img check` found leaked clusters)" if n == "exit 3"
+                else ""), ", ".join(reps)))
     if fails:
         md.append("\nFailures:\n")
         for wl, c, f in fails:
