@@ -481,12 +481,17 @@ static int qed_call_in_coroutine(BDRVQEDState *s, QEDCoFunc *fn,
     return call.ret;
 }
 
-/* Cut the file back to the clusters in use (on close and hand-over) */
+/*
+ * Cut the file back to the clusters in use (on close and hand-over), or
+ * extend it to whole clusters: after a crash that lost the grow-ahead's
+ * size change, the file may end inside its last cluster, which readers
+ * that round the file size down (the original driver) take for corrupt.
+ */
 static int coroutine_fn qed_trim_file_tail(BDRVQEDState *s, void *opaque)
 {
     int ret;
 
-    if (s->file_size <= s->file_end) {
+    if (s->file_size == s->file_end) {
         return 0;
     }
     ret = bdrv_co_truncate(s->bs->file, s->file_end, false,
@@ -1249,8 +1254,9 @@ static int coroutine_fn qed_commit_l1(BDRVQEDState *s, QEDTableUpdate *upd,
  *
  * Crash ordering 2: the table is written before the L1 entry that points
  * at it.  New file space reads as zeros (it lies past everything the file
- * held at open, is never reused, and the file already covers it), so only
- * the sectors holding the new entries are written.  With a backing file a
+ * held at open, and is never reused), so only the sectors holding the new
+ * entries are written, and the table's last sector so that the file holds
+ * the whole table.  With a backing file a
  * flush separates the table
  * (and the batch's data, crash ordering 1 and 3) from the L1 update;
  * without one NEED_CHECK is already set and the check repairs an L1 entry
@@ -1285,6 +1291,19 @@ static int coroutine_fn qed_commit_new_l2(BDRVQEDState *s,
     BLKDBG_EVENT(s->bs->file, BLKDBG_L2_ALLOC_WRITE);
     ret = qed_write_table_sectors(s, l2_offset, first, end - first,
                                   &table->offsets[first]);
+    if (ret == 0 && end < s->table_nelems) {
+        /*
+         * The file must hold the whole table before the L1 entry points at
+         * it: one that runs past the end of the file is corrupt.  The
+         * grow-ahead's size change may not reach the disk (its truncate is
+         * not ordered with these writes), so write the last sector too.
+         */
+        static const uint64_t zeros[BDRV_SECTOR_SIZE / sizeof(uint64_t)];
+        unsigned int n = ARRAY_SIZE(zeros);
+
+        ret = qed_write_table_sectors(s, l2_offset, s->table_nelems - n, n,
+                                      zeros);
+    }
     if (ret == 0 && qed_has_backing_file(s)) {
         BLKDBG_EVENT(s->bs->file, BLKDBG_FLUSH_TO_DISK);
         ret = bdrv_co_flush(s->bs->file->bs);
