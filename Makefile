@@ -4,6 +4,7 @@
 #   make demo       build, then show QED working
 #   make check      build, then run the iotests over QED (see README.md)
 #   make check-long the crash test's long run (240 kills)
+#   make check-crash 10000 power-cut states rebuilt from write logs
 #   make bench      build, then time our QED against the original, qcow2, raw
 #   make check-asan the iotests with an ASan + UBSan build (.base/qemu/build-san)
 #   make fuzz       FUZZ_SECONDS (60) of libFuzzer on our QED driver
@@ -16,7 +17,8 @@ BINARIES  := qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon \
              qemu-system-x86_64
 PATCHES   := $(wildcard patches/*.patch)
 
-.PHONY: all deps base build demo check check-quick bench clean distclean
+.PHONY: all deps base build demo check check-quick check-crash bench clean \
+        distclean
 
 all: build
 
@@ -46,6 +48,13 @@ check: build
 # The crash test's full run: 240 SIGKILLs instead of the 20 of make check.
 check-long: build
 	@QED_CRASH_LOOPS=240 ./scripts/run-iotests.sh --ours qed-crash-kill
+
+# Crash states by write-log replay: 10000 power-cut states of recorded
+# workloads (make check runs 800, in the iotest qed-crash-replay).
+# QED_REPLAY_STATES, QED_REPLAY_SEED: see tests/qemu-iotests/tests/qed_replay.py.
+check-crash: build
+	@./tests/qemu-iotests/tests/qed_replay.py -v \
+	    --states $${QED_REPLAY_STATES:-10000}
 
 # Only our own iotests, for a fast edit-test loop.
 check-quick: build
