@@ -1423,31 +1423,30 @@ static int coroutine_fn qed_update_l2(BDRVQEDState *s, unsigned int l1_index,
 
 /*
  * A flush makes every completed write durable, so it first waits for the
- * table updates that completed writes left in flight; an error that one
- * of them met is reported here (once), as a failed flush.
+ * table updates that completed writes left in flight, trying failed ones
+ * again (each is tried QED_TABLE_UPDATE_TRIES times in all, then its write
+ * is lost).  A lost write was acknowledged before this flush and every
+ * later one, and none of them can make it durable: once a write is lost,
+ * every flush fails.  (Reporting it to one flush only would let the next
+ * one succeed, and with writethrough caching that next flush is the one
+ * that completes the lost write itself.)
  */
 static int coroutine_fn qed_co_flush_to_os(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
     uint64_t target = s->ack_ticket;
     QEDAllocation *a;
-    bool waiting, failed;
+    bool waiting;
 
     /* Writes acknowledged after this flush started are not its business */
-    QLIST_FOREACH(a, &s->allocs, next) {
-        if (a->data_ready && a->ticket <= target && a->failed) {
-            qed_retry_update(s, a);
-        }
-    }
     do {
-        waiting = failed = false;
+        waiting = false;
         QLIST_FOREACH(a, &s->allocs, next) {
             if (a->data_ready && a->ticket <= target) {
                 if (a->failed) {
-                    failed = true;
-                } else {
-                    waiting = true;
+                    qed_retry_update(s, a);
                 }
+                waiting = true;
             }
         }
         if (waiting) {
@@ -1455,8 +1454,7 @@ static int coroutine_fn qed_co_flush_to_os(BlockDriverState *bs)
         }
     } while (waiting);
 
-    if (failed || s->reported_lost != s->lost_writes) {
-        s->reported_lost = s->lost_writes;
+    if (s->lost_writes) {
         return s->deferred_error ?: -EIO;
     }
     return 0;

@@ -162,7 +162,6 @@ typedef struct BDRVQEDState {
     uint64_t ack_ticket;    /* allocations acknowledged so far */
     unsigned int deferred;  /* of those, not yet landed */
     unsigned int lost_writes;       /* given up after failed table updates */
-    unsigned int reported_lost;     /* of those, reported by a flush */
     uint64_t l2_gen;            /* bumped whenever table entries land */
 
     /* Table update groups */
