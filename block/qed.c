@@ -1170,6 +1170,18 @@ static void qed_retry_update(BDRVQEDState *s, QEDAllocation *a)
                            &a->entry);
 }
 
+/* Try every failed table update again */
+static void qed_retry_failed(BDRVQEDState *s)
+{
+    QEDAllocation *a;
+
+    QLIST_FOREACH(a, &s->allocs, next) {
+        if (a->failed) {
+            qed_retry_update(s, a);
+        }
+    }
+}
+
 /* Queue @entry into @upd and wait until it is on disk (or failed) */
 static int coroutine_fn qed_table_update(BDRVQEDState *s, QEDTableUpdate *upd,
                                          QEDPendingEntry *entry)
@@ -1630,6 +1642,14 @@ static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
                            &alloc->entry);
     s->deferred++;
     while (s->deferred > QED_MAX_DEFERRED) {
+        /*
+         * A failed table update keeps its place until it is tried again
+         * and lands or is given up.  Only a flush or a write to the same
+         * clusters would try it: without this, writes that fill every
+         * place with failed updates would wait here forever (and a drain
+         * with them).
+         */
+        qed_retry_failed(s);
         qemu_co_queue_wait(&s->idle_waiters, NULL);
     }
     return bytes;
