@@ -2045,6 +2045,13 @@ static int coroutine_fn qed_co_check(BlockDriverState *bs,
     BDRVQEDState *s = bs->opaque;
     int ret;
 
+    /*
+     * The clusters of acknowledged writes whose entries have not landed
+     * would look leaked: a repair would reclaim them under the entries.
+     */
+    while (qed_allocs_in_flight(s)) {
+        qemu_co_queue_wait(&s->idle_waiters, NULL);
+    }
     ret = qed_check(s, result, fix);
     if (ret == 0 && (fix & BDRV_FIX_ERRORS) && !result->corruptions &&
         !result->check_errors) {
