@@ -54,7 +54,16 @@ QED_BUILD_DIR=$BUILD "$TOP/scripts/run-iotests.sh" "${args[@]}" | tee "$LOGS/run
 rc=${PIPESTATUS[0]}
 secs=$(( $(date +%s) - start ))
 
-reports=$(find "$LOGS" -name 'asan.*' -o -name 'ubsan.*' | sort)
+# A report names an error (ASan, LSan, UBSan's "runtime error").  Logs
+# that hold only warnings are no reports: ASan's start-up warning about
+# swapcontext (QEMU's coroutines, whose stack switches QEMU tells ASan
+# about) and its "ignoring __asan_handle_no_return" on a coroutine stack.
+reports=$(find "$LOGS" -name 'asan.*' -o -name 'ubsan.*' | sort |
+          while read -r f; do
+              if grep -Eq "ERROR: |runtime error|^SUMMARY: " "$f"; then
+                  echo "$f"
+              fi
+          done)
 if [ -n "$reports" ]; then
     echo "check-asan: sanitizer reports (kept in $LOGS):"
     for f in $reports; do
@@ -65,5 +74,9 @@ if [ -n "$reports" ]; then
 fi
 summary=$(grep '^iotests:' "$LOGS/run.log" | tail -n 1)
 echo "check-asan: ${summary:-no summary}; $(echo "$reports" | grep -c . ) sanitizer reports; ${secs}s"
-[ "$rc" = 0 ] && [ -z "$reports" ] && rm -rf "$LOGS"
+if [ "$rc" = 0 ] && [ -z "$reports" ]; then
+    rm -rf "$LOGS"
+else
+    echo "check-asan: sanitizer logs in $LOGS"
+fi
 exit "$rc"

@@ -24,7 +24,8 @@ OUT=$TOP/fuzz-out
 mkdir -p "$OUT/corpus"
 rm -rf "$OUT/seeds"
 ASAN_OPTIONS=detect_leaks=0 "$TOP/tests/qed-fuzz/make-seeds.sh" "$OUT/seeds" \
-    "$BUILD/qemu-img" "$BUILD/qemu-io" || { echo "fuzz: making the seeds failed"; exit 1; }
+    "$BUILD/qemu-img" "$BUILD/qemu-io" > "$OUT/seeds.log" 2>&1 ||
+    { cat "$OUT/seeds.log"; echo "fuzz: making the seeds failed"; exit 1; }
 
 export ASAN_OPTIONS="halt_on_error=1:detect_leaks=1:print_stacktrace=1:allocator_may_return_null=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"

@@ -9,13 +9,13 @@
 # The harness accepts only "backing.raw" and "backing.qed" as backing file
 # names (its scratch folder has both); the seeds name them the same way.
 set -euo pipefail
-OUT=$1
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
 QEMU_IMG=$2
 QEMU_IO=$3
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$OUT"
 cd "$work"
 
 # The harness's backing files, same sizes (their content does not matter)
