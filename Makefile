@@ -50,7 +50,7 @@ check-long: build
 	@QED_CRASH_LOOPS=240 ./scripts/run-iotests.sh --ours qed-crash-kill
 
 # Crash states by write-log replay: 10000 power-cut states of recorded
-# workloads (make check runs 800, in the iotest qed-crash-replay).
+# workloads (make check runs 1000, in the iotest qed-crash-replay).
 # QED_REPLAY_STATES, QED_REPLAY_SEED: see tests/qemu-iotests/tests/qed_replay.py.
 check-crash: build
 	@./tests/qemu-iotests/tests/qed_replay.py -v \

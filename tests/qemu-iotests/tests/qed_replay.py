@@ -16,7 +16,10 @@
 #     each guest flush started (the "wrote" lines before a marker command
 #     sent ahead of the flush) and how far the log was when the flush
 #     returned (the log superblock, which blklogwrites updates at every
-#     flush).
+#     flush).  Each workload is rounds of requests issued at once, each
+#     round ending with a guest flush: after a drain (aio_flush), once half
+#     of the round's writes are acknowledged, or right after they are
+#     issued (the last two with writes in flight).
 #
 #  2. Replay.  The log's flushes split it into intervals.  A power cut in
 #     interval i leaves every entry before it and any subset of its own
@@ -50,10 +53,19 @@
 # Ends with "crash states: N checked, M failed (seed S)"; exit status 1 if
 # any state failed, 2 if the harness itself could not run.
 #
+# Limits.  blklogwrites logs a flush when it completes, so a write that
+# completes while a flush is in progress is logged before it and replayed
+# as covered by it; a driver that counted on a flush for a write it had not
+# seen complete is caught only when that write is slower than the flush
+# (recording on tmpfs makes flushes cheap, to give such races a chance).
+# A logged write lands whole or not at all (no torn sectors).  One crash
+# per run: states are not opened, written and crashed again.
+#
 # This work is licensed under the terms of the GNU GPL, version 2 or later.
 # See the COPYING file in the top-level directory.
 
 import argparse
+import bisect
 import ctypes
 import ctypes.util
 import hashlib
@@ -65,6 +77,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
@@ -172,7 +185,7 @@ class Workload:
                             (3 * GiB, 3 * GiB + 1 * MiB)]
             self.back_size = 3 * GiB
         # filled by generate() and record()
-        self.rounds: List[Tuple[str, List[Op]]] = []
+        self.rounds: List[Tuple[str, List[Op], List[int]]] = []
         self.ops: List[Op] = []
         self.flushes: List[Tuple[int, int]] = []   # (pre-marker event, P)
         self.entries: List[tuple] = []
@@ -264,7 +277,7 @@ class Workload:
             busy: List[Tuple[int, int]] = []
             ops: List[Op] = []
             if self.variant == 'A':
-                mode = 'drain'
+                mode = rng.choice(['drain', 'drain', 'inflight'])
                 nwrites = rng.randint(12, 24) if cs == 4 * KiB else \
                     rng.randint(8, 14)
                 kinds = ['fresh'] * nwrites
@@ -272,7 +285,7 @@ class Workload:
                     kinds += ['rewrite'] * rng.randint(0, 4)
                 kinds += ['cross'] * rng.randint(1, 2)
             else:
-                mode = rng.choice(['drain', 'inflight'])
+                mode = rng.choice(['drain', 'inflight', 'submit'])
                 kinds = ['fresh'] * rng.randint(4, 10)
                 kinds += ['rewrite'] * (rng.randint(1, 5) if r else 0)
                 kinds += ['cross'] * rng.randint(0, 1)
@@ -308,7 +321,11 @@ class Workload:
                     busy.append((got[0], got[0] + got[1]))
                     if kind in ('fresh', 'rewrite', 'cross'):
                         written.append(got)
-            self.rounds.append((mode, ops))
+            # inflight: guest flushes once this many writes are acknowledged
+            nbody = sum(1 for op in ops if op.kind != 't')
+            marks = sorted(rng.sample(range(1, nbody + 1),
+                                      min(nbody, rng.randint(1, 2))))
+            self.rounds.append((mode, ops, marks if nbody else [0]))
 
     # -- description --
 
@@ -381,25 +398,41 @@ class Session:
         self.proc.stdin.write(text)
         self.proc.stdin.flush()
 
-    def marker(self) -> int:
-        """Send a marker; return its event index once it has appeared"""
-        with self.cond:
-            want = len(self.markers) + 1
-        self.send('length\n')
+    def wait(self, done, what: str) -> None:
+        """Wait (with the lock held) until done() is true"""
         deadline = time.monotonic() + 120
-        with self.cond:
-            while len(self.markers) < want:
-                if self.errors:
-                    raise HarnessError('qemu-io: ' + '; '.join(self.errors))
-                if self.eof:
-                    raise HarnessError('qemu-io exited early')
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise HarnessError('qemu-io: no reply for 120 s')
-                self.cond.wait(left)
+        while not done():
             if self.errors:
                 raise HarnessError('qemu-io: ' + '; '.join(self.errors))
-            return self.markers[want - 1]
+            if self.eof:
+                raise HarnessError('qemu-io exited early')
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HarnessError(f'qemu-io: no {what} for 120 s')
+            self.cond.wait(left)
+        if self.errors:
+            raise HarnessError('qemu-io: ' + '; '.join(self.errors))
+
+    def markers_after(self, text: str) -> List[int]:
+        """Send @text, whose 'length' commands are markers; return the
+        markers' event indices once they have all appeared"""
+        n = text.split('\n').count('length')
+        with self.cond:
+            want = len(self.markers) + n
+        self.send(text)
+        with self.cond:
+            self.wait(lambda: len(self.markers) >= want, 'reply')
+            return self.markers[want - n:want]
+
+    def marker(self) -> int:
+        """Send a marker; return its event index once it has appeared"""
+        return self.markers_after('length\n')[0]
+
+    def acks_since(self, first: int, n: int) -> None:
+        """Wait until @n acknowledgements follow event @first"""
+        with self.cond:
+            self.wait(lambda: sum(1 for k, _ in self.events[first:]
+                                  if k != 'm') >= n, 'acknowledgement')
 
     def close(self) -> None:
         self.send('quit\n')
@@ -455,9 +488,13 @@ def parse_log(path: str) -> Tuple[List[tuple], bytes]:
 
 
 class Recorder:
-    def __init__(self, bins: Dict[str, str], workdir: str):
+    def __init__(self, bins: Dict[str, str], workdir: str, fastdir: str):
         self.bins = bins
         self.workdir = workdir
+        # The image and the log live in memory (tmpfs) while recording:
+        # flushes cost little there, so they race with the writes around
+        # them (see "Limits" above)
+        self.fastdir = fastdir
 
     def make_backing(self, wl: Workload) -> str:
         if wl.backing == 'none':
@@ -485,7 +522,8 @@ class Recorder:
 
     def record(self, wl: Workload) -> None:
         base = os.path.join(self.workdir, wl.name)
-        img, log = base + '.qed', base + '.log'
+        fast = os.path.join(self.fastdir, wl.name)
+        img, log = fast + '.qed', fast + '.log'
         for f in (img, log):
             if os.path.exists(f):
                 os.remove(f)
@@ -524,7 +562,7 @@ class Recorder:
     def drive(self, wl: Workload, s: Session, log: str) -> None:
         last_p = 0
         s.marker()
-        for mode, ops in wl.rounds:
+        for mode, ops, marks in wl.rounds:
             pending: Dict[Tuple[str, int], Op] = {}
             body = []
             for op in ops:
@@ -539,13 +577,20 @@ class Recorder:
             seen = len(s.events)
             s.send(''.join(c + '\n' for c in body))
             if mode == 'drain':
+                # every write acknowledged, table updates landed (drain)
                 s.send('aio_flush\n')
-            pre = s.marker()
-            s.send('flush\n')
-            s.marker()
-            p = log_superblock_entries(log)
-            wl.flushes.append((pre, p))
-            last_p = p
+            if mode != 'inflight':
+                marks = [0]
+            for n in marks:
+                # inflight: flushes while writes are in flight, and the
+                # table updates of those just acknowledged may be too
+                s.acks_since(seen, n)
+                # (a flush starts after the marker before it has printed:
+                # a write acknowledged before that marker must be durable)
+                pre, _ = s.markers_after('length\nflush\nlength\n')
+                p = log_superblock_entries(log)
+                wl.flushes.append((pre, p))
+                last_p = p
             if mode != 'drain':
                 s.send('aio_flush\n')
                 s.marker()
@@ -581,7 +626,7 @@ class Interval:
         self.has_next = has_next
         self.k = end - start
         self.prefix_size = 0
-        self.seg_ids: List[List[bytes]] = []  # per entry: id per segment
+        self.seg_ids: List[Dict[int, bytes]] = []  # per entry: segment ids
         self.seg_cover: List[List[int]] = []  # per segment: covering entries
         self.prefix_ids: List[bytes] = []
         self.ends: List[int] = []             # per entry: end if write
@@ -875,7 +920,6 @@ def expected_runs(wl: Workload, g: int, top: int):
     segs = list(zip(pts, pts[1:]))
     starts = [a for a, _ in segs]
     vals = [frozenset([wl.init_value(a)]) for a, _ in segs]
-    import bisect
     for op in wl.ops:
         if op.kind == 't' or op.after_p >= top or op.off >= size:
             continue
@@ -1196,7 +1240,7 @@ def main() -> int:
         wls = [w for w in wls if w.name in names]
 
     own_workdir = not args.workdir
-    workdir = args.workdir or __import__('tempfile').mkdtemp(
+    workdir = args.workdir or tempfile.mkdtemp(
         prefix='qed-replay-')
     workdir = os.path.join(workdir, 'replay') if args.workdir else workdir
     shutil.rmtree(workdir, ignore_errors=True)
@@ -1211,6 +1255,7 @@ def main() -> int:
             print(msg, flush=True)
 
     t0 = time.monotonic()
+    tmpbase = ''
     try:
         bindir = os.path.join(workdir, 'bin')
         bins = {
@@ -1227,7 +1272,9 @@ def main() -> int:
         say(f'qed crash replay: seed {args.seed}, {len(wls)} workloads, '
             f'{args.states} states, {args.jobs} jobs; scratch {workdir}')
 
-        rec = Recorder(bins, workdir)
+        tmpbase = '/dev/shm' if os.access('/dev/shm', os.W_OK) else workdir
+        tmpbase = tempfile.mkdtemp(prefix='qed-replay-', dir=tmpbase)
+        rec = Recorder(bins, workdir, tmpbase)
         intervals = []
         for n, wl in enumerate(wls):
             wl.generate(random.Random(f'{args.seed}-{wl.name}'))
@@ -1253,13 +1300,15 @@ def main() -> int:
             f'lost){"; every distinct state of these logs" if exhausted else ""}'
             f' ({time.monotonic() - t0:.0f} s so far)')
 
+        per = [0] * len(wls)
+        for (w, _), states in chosen.items():
+            per[w] += len(states)
+        say('states per workload: ' + ', '.join(
+            f'{wl.name} {n}' for wl, n in zip(wls, per)))
         tasks = []
         for (w, i), states in sorted(chosen.items()):
             for c in range(0, len(states), 16):
                 tasks.append((w, i, states[c:c + 16]))
-        tmpbase = '/dev/shm' if os.access('/dev/shm', os.W_OK) else workdir
-        tmpbase = __import__('tempfile').mkdtemp(prefix='qed-replay-',
-                                                 dir=tmpbase)
         ctx = multiprocessing.get_context('fork')
         manager = ctx.Manager()
         G.update(workloads=wls, intervals=intervals, bins=bins,
@@ -1270,23 +1319,20 @@ def main() -> int:
         failures: List[Tuple[str, str]] = []
         next_report = 1000
         clocks: Dict[str, float] = {}
-        try:
-            with ctx.Pool(args.jobs, initializer=worker_init) as pool:
-                for n, fails, clock in pool.imap_unordered(worker_task,
-                                                           tasks):
-                    done += n
-                    for k, v in clock.items():
-                        clocks[k] = clocks.get(k, 0.0) + v
-                    for where, what in fails:
-                        failures.append((where, what))
-                        say(f'FAILED: {where}: {what}', True)
-                    if done >= next_report:
-                        say(f'  {done}/{total} states checked, '
-                            f'{len(failures)} failed '
-                            f'({time.monotonic() - t0:.0f} s)')
-                        next_report += 1000
-        finally:
-            shutil.rmtree(tmpbase, ignore_errors=True)
+        with ctx.Pool(args.jobs, initializer=worker_init) as pool:
+            for n, fails, clock in pool.imap_unordered(worker_task,
+                                                       tasks):
+                done += n
+                for k, v in clock.items():
+                    clocks[k] = clocks.get(k, 0.0) + v
+                for where, what in fails:
+                    failures.append((where, what))
+                    say(f'FAILED: {where}: {what}', True)
+                if done >= next_report:
+                    say(f'  {done}/{total} states checked, '
+                        f'{len(failures)} failed '
+                        f'({time.monotonic() - t0:.0f} s)')
+                    next_report += 1000
 
         elapsed = time.monotonic() - t0
         if done:
@@ -1317,6 +1363,9 @@ def main() -> int:
         say(f'crash replay could not run: {e} (scratch files in {workdir})',
             True)
         return 2
+    finally:
+        if tmpbase:
+            shutil.rmtree(tmpbase, ignore_errors=True)
 
 
 if __name__ == '__main__':
