@@ -4,7 +4,10 @@
 #   make demo       build, then show QED working
 #   make check      build, then run the iotests over QED (see README.md)
 #   make check-long the crash test's long run (240 kills)
+#   make check-crash 10000 power-cut states rebuilt from write logs
 #   make bench      build, then time our QED against the original, qcow2, raw
+#   make check-asan the iotests with an ASan + UBSan build (.base/qemu/build-san)
+#   make fuzz       FUZZ_SECONDS (60) of libFuzzer on our QED driver
 #
 # The base (Debian bookworm's qemu source) lives in .base/, never in git.
 
@@ -14,7 +17,8 @@ BINARIES  := qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon \
              qemu-system-x86_64
 PATCHES   := $(wildcard patches/*.patch)
 
-.PHONY: all deps base build demo check check-quick bench clean distclean
+.PHONY: all deps base build demo check check-quick check-crash bench clean \
+        distclean
 
 all: build
 
@@ -45,6 +49,13 @@ check: build
 check-long: build
 	@QED_CRASH_LOOPS=240 ./scripts/run-iotests.sh --ours qed-crash-kill
 
+# Crash states by write-log replay: 10000 power-cut states of recorded
+# workloads (make check runs 800, in the iotest qed-crash-replay).
+# QED_REPLAY_STATES, QED_REPLAY_SEED: see tests/qemu-iotests/tests/qed_replay.py.
+check-crash: build
+	@./tests/qemu-iotests/tests/qed_replay.py -v \
+	    --states $${QED_REPLAY_STATES:-10000}
+
 # Only our own iotests, for a fast edit-test loop.
 check-quick: build
 	@./scripts/run-iotests.sh --ours
@@ -55,6 +66,34 @@ check-quick: build
 bench: build
 	@./scripts/install-bench-deps.sh
 	@./scripts/bench.sh
+
+# The sanitizer build (issue 7): clang, ASan + UBSan, libFuzzer coverage of
+# our QED files; one build folder for check-asan and fuzz.  Its own folder,
+# so the main build is never touched; the same base source tree (and so our
+# linked-in files).
+BUILD_SAN   := $(BASE)/build-san
+SAN_PKGS    := clang llvm libclang-rt-14-dev
+.PHONY: build-san check-asan fuzz fuzz-regress
+build-san: base
+	@./scripts/install-deps.sh $(SAN_PKGS)
+	@./scripts/link-ours.sh
+	@./scripts/prepare-san.sh
+	@flock .base/build-san.lock nice -n 5 ninja -C $(BUILD_SAN) $(BINARIES) tests/qed-fuzz/qed-fuzz
+
+# The QED iotests (the list and ours) on the sanitizer build, every report
+# fatal, then the fuzzer's regression inputs.  Arguments as for
+# run-iotests.sh through CHECK_ARGS (e.g. CHECK_ARGS=--ours).
+check-asan: build-san
+	@./scripts/check-asan.sh $(CHECK_ARGS) && ./scripts/fuzz-regress.sh
+
+# libFuzzer on our QED driver for FUZZ_SECONDS; findings land in fuzz-out/.
+FUZZ_SECONDS ?= 60
+fuzz: build-san
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) ./scripts/fuzz.sh
+
+# Replay tests/qed-fuzz/regress/ (inputs that once failed) through the fuzzer.
+fuzz-regress: build-san
+	@./scripts/fuzz-regress.sh
 
 # Install the fork's binaries under $(PREFIX)/bin (default /usr/local/bin).
 # Never over the distribution's QEMU: PREFIX=/usr (or /) is refused.  The

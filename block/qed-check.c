@@ -335,8 +335,10 @@ static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
     unsigned int n_bufs = 0;
     size_t i = 0;
 
-    qsort(check->tables, check->n_tables, sizeof(check->tables[0]),
-          qed_check_l2_by_offset);
+    if (check->n_tables > 1) {    /* qsort(NULL, 0, ...) is undefined */
+        qsort(check->tables, check->n_tables, sizeof(check->tables[0]),
+              qed_check_l2_by_offset);
+    }
     check->tables_by_offset = true;
 
     while (i < check->n_tables) {
@@ -399,8 +401,10 @@ static void qed_check_frag(QEDCheck *check)
     uint64_t cluster_size = check->s->header.cluster_size;
     uint64_t prev = 0;
 
-    qsort(check->tables, check->n_tables, sizeof(check->tables[0]),
-          qed_check_l2_by_index);
+    if (check->n_tables > 1) {    /* qsort(NULL, 0, ...) is undefined */
+        qsort(check->tables, check->n_tables, sizeof(check->tables[0]),
+              qed_check_l2_by_index);
+    }
     check->tables_by_offset = false;
 
     for (size_t i = 0; i < check->n_tables; i++) {

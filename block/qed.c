@@ -448,12 +448,17 @@ static int qed_call_in_coroutine(BDRVQEDState *s, QEDCoFunc *fn,
     return call.ret;
 }
 
-/* Cut the file back to the clusters in use (on close and hand-over) */
+/*
+ * Cut the file back to the clusters in use (on close and hand-over), or
+ * extend it to whole clusters: after a crash that lost the grow-ahead's
+ * size change, the file may end inside its last cluster, which readers
+ * that round the file size down (the original driver) take for corrupt.
+ */
 static int coroutine_fn qed_trim_file_tail(BDRVQEDState *s, void *opaque)
 {
     int ret;
 
-    if (s->file_size <= s->file_end) {
+    if (s->file_size == s->file_end) {
         return 0;
     }
     ret = bdrv_co_truncate(s->bs->file, s->file_end, false,
@@ -1151,7 +1156,9 @@ static int coroutine_fn qed_wb_flush(BDRVQEDState *s)
  *   the L1 snapshot is taken with the L2 ones, so it names only tables
  *   whose sectors are written first, and with a backing file a flush
  *   separates the two.  Sectors of a new table that were never written
- *   read as zeros (fresh file space), so only dirty sectors are written.
+ *   read as zeros (fresh file space), so only dirty sectors are written,
+ *   and the table's last sector, so that the file holds the whole table
+ *   even if the size change of the grow-ahead was lost.
  */
 static int coroutine_fn qed_writeback(BDRVQEDState *s)
 {
@@ -1288,6 +1295,13 @@ static int coroutine_fn qed_set_entries(BDRVQEDState *s, uint64_t start,
         e = qed_l2_cache_insert(c, l2_offset,
                                 qed_table_new(qed_table_bytes(s)), true);
         e->fresh = true;
+        /*
+         * The file must hold the whole table before the L1 entry points
+         * at it (one that runs past the end of the file is corrupt), and
+         * the grow-ahead's size change is not ordered with table writes:
+         * the table's last sector is written with its first writeback.
+         */
+        qed_l2_cache_mark_dirty(c, e, c->nsectors - 1, 1);
         s->l1_table->offsets[l1i] = l2_offset;
         qed_l1_mark_dirty(s, l1i / QED_ENTRIES_PER_SECTOR, 1);
         new_table = true;
@@ -1894,7 +1908,14 @@ static int coroutine_fn qed_co_check(BlockDriverState *bs,
     BDRVQEDState *s = bs->opaque;
     int ret;
 
-    /* The check reads the tables from disk */
+    /*
+     * The check reads the tables from disk: the entries of every
+     * acknowledged write must be there, or a repair would reclaim their
+     * clusters as leaked
+     */
+    while (qed_allocs_in_flight(s)) {
+        qemu_co_queue_wait(&s->idle_waiters, NULL);
+    }
     ret = qed_writeback(s);
     if (ret < 0) {
         return ret;

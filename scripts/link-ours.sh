@@ -16,6 +16,14 @@ for t in "$TOP"/tests/qemu-iotests/tests/*; do
     ln -sfn "$t" "$SRC/tests/qemu-iotests/tests/$(basename "$t")"
 done
 
+# Our fuzzer's sources and meson.build (patches/0003-qed-fuzz-build.sh adds
+# the subdir to the base's tests/meson.build)
+mkdir -p "$SRC/tests/qed-fuzz"
+for f in "$TOP"/tests/qed-fuzz/meson.build "$TOP"/tests/qed-fuzz/*.c; do
+    [ -e "$f" ] || continue
+    ln -sfn "$f" "$SRC/tests/qed-fuzz/$(basename "$f")"
+done
+
 # Scripted changes to the base (idempotent; they touch files only on change)
 for p in "$TOP"/patches/*.sh; do
     [ -e "$p" ] || continue

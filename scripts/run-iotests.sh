@@ -16,7 +16,9 @@ set -uo pipefail
 
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 BASE=$TOP/.base/qemu
-BUILD_IOTESTS=$BASE/build/tests/qemu-iotests
+# QED_BUILD_DIR: another build of the base (make check-asan: build-san)
+BUILD=${QED_BUILD_DIR:-$BASE/build}
+BUILD_IOTESTS=$BUILD/tests/qemu-iotests
 SRC_IOTESTS=$BASE/tests/qemu-iotests
 LIST=$TOP/tests/qemu-iotests/qed-tests.list
 OURS_DIR=$TOP/tests/qemu-iotests/tests
@@ -39,11 +41,11 @@ die() { echo "run-iotests: $*" >&2; echo "iotests: 0 passed, 1 failed"; exit 2; 
 
 [ -x "$BUILD_IOTESTS/check" ] || die "no $BUILD_IOTESTS/check: run 'make' first"
 # (./check takes the binaries from the environment if set there)
-for b in "${QEMU_IMG_PROG:-$BASE/build/qemu-img}" \
-         "${QEMU_IO_PROG:-$BASE/build/qemu-io}" \
-         "${QEMU_NBD_PROG:-$BASE/build/qemu-nbd}" \
-         "${QSD_PROG:-$BASE/build/storage-daemon/qemu-storage-daemon}" \
-         "${QEMU_PROG:-$BASE/build/qemu-system-x86_64}"; do
+for b in "${QEMU_IMG_PROG:-$BUILD/qemu-img}" \
+         "${QEMU_IO_PROG:-$BUILD/qemu-io}" \
+         "${QEMU_NBD_PROG:-$BUILD/qemu-nbd}" \
+         "${QSD_PROG:-$BUILD/storage-daemon/qemu-storage-daemon}" \
+         "${QEMU_PROG:-$BUILD/qemu-system-x86_64}"; do
     [ -x "$b" ] || die "missing $b: run 'make' first"
 done
 

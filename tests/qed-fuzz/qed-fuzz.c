@@ -1,0 +1,610 @@
+/*
+ * libFuzzer harness for our QED driver
+ *
+ * Each input is a whole QED image file.  The harness writes it to a file in
+ * a private scratch folder (on /dev/shm when there is one) and drives it
+ * through the fork's block layer, as qemu-img and a guest would:
+ *
+ *  1. read-only open: block status over the first extents, reads at the
+ *     start, the end and inside allocated extents, a check without repair;
+ *  2. read-write open (with a one-table L2 cache for some inputs): a batch
+ *     of concurrent writes, reads, write-zeroes, discards and flushes, and
+ *     sometimes a resize, on the image as it came (only crashes, sanitizer
+ *     reports and hangs count here: the image may be corrupt);
+ *     then `check -r all`, which must leave no corruption, then
+ *     non-overlapping writes whose content is remembered and read back;
+ *  3. a second read-only open: the check must find nothing to repair and
+ *     every remembered write must read back.
+ *
+ * A failed open is fine (most mutated headers are invalid); a crash, a
+ * sanitizer report, an assertion, a leak, a hang or a broken expectation of
+ * steps 2 and 3 is a finding.  The operations' offsets and sizes come from
+ * a hash of the input, so that every input replays the same way.
+ *
+ * Backing files: an image may only name "backing.raw" or "backing.qed",
+ * two small fixed files in the scratch folder; any other name (a host path,
+ * "../", a json: or protocol name) is opened without its backing file
+ * (BDRV_O_NO_BACKING), so that the fuzzer never reaches outside the scratch
+ * folder.
+ *
+ * Run through `make fuzz` (see the Makefile); a single input replays with
+ * `.base/qemu/build-san/tests/qed-fuzz/qed-fuzz FILE...`.
+ *
+ * This work is licensed under the terms of the GNU LGPL, version 2 or later.
+ * See the COPYING.LIB file in the top-level directory.
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/main-loop.h"
+#include "qemu/iov.h"
+#include "qapi/error.h"
+#include "qapi/qmp/qdict.h"
+#include "block/block.h"
+#include "sysemu/block-backend.h"
+
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+/* Inputs larger than this are skipped: images stay small and fast */
+#define FUZZ_MAX_INPUT (4 * 1024 * 1024)
+/* Largest single request */
+#define FUZZ_MAX_IO (64 * 1024)
+/* Requests in flight at once in a batch */
+#define FUZZ_BATCH 8
+/* Writes are only tried on images with clusters up to this size */
+#define FUZZ_MAX_WRITE_CLUSTER (2 * 1024 * 1024)
+/* Guest range the operations aim at */
+#define FUZZ_SPAN (1ULL << 30)
+/* Remembered writes in step 2 (one per slot of the span) */
+#define FUZZ_SLOTS 8
+#define BACKING_SIZE (1024 * 1024)
+
+static char *scratch_dir;
+static char *image_path;
+
+/* Debug output when QED_FUZZ_VERBOSE is set */
+static bool verbose;
+#define DPRINTF(fmt, ...) do { \
+        if (verbose) { \
+            fprintf(stderr, "qed-fuzz: " fmt "\n", ## __VA_ARGS__); \
+        } \
+    } while (0)
+
+/* ---- small deterministic generator, seeded by the input ---------------- */
+
+typedef struct Rng {
+    uint64_t s;
+} Rng;
+
+static uint64_t rng_next(Rng *r)
+{
+    /* xorshift64* */
+    r->s ^= r->s >> 12;
+    r->s ^= r->s << 25;
+    r->s ^= r->s >> 27;
+    return r->s * 0x2545f4914f6cdd1dULL;
+}
+
+static uint64_t rng_below(Rng *r, uint64_t n)
+{
+    return n ? rng_next(r) % n : 0;
+}
+
+static uint64_t hash_input(const uint8_t *data, size_t size)
+{
+    uint64_t h = 0xcbf29ce484222325ULL ^ size;
+    size_t i;
+
+    for (i = 0; i < size; i++) {
+        h = (h ^ data[i]) * 0x100000001b3ULL;
+    }
+    return h ? h : 1;
+}
+
+/* ---- the header, as far as the harness needs it ------------------------ */
+
+typedef struct FuzzHeader {
+    bool valid;             /* magic and sizes look like QED */
+    uint32_t cluster_size;
+    uint32_t table_size;
+    uint64_t features;
+    bool backing_ok;        /* the image may open its backing file */
+} FuzzHeader;
+
+static const char *const allowed_backing[] = { "backing.raw", "backing.qed" };
+
+static void parse_header(const uint8_t *data, size_t size, FuzzHeader *h)
+{
+    uint32_t name_off, name_len;
+    size_t i;
+
+    memset(h, 0, sizeof(*h));
+    h->backing_ok = true;
+    if (size < 64 || ldl_le_p(data) != ('Q' | 'E' << 8 | 'D' << 16)) {
+        return;
+    }
+    h->cluster_size = ldl_le_p(data + 4);
+    h->table_size = ldl_le_p(data + 8);
+    h->features = ldq_le_p(data + 16);
+    h->valid = true;
+
+    if (!(h->features & 1)) {
+        return;             /* no backing file */
+    }
+    h->backing_ok = false;
+    name_off = ldl_le_p(data + 56);
+    name_len = ldl_le_p(data + 60);
+    if (name_off > size || name_len > size - name_off) {
+        return;
+    }
+    for (i = 0; i < ARRAY_SIZE(allowed_backing); i++) {
+        if (name_len == strlen(allowed_backing[i]) &&
+            !memcmp(data + name_off, allowed_backing[i], name_len)) {
+            h->backing_ok = true;
+        }
+    }
+}
+
+/* ---- set-up -------------------------------------------------------------- */
+
+static void write_file(const char *path, const void *buf, size_t len)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+
+    if (fd < 0 || (len && write(fd, buf, len) != (ssize_t)len)) {
+        fprintf(stderr, "qed-fuzz: cannot write %s: %s\n", path,
+                strerror(errno));
+        abort();
+    }
+    close(fd);
+}
+
+static void remove_scratch(void)
+{
+    const char *names[] = { "image.qed", "backing.raw", "backing.qed" };
+    size_t i;
+
+    for (i = 0; i < ARRAY_SIZE(names); i++) {
+        g_autofree char *p = g_build_filename(scratch_dir, names[i], NULL);
+        unlink(p);
+    }
+    rmdir(scratch_dir);
+}
+
+/* The two backing files an image may name */
+static void make_backing_files(void)
+{
+    g_autofree uint8_t *raw = g_malloc(BACKING_SIZE);
+    g_autofree uint8_t *qed = g_malloc0(8192);
+    g_autofree char *raw_path = g_build_filename(scratch_dir, "backing.raw",
+                                                 NULL);
+    g_autofree char *qed_path = g_build_filename(scratch_dir, "backing.qed",
+                                                 NULL);
+    size_t i;
+
+    for (i = 0; i < BACKING_SIZE; i++) {
+        raw[i] = (i * 7 + (i >> 12)) | 1;
+    }
+    write_file(raw_path, raw, BACKING_SIZE);
+
+    /* An empty QED image of 1 MiB: 4 KiB clusters, one-cluster tables */
+    stl_le_p(qed, 'Q' | 'E' << 8 | 'D' << 16);
+    stl_le_p(qed + 4, 4096);            /* cluster_size */
+    stl_le_p(qed + 8, 1);               /* table_size */
+    stl_le_p(qed + 12, 1);              /* header_size */
+    stq_le_p(qed + 40, 4096);           /* l1_table_offset */
+    stq_le_p(qed + 48, BACKING_SIZE);   /* image_size */
+    write_file(qed_path, qed, 8192);
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    const char *base = getenv("QED_FUZZ_TMPDIR");
+    g_autofree char *tmpl = NULL;
+
+    verbose = getenv("QED_FUZZ_VERBOSE") != NULL;
+    if (!base) {
+        base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : g_get_tmp_dir();
+    }
+    tmpl = g_build_filename(base, "qed-fuzz-XXXXXX", NULL);
+    scratch_dir = g_mkdtemp(tmpl) ? g_strdup(tmpl) : NULL;
+    if (!scratch_dir) {
+        fprintf(stderr, "qed-fuzz: cannot make a scratch folder in %s\n",
+                base);
+        abort();
+    }
+    atexit(remove_scratch);
+    image_path = g_build_filename(scratch_dir, "image.qed", NULL);
+    make_backing_files();
+
+    qemu_init_main_loop(&error_fatal);
+    bdrv_init();
+    return 0;
+}
+
+/* ---- requests ------------------------------------------------------------ */
+
+typedef struct Batch {
+    int pending;
+} Batch;
+
+typedef struct Req {
+    Batch *batch;
+    QEMUIOVector qiov;
+    void *buf;
+} Req;
+
+static void req_done(void *opaque, int ret)
+{
+    Req *req = opaque;
+
+    req->batch->pending--;
+    if (req->buf) {
+        qemu_iovec_destroy(&req->qiov);
+        g_free(req->buf);
+    }
+    g_free(req);
+}
+
+static void batch_wait(Batch *b)
+{
+    while (b->pending > 0) {
+        aio_poll(qemu_get_aio_context(), true);
+    }
+}
+
+static Req *req_new(Batch *b, size_t bytes, int fill)
+{
+    Req *req = g_new0(Req, 1);
+
+    req->batch = b;
+    if (bytes) {
+        req->buf = g_malloc(bytes);
+        memset(req->buf, fill, bytes);
+        qemu_iovec_init_buf(&req->qiov, req->buf, bytes);
+    }
+    b->pending++;
+    return req;
+}
+
+static BlockBackend *open_image(bool rw, const FuzzHeader *h, bool small_cache)
+{
+    QDict *opts = qdict_new();
+    Error *err = NULL;
+    BlockBackend *blk;
+    int flags = rw ? BDRV_O_RDWR : 0;
+
+    qdict_put_str(opts, "driver", "qed");
+    qdict_put_str(opts, "file.driver", "file");
+    qdict_put_str(opts, "file.filename", image_path);
+    qdict_put_str(opts, "file.locking", "off");
+    if (small_cache && h->valid && h->cluster_size &&
+        (uint64_t)h->cluster_size * h->table_size <= 64 * 1024 * 1024) {
+        qdict_put_int(opts, "l2-cache-size",
+                      (uint64_t)h->cluster_size * h->table_size);
+    }
+    if (!h->backing_ok) {
+        flags |= BDRV_O_NO_BACKING;
+    }
+    blk = blk_new_open(NULL, NULL, opts, flags, &err);
+    if (!blk) {
+        DPRINTF("open (%s) failed: %s", rw ? "rw" : "ro",
+                error_get_pretty(err));
+        error_free(err);
+    }
+    return blk;
+}
+
+/* A random range inside [0, limit), at most FUZZ_MAX_IO long */
+static void pick_range(Rng *r, uint64_t limit, uint64_t *off, uint64_t *len)
+{
+    uint64_t o, l;
+
+    if (limit == 0) {
+        *off = *len = 0;
+        return;
+    }
+    switch (rng_below(r, 4)) {
+    case 0:                         /* near the start */
+        o = rng_below(r, MIN(limit, 256 * 1024));
+        break;
+    case 1:                         /* near the end */
+        o = limit - 1 - rng_below(r, MIN(limit, 256 * 1024));
+        break;
+    default:
+        o = rng_below(r, limit);
+        break;
+    }
+    if (rng_below(r, 2)) {
+        o &= ~4095ULL;              /* aligned, often */
+    }
+    l = 1 + rng_below(r, FUZZ_MAX_IO);
+    if (rng_below(r, 2)) {
+        l = ROUND_UP(l, 4096);
+    }
+    *off = o;
+    *len = MIN(l, limit - o);
+}
+
+/* ---- step 1: read-only ------------------------------------------------- */
+
+static void step_read_only(const FuzzHeader *h, Rng *r)
+{
+    BlockBackend *blk = open_image(false, h, rng_below(r, 2));
+    BlockDriverState *bs;
+    BdrvCheckResult res = {0};
+    int64_t len, off = 0, pnum, map;
+    g_autofree uint8_t *buf = g_malloc(FUZZ_MAX_IO);
+    Batch b = {0};
+    int i;
+
+    if (!blk) {
+        return;
+    }
+    bs = blk_bs(blk);
+    len = blk_getlength(blk);
+    if (len < 0) {
+        goto out;
+    }
+
+    /* The first extents, and a read inside each of the first few */
+    for (i = 0; i < 32 && off < len; i++) {
+        BlockDriverState *file;
+        int ret = bdrv_block_status(bs, off, len - off, &pnum, &map, &file);
+
+        if (ret < 0 || pnum <= 0) {
+            break;
+        }
+        if (i < 8) {
+            uint64_t n = MIN(pnum, FUZZ_MAX_IO);
+            blk_pread(blk, off, n, buf, 0);
+        }
+        off += pnum;
+    }
+
+    /* Scattered concurrent reads */
+    for (i = 0; i < FUZZ_BATCH; i++) {
+        uint64_t o, l;
+        Req *req;
+
+        pick_range(r, len, &o, &l);
+        if (!l) {
+            break;
+        }
+        req = req_new(&b, l, 0);
+        blk_aio_preadv(blk, o, &req->qiov, 0, req_done, req);
+    }
+    batch_wait(&b);
+
+    bdrv_check(bs, &res, 0);
+    DPRINTF("ro check: %d corruptions, %d leaks, %d errors",
+            res.corruptions, res.leaks, res.check_errors);
+out:
+    blk_unref(blk);
+}
+
+/* ---- step 2: read-write ------------------------------------------------ */
+
+typedef struct Written {
+    uint64_t off;
+    uint64_t len;
+    uint8_t fill;
+} Written;
+
+static void mixed_batch(BlockBackend *blk, Rng *r, uint64_t limit)
+{
+    Batch b = {0};
+    int i, n = 1 + rng_below(r, FUZZ_BATCH);
+
+    for (i = 0; i < n; i++) {
+        uint64_t o, l;
+        Req *req;
+
+        pick_range(r, limit, &o, &l);
+        switch (rng_below(r, 8)) {
+        case 0:
+        case 1:
+        case 2:
+            if (!l) {
+                break;
+            }
+            req = req_new(&b, l, 0x40 + i);
+            blk_aio_pwritev(blk, o, &req->qiov, 0, req_done, req);
+            break;
+        case 3:
+            if (!l) {
+                break;
+            }
+            req = req_new(&b, l, 0);
+            blk_aio_preadv(blk, o, &req->qiov, 0, req_done, req);
+            break;
+        case 4:
+            req = req_new(&b, 0, 0);
+            blk_aio_pwrite_zeroes(blk, o, l,
+                                  rng_below(r, 2) ? BDRV_REQ_MAY_UNMAP : 0,
+                                  req_done, req);
+            break;
+        case 5:
+            req = req_new(&b, 0, 0);
+            blk_aio_pdiscard(blk, o, l, req_done, req);
+            break;
+        case 6:
+            req = req_new(&b, 0, 0);
+            blk_aio_flush(blk, req_done, req);
+            break;
+        default:
+            /* Two writes into one cluster, or next to each other */
+            if (!l) {
+                break;
+            }
+            req = req_new(&b, MIN(l, 2048), 0x60 + i);
+            blk_aio_pwritev(blk, o, &req->qiov, 0, req_done, req);
+            if (o + 4096 < limit) {
+                req = req_new(&b, 2048, 0x70 + i);
+                blk_aio_pwritev(blk, o + 2048, &req->qiov, 0, req_done, req);
+            }
+            break;
+        }
+    }
+    batch_wait(&b);
+}
+
+/* Non-overlapping writes, one per slot of the span, remembered in @w */
+static int remembered_writes(BlockBackend *blk, Rng *r, uint64_t limit,
+                             Written *w)
+{
+    uint64_t span = MIN(limit, FUZZ_SPAN);
+    uint64_t slot = span / FUZZ_SLOTS;
+    Batch b = {0};
+    int i, n = 0;
+
+    if (slot < 512) {
+        return 0;
+    }
+    for (i = 0; i < FUZZ_SLOTS; i++) {
+        uint64_t len = 1 + rng_below(r, MIN(slot, 16384));
+        uint64_t off = i * slot + rng_below(r, slot - len + 1);
+        Req *req;
+
+        if (rng_below(r, 3) == 0) {
+            continue;
+        }
+        w[n] = (Written) { off, len, rng_below(r, 4) ? 0x80 + i : 0 };
+        if (w[n].fill == 0 && rng_below(r, 2)) {
+            req = req_new(&b, 0, 0);
+            blk_aio_pwrite_zeroes(blk, off, len, 0, req_done, req);
+        } else {
+            req = req_new(&b, len, w[n].fill);
+            blk_aio_pwritev(blk, off, &req->qiov, 0, req_done, req);
+        }
+        n++;
+    }
+    batch_wait(&b);
+    return n;
+}
+
+static void verify_writes(BlockBackend *blk, const Written *w, int n,
+                          const char *when)
+{
+    int i;
+
+    for (i = 0; i < n; i++) {
+        g_autofree uint8_t *buf = g_malloc(w[i].len);
+        uint64_t j;
+        int ret = blk_pread(blk, w[i].off, w[i].len, buf, 0);
+
+        if (ret < 0) {
+            fprintf(stderr, "qed-fuzz: %s: read of a remembered write "
+                    "(%" PRIu64 "+%" PRIu64 ") failed: %s\n", when,
+                    w[i].off, w[i].len, strerror(-ret));
+            abort();
+        }
+        for (j = 0; j < w[i].len; j++) {
+            if (buf[j] != w[i].fill) {
+                fprintf(stderr, "qed-fuzz: %s: byte %" PRIu64 " of the write "
+                        "%" PRIu64 "+%" PRIu64 " reads 0x%02x, not 0x%02x\n",
+                        when, w[i].off + j, w[i].off, w[i].len, buf[j],
+                        w[i].fill);
+                abort();
+            }
+        }
+    }
+}
+
+static void step_read_write(const FuzzHeader *h, Rng *r)
+{
+    BlockBackend *blk;
+    BdrvCheckResult res = {0};
+    Written w[FUZZ_SLOTS];
+    int64_t len;
+    int nw = 0, ret;
+
+    if (h->valid && h->cluster_size > FUZZ_MAX_WRITE_CLUSTER) {
+        return;
+    }
+    blk = open_image(true, h, rng_below(r, 2));
+    if (!blk) {
+        return;
+    }
+    len = blk_getlength(blk);
+    if (len < 0) {
+        blk_unref(blk);
+        return;
+    }
+
+    /* On the image as it came: anything but a crash or a hang is fine */
+    mixed_batch(blk, r, len);
+    if (rng_below(r, 4) == 0) {
+        int64_t new_len = len / 2 + rng_below(r, len + 1) + 512;
+        Error *err = NULL;
+
+        new_len = QEMU_ALIGN_DOWN(new_len, 512);
+        if (blk_truncate(blk, new_len, false, PREALLOC_MODE_OFF, 0,
+                         &err) < 0) {
+            error_free(err);
+        }
+        len = blk_getlength(blk);
+        mixed_batch(blk, r, MAX(len, 0));
+    }
+    if (len < 0) {
+        blk_unref(blk);
+        return;
+    }
+
+    /* Repair: nothing may be left to repair afterwards */
+    ret = bdrv_check(blk_bs(blk), &res, BDRV_FIX_ERRORS | BDRV_FIX_LEAKS);
+    DPRINTF("repair: ret %d, %d corruptions, %d leaks, %d errors, "
+            "%d/%d fixed", ret, res.corruptions, res.leaks, res.check_errors,
+            res.corruptions_fixed, res.leaks_fixed);
+    if (ret == 0 && (res.corruptions || res.check_errors)) {
+        fprintf(stderr, "qed-fuzz: check -r all left %d corruptions and "
+                "%d errors\n", res.corruptions, res.check_errors);
+        abort();
+    }
+    if (ret < 0) {
+        blk_unref(blk);
+        return;
+    }
+
+    /* On the repaired image, what is written must read back */
+    nw = remembered_writes(blk, r, len, w);
+    verify_writes(blk, w, nw, "after the writes");
+    blk_unref(blk);
+
+    /* ---- step 3: a fresh look at what step 2 left -------------------- */
+    blk = open_image(false, h, false);
+    if (!blk) {
+        fprintf(stderr, "qed-fuzz: the repaired image does not open\n");
+        abort();
+    }
+    memset(&res, 0, sizeof(res));
+    ret = bdrv_check(blk_bs(blk), &res, 0);
+    if (ret < 0 || res.corruptions || res.check_errors) {
+        fprintf(stderr, "qed-fuzz: after repair and writes, check finds "
+                "%d corruptions and %d errors (ret %d)\n", res.corruptions,
+                res.check_errors, ret);
+        abort();
+    }
+    verify_writes(blk, w, nw, "after reopening");
+    blk_unref(blk);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    FuzzHeader h;
+    Rng r;
+
+    if (size > FUZZ_MAX_INPUT) {
+        return -1;
+    }
+    parse_header(data, size, &h);
+    r.s = hash_input(data, size);
+    write_file(image_path, data, size);
+
+    step_read_only(&h, &r);
+
+    /* The read-only steps may not change the file */
+    write_file(image_path, data, size);
+    step_read_write(&h, &r);
+    return 0;
+}

@@ -1,0 +1,1323 @@
+#!/usr/bin/env python3
+#
+# QED crash states by write-log replay.
+#
+# Killing a writer (qed_crash.py) only shows the crash states that the host
+# page cache happens to allow.  This tool checks the states a power cut can
+# leave, the way file systems are tested with dm-log-writes:
+#
+#  1. Record.  A workload runs through our qemu-io with the image file under
+#     the base's blklogwrites filter, which logs every write, discard and
+#     flush that reaches the file, in order (dm-log-writes format; a write
+#     is logged once it completed, so the log order is a completion order).
+#     Truncates pass through unlogged.  The image file is copied before the
+#     workload: the replay's starting point.  qemu-io is driven through a
+#     pipe, so the tool knows which of its writes were acknowledged before
+#     each guest flush started (the "wrote" lines before a marker command
+#     sent ahead of the flush) and how far the log was when the flush
+#     returned (the log superblock, which blklogwrites updates at every
+#     flush).
+#
+#  2. Replay.  The log's flushes split it into intervals.  A power cut in
+#     interval i leaves every entry before it and any subset of its own
+#     writes and discards.  For each interval: the state right after its
+#     flush, the in-order prefixes, then every subset when there are few,
+#     else random ones.  Identical images are counted once (a state whose
+#     image equals the next flush's state is that state).  The file size is
+#     the larger of the starting size and the end of the landed writes (a
+#     lost size change); one state in four has a grown, sparse tail instead
+#     (a size change that landed).
+#
+#  3. Check each state: with a backing file NEED_CHECK must be clear; open
+#     it read-write through our driver (which repairs a dirty image) and
+#     read back in the same qemu-io: every sector holds what the writes
+#     acknowledged before the last guest flush the state includes say, or a
+#     value a later write (or discard) could have left; NEED_CHECK is clear
+#     after the close; then our `qemu-img check` and the reference peer's
+#     find no corruption (exit 0, or 3 for leaks).
+#
+#   qed_replay.py [--workdir DIR] [--states N] [--seed S] [--jobs J]
+#                 [--workloads NAME,...] [--faildir DIR] [--keep] [-v]
+#
+# Environment: QEMU_IMG_PROG, QEMU_IO_PROG (default: the repository's build,
+# .base/qemu/build/), PEER_QEMU_IMG (default /usr/bin/qemu-img).  The
+# binaries are copied into DIR first, so that a rebuild meanwhile does not
+# change what is tested.  The seed chooses the workloads' requests and the
+# sampled subsets; the recorded logs vary from run to run (completion
+# order), so a failing state is kept (image before and after the repair, a
+# description and the commands to replay it) in the failure folder.
+#
+# Ends with "crash states: N checked, M failed (seed S)"; exit status 1 if
+# any state failed, 2 if the harness itself could not run.
+#
+# This work is licensed under the terms of the GNU GPL, version 2 or later.
+# See the COPYING file in the top-level directory.
+
+import argparse
+import ctypes
+import ctypes.util
+import hashlib
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+SECTOR = 512
+
+# dm-log-writes, as block/blklogwrites.c writes it
+LOG_FLUSH = 1 << 0
+LOG_FUA = 1 << 1
+LOG_DISCARD = 1 << 2
+LOG_MARK = 1 << 3
+LOG_MAGIC = 0x6a736677736872
+
+QED_NEED_CHECK = 0x2
+BACK_VALUES = (251, 252, 253, 254, 255)   # backing file pattern
+BACK_BLOCK = 64 * KiB                     # ... one value per block
+PATTERNS = 250                            # write values 1..250; 0 = zeros
+GROW_TAIL = 32 * MiB                      # the driver grows files this much
+
+TOP = os.path.realpath(os.path.join(os.path.dirname(
+    os.path.realpath(__file__)), '..', '..', '..'))
+BUILD = os.path.join(TOP, '.base', 'qemu', 'build')
+
+
+class HarnessError(Exception):
+    pass
+
+
+def run(args: List[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(args, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True,
+                          **kw)
+
+
+def fmt_size(n: int) -> str:
+    for unit, v in (('G', GiB), ('M', MiB), ('K', KiB)):
+        if n % v == 0 and n >= v:
+            return f'{n // v}{unit}'
+    return str(n)
+
+
+# ---- workloads ---------------------------------------------------------------
+
+class Op:
+    """One request of the workload.  kind: 'w' data (value), 'z' zeroes,
+    'd' discard, 't' truncate (to off).  ack: index of the output event
+    that acknowledged it; after_p: log position of the last guest flush
+    that had returned when it was issued (its entries come later)."""
+
+    def __init__(self, kind: str, off: int, length: int, value: int = 0,
+                 sync: bool = False, unmap: bool = False):
+        self.kind = kind
+        self.off = off
+        self.len = length
+        self.value = value
+        self.sync = sync
+        self.unmap = unmap
+        self.ack = -1
+        self.after_p = 0
+
+    def end(self) -> int:
+        return self.off + self.len
+
+    def command(self) -> str:
+        if self.kind == 'w':
+            return f'aio_write -P {self.value} {self.off} {self.len}'
+        if self.kind == 'z':
+            if self.sync:
+                u = ' -u' if self.unmap else ''
+                return f'write -z{u} {self.off} {self.len}'
+            return f'aio_write -z {self.off} {self.len}'
+        if self.kind == 'd':
+            return f'discard {self.off} {self.len}'
+        return f'truncate {self.off}'
+
+    def __repr__(self) -> str:
+        return self.command()
+
+
+class Workload:
+    """A workload: geometry, backing file, generated rounds of requests"""
+
+    def __init__(self, name: str, cluster: int, backing: str, variant: str,
+                 rounds: int):
+        self.name = name
+        self.cluster = cluster
+        self.backing = backing          # 'none', 'raw', 'qed'
+        self.variant = variant          # 'A' allocation burst, 'B' mixed
+        self.rounds_n = rounds
+        self.table_size = 2             # the peer refuses table_size=1
+        self.l2_span = self.table_size * cluster // 8 * cluster
+        if cluster == 4 * KiB:
+            self.size = 16 * MiB
+            self.grow_to = 20 * MiB
+            self.windows = [(0, self.grow_to)]
+            self.back_size = 16 * MiB
+        else:
+            self.size = 3 * GiB
+            self.grow_to = 3 * GiB + 64 * MiB
+            self.windows = [(0, 2 * MiB), (1 * GiB - 1 * MiB, 1 * GiB + 1 * MiB),
+                            (2 * GiB - 512 * KiB, 2 * GiB + 512 * KiB),
+                            (3 * GiB, 3 * GiB + 1 * MiB)]
+            self.back_size = 3 * GiB
+        # filled by generate() and record()
+        self.rounds: List[Tuple[str, List[Op]]] = []
+        self.ops: List[Op] = []
+        self.flushes: List[Tuple[int, int]] = []   # (pre-marker event, P)
+        self.entries: List[tuple] = []
+        self.log_data = b''
+        self.snapshot = ''
+        self.snap_size = 0
+        self.back_path = ''
+
+    def init_value(self, off: int) -> int:
+        """Content before the workload at guest offset @off"""
+        if self.backing != 'none' and off < self.back_size and \
+                self.in_pattern(off):
+            return BACK_VALUES[(off // BACK_BLOCK) % len(BACK_VALUES)]
+        return 0
+
+    def in_pattern(self, off: int) -> bool:
+        return any(a <= off < b for a, b in self.pattern_regions())
+
+    def pattern_regions(self) -> List[Tuple[int, int]]:
+        return [(a, min(b, self.back_size)) for a, b in self.windows
+                if a < self.back_size]
+
+    # -- generation --
+
+    def generate(self, rng: random.Random) -> None:
+        value = rng.randrange(PATTERNS)
+        written: List[Tuple[int, int]] = []
+        size = self.size
+        cs = self.cluster
+
+        def next_value() -> int:
+            nonlocal value
+            value = value % PATTERNS + 1
+            return value
+
+        def windows_now() -> List[Tuple[int, int]]:
+            return [(a, min(b, size)) for a, b in self.windows if a < size]
+
+        def free(busy: List[Tuple[int, int]], off: int, n: int) -> bool:
+            return all(off + n <= a or b <= off for a, b in busy)
+
+        def pick(busy, kind: str) -> Optional[Tuple[int, int]]:
+            for _ in range(50):
+                wins = windows_now()
+                a, b = rng.choice(wins)
+                r = rng.random()
+                if kind == 'rewrite' and written:
+                    wa, wn = rng.choice(written)
+                    n = rng.randrange(1, wn // SECTOR + 1) * SECTOR
+                    off = wa + rng.randrange(0, (wn - n) // SECTOR + 1) * \
+                        SECTOR
+                elif kind == 'written_clusters' and written:
+                    # whole clusters around data written before
+                    wa, wn = rng.choice(written)
+                    off = wa // cs * cs
+                    n = -(-(wa + wn) // cs) * cs - off
+                elif kind == 'clusters':
+                    n = rng.randint(1, 4) * cs
+                    off = a + rng.randrange(0, max(1, (b - a - n) // cs)) * cs
+                elif kind == 'cross':
+                    bounds = [k * self.l2_span for k in
+                              range(1, size // self.l2_span + 1)
+                              if a < k * self.l2_span < b]
+                    if not bounds:
+                        continue
+                    x = rng.choice(bounds)
+                    before = rng.randint(1, 3 * cs // SECTOR) * SECTOR
+                    after = rng.randint(1, 3 * cs // SECTOR) * SECTOR
+                    off, n = x - before, before + after
+                elif r < 0.35:
+                    # part of a cluster (copy-on-write of the rest)
+                    n = rng.randint(1, max(1, cs // SECTOR // 2)) * SECTOR
+                    n = min(n, 16 * KiB)
+                    off = a + rng.randrange(0, (b - a - n) // SECTOR) * SECTOR
+                elif r < 0.7:
+                    n = rng.randint(1, 2) * cs
+                    off = a + rng.randrange(0, (b - a - n) // cs) * cs
+                else:
+                    n = rng.randint(cs // SECTOR, 4 * cs // SECTOR) * SECTOR
+                    n = min(n, 256 * KiB)
+                    off = a + rng.randrange(0, (b - a - n) // SECTOR) * SECTOR
+                if off < a or off + n > b or n <= 0:
+                    continue
+                if free(busy, off, n):
+                    return off, n
+            return None
+
+        for r in range(self.rounds_n):
+            busy: List[Tuple[int, int]] = []
+            ops: List[Op] = []
+            if self.variant == 'A':
+                mode = 'drain'
+                nwrites = rng.randint(12, 24) if cs == 4 * KiB else \
+                    rng.randint(8, 14)
+                kinds = ['fresh'] * nwrites
+                if r > 0:
+                    kinds += ['rewrite'] * rng.randint(0, 4)
+                kinds += ['cross'] * rng.randint(1, 2)
+            else:
+                mode = rng.choice(['drain', 'inflight'])
+                kinds = ['fresh'] * rng.randint(4, 10)
+                kinds += ['rewrite'] * (rng.randint(1, 5) if r else 0)
+                kinds += ['cross'] * rng.randint(0, 1)
+                kinds += ['zero'] * rng.randint(0, 2)
+                kinds += ['szero'] * rng.randint(0, 1)
+                kinds += ['discard'] * (rng.randint(1, 3) if r else 0)
+                if r == self.rounds_n // 2 - 1:
+                    t = Op('t', self.grow_to, 0)
+                    ops.append(t)
+                    size = self.grow_to
+            rng.shuffle(kinds)
+            for kind in kinds:
+                if kind in ('fresh', 'rewrite', 'cross'):
+                    got = pick(busy, kind)
+                    if got:
+                        ops.append(Op('w', got[0], got[1], next_value()))
+                elif kind in ('zero', 'szero'):
+                    got = pick(busy, 'clusters' if rng.random() < 0.6
+                               else 'fresh')
+                    if got:
+                        ops.append(Op('z', got[0], got[1],
+                                      sync=(kind == 'szero'),
+                                      unmap=rng.random() < 0.5))
+                elif kind == 'discard':
+                    got = pick(busy, rng.choice(('written_clusters',
+                                                 'written_clusters',
+                                                 'clusters', 'rewrite')))
+                    if got:
+                        ops.append(Op('d', got[0], got[1], sync=True))
+                else:
+                    continue
+                if got:
+                    busy.append((got[0], got[0] + got[1]))
+                    if kind in ('fresh', 'rewrite', 'cross'):
+                        written.append(got)
+            self.rounds.append((mode, ops))
+
+    # -- description --
+
+    def describe(self) -> str:
+        return (f'{self.name}: cluster_size {fmt_size(self.cluster)}, '
+                f'table_size {self.table_size}, size {fmt_size(self.size)}, '
+                f'backing {self.backing}, variant {self.variant}')
+
+
+def all_workloads(rounds: int) -> List[Workload]:
+    wls = []
+    for cs in (4 * KiB, 64 * KiB):
+        for backing in ('none', 'raw', 'qed'):
+            for variant in ('A', 'B'):
+                name = f'{cs // KiB}k-{backing}-{variant}'
+                wls.append(Workload(name, cs, backing, variant, rounds))
+    return wls
+
+
+# ---- recording -----------------------------------------------------------------
+
+MARKER_RE = re.compile(r'^\d+(\.\d+)? (bytes|KiB|MiB|GiB|TiB|PiB|EiB)$')
+WROTE_RE = re.compile(r'^wrote (\d+)/(\d+) bytes at offset (\d+)$')
+DISCARD_RE = re.compile(r'^discard (\d+)/(\d+) bytes at offset (\d+)$')
+
+
+class Session:
+    """Our qemu-io driven through a pipe; its output becomes numbered
+    events: acknowledgements ('wrote'/'discard') and markers ('length')"""
+
+    def __init__(self, args: List[str], transcript):
+        self.proc = subprocess.Popen(
+            ['stdbuf', '-i0', '-oL', '-eL'] + args, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True, bufsize=1)
+        self.cond = threading.Condition()
+        self.events: List[Tuple[str, int]] = []
+        self.markers: List[int] = []
+        self.errors: List[str] = []
+        self.eof = False
+        self.transcript = transcript
+        self.thread = threading.Thread(target=self.reader, daemon=True)
+        self.thread.start()
+
+    def reader(self) -> None:
+        for line in self.proc.stdout:
+            line = line.replace('qemu-io> ', '').strip()
+            if not line:
+                continue
+            self.transcript.write(f'< {line}\n')
+            if ' ops; ' in line:
+                continue
+            with self.cond:
+                m = WROTE_RE.match(line) or DISCARD_RE.match(line)
+                if m:
+                    kind = 'w' if line.startswith('wrote') else 'd'
+                    self.events.append((kind, int(m.group(3))))
+                elif MARKER_RE.match(line):
+                    self.markers.append(len(self.events))
+                    self.events.append(('m', 0))
+                else:
+                    self.errors.append(line)
+                self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def send(self, text: str) -> None:
+        self.transcript.write(''.join(f'> {x}\n' for x in text.splitlines()))
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
+    def marker(self) -> int:
+        """Send a marker; return its event index once it has appeared"""
+        with self.cond:
+            want = len(self.markers) + 1
+        self.send('length\n')
+        deadline = time.monotonic() + 120
+        with self.cond:
+            while len(self.markers) < want:
+                if self.errors:
+                    raise HarnessError('qemu-io: ' + '; '.join(self.errors))
+                if self.eof:
+                    raise HarnessError('qemu-io exited early')
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HarnessError('qemu-io: no reply for 120 s')
+                self.cond.wait(left)
+            if self.errors:
+                raise HarnessError('qemu-io: ' + '; '.join(self.errors))
+            return self.markers[want - 1]
+
+    def close(self) -> None:
+        self.send('quit\n')
+        self.proc.stdin.close()
+        self.proc.wait(120)
+        self.thread.join(10)
+        if self.errors:
+            raise HarnessError('qemu-io: ' + '; '.join(self.errors))
+        if self.proc.returncode != 0:
+            raise HarnessError(f'qemu-io exited with {self.proc.returncode}')
+
+
+def log_superblock_entries(path: str) -> int:
+    with open(path, 'rb') as f:
+        sb = f.read(28)
+    if len(sb) < 28:
+        return 0        # no flush has reached the log yet
+    magic, version, nr, _ = struct.unpack('<QQQI', sb)
+    if magic != LOG_MAGIC or version != 1:
+        raise HarnessError(f'{path}: not a dm-log-writes log')
+    return nr
+
+
+def parse_log(path: str) -> Tuple[List[tuple], bytes]:
+    """Entries ('w', off, len, data_off) / ('d', off, len) / ('f',)"""
+    with open(path, 'rb') as f:
+        data = f.read()
+    magic, version, nr, ss = struct.unpack_from('<QQQI', data, 0)
+    if magic != LOG_MAGIC or version != 1:
+        raise HarnessError(f'{path}: not a dm-log-writes log')
+    entries: List[tuple] = []
+    pos = ss
+    while pos + 32 <= len(data):
+        sector, n, flags, _ = struct.unpack_from('<QQQQ', data, pos)
+        if flags & ~(LOG_FLUSH | LOG_FUA | LOG_DISCARD | LOG_MARK):
+            raise HarnessError(f'{path}: bad flags at {pos}')
+        pos += ss
+        if flags & LOG_FLUSH:
+            entries.append(('f',))
+        elif flags & LOG_DISCARD:
+            entries.append(('d', sector * ss, n * ss))
+        elif flags & LOG_MARK:
+            continue
+        else:
+            if n == 0:
+                break           # never written (cannot happen)
+            entries.append(('w', sector * ss, n * ss, pos))
+            pos += n * ss
+    if len(entries) < nr:
+        raise HarnessError(f'{path}: {len(entries)} entries, superblock '
+                           f'says {nr}')
+    return entries, data
+
+
+class Recorder:
+    def __init__(self, bins: Dict[str, str], workdir: str):
+        self.bins = bins
+        self.workdir = workdir
+
+    def make_backing(self, wl: Workload) -> str:
+        if wl.backing == 'none':
+            return ''
+        raw = os.path.join(self.workdir, f'back-{wl.cluster // KiB}k.raw')
+        if not os.path.exists(raw):
+            with open(raw + '.tmp', 'wb') as f:
+                for a, b in wl.pattern_regions():
+                    for off in range(a, b, BACK_BLOCK):
+                        f.seek(off)
+                        f.write(bytes([wl.init_value(off)]) *
+                                min(BACK_BLOCK, b - off))
+                f.truncate(wl.back_size)
+            os.rename(raw + '.tmp', raw)
+        if wl.backing == 'raw':
+            return raw
+        q = os.path.join(self.workdir, f'back-{wl.cluster // KiB}k.qed')
+        if not os.path.exists(q):
+            r = run([self.bins['img'], 'convert', '-f', 'raw', '-O', 'qed',
+                     raw, q + '.tmp'])
+            if r.returncode != 0:
+                raise HarnessError(f'qed backing file: {r.stdout}')
+            os.rename(q + '.tmp', q)
+        return q
+
+    def record(self, wl: Workload) -> None:
+        base = os.path.join(self.workdir, wl.name)
+        img, log = base + '.qed', base + '.log'
+        for f in (img, log):
+            if os.path.exists(f):
+                os.remove(f)
+        back = self.make_backing(wl)
+        wl.back_path = back
+        cmd = [self.bins['img'], 'create', '-f', 'qed', '-o',
+               f'cluster_size={wl.cluster},table_size={wl.table_size}']
+        if back:
+            cmd += ['-b', back, '-F', wl.backing]
+        r = run(cmd + [img, str(wl.size)])
+        if r.returncode != 0:
+            raise HarnessError(f'qemu-img create: {r.stdout}')
+        wl.snapshot = base + '.snap'
+        shutil.copyfile(img, wl.snapshot)
+        wl.snap_size = os.path.getsize(wl.snapshot)
+        open(log, 'wb').close()
+
+        opts = ('driver=qed,file.driver=blklogwrites,'
+                f'file.file.driver=file,file.file.filename={img},'
+                f'file.log.driver=file,file.log.filename={log},'
+                'file.log-sector-size=512')
+        with open(base + '.transcript', 'w') as tr:
+            s = Session([self.bins['io'], '--image-opts', opts], tr)
+            try:
+                self.drive(wl, s, log)
+            finally:
+                if s.proc.poll() is None:
+                    try:
+                        s.close()
+                    except Exception:
+                        s.proc.kill()
+        wl.entries, wl.log_data = parse_log(log)
+        os.remove(img)
+        os.remove(log)
+
+    def drive(self, wl: Workload, s: Session, log: str) -> None:
+        last_p = 0
+        s.marker()
+        for mode, ops in wl.rounds:
+            pending: Dict[Tuple[str, int], Op] = {}
+            body = []
+            for op in ops:
+                op.after_p = last_p
+                wl.ops.append(op)
+                if op.kind == 't':
+                    s.send(op.command() + '\n')
+                    op.ack = s.marker()
+                    continue
+                pending[('d' if op.kind == 'd' else 'w', op.off)] = op
+                body.append(op.command())
+            seen = len(s.events)
+            s.send(''.join(c + '\n' for c in body))
+            if mode == 'drain':
+                s.send('aio_flush\n')
+            pre = s.marker()
+            s.send('flush\n')
+            s.marker()
+            p = log_superblock_entries(log)
+            wl.flushes.append((pre, p))
+            last_p = p
+            if mode != 'drain':
+                s.send('aio_flush\n')
+                s.marker()
+            with s.cond:
+                events = s.events[seen:]
+                base = seen
+            for i, (kind, off) in enumerate(events):
+                if kind == 'm':
+                    continue
+                op = pending.pop((kind, off), None)
+                if op is None:
+                    raise HarnessError(f'unexpected acknowledgement {kind} '
+                                       f'{off}')
+                op.ack = base + i
+            if pending:
+                raise HarnessError(f'requests never acknowledged: '
+                                   f'{list(pending.values())}')
+        s.close()
+
+
+# ---- replay: intervals, subsets, keys --------------------------------------------
+
+class Interval:
+    """Entries [start, end) of a log between two flushes (end is the
+    flush's index, or the log's end)"""
+
+    def __init__(self, wl_index: int, index: int, start: int, end: int,
+                 has_next: bool):
+        self.wl = wl_index
+        self.index = index
+        self.start = start
+        self.end = end
+        self.has_next = has_next
+        self.k = end - start
+        self.prefix_size = 0
+        self.seg_ids: List[List[bytes]] = []  # per entry: id per segment
+        self.seg_cover: List[List[int]] = []  # per segment: covering entries
+        self.prefix_ids: List[bytes] = []
+        self.ends: List[int] = []             # per entry: end if write
+        self.key_full = b''
+
+
+def md5(b) -> bytes:
+    return hashlib.md5(b).digest()
+
+
+def prepare_intervals(wl: Workload, wl_index: int) -> List[Interval]:
+    """Walk the log once, with the image in memory, and describe every
+    interval well enough to tell identical states apart"""
+    entries = wl.entries
+    flushes = [i for i, e in enumerate(entries) if e[0] == 'f']
+    bounds = []
+    start = 0
+    for f in flushes:
+        bounds.append((start, f))
+        start = f + 1
+    bounds.append((start, len(entries)))
+    img, _mask, size = load_snapshot(wl)
+    zero_ids: Dict[int, bytes] = {}
+    out = []
+    for n, (a, b) in enumerate(bounds):
+        iv = Interval(wl_index, n, a, b, n + 1 < len(bounds))
+        iv.prefix_size = size
+        points = set()
+        for e in entries[a:b]:
+            points.add(e[1])
+            points.add(e[1] + e[2])
+        pts = sorted(points)
+        segs = list(zip(pts, pts[1:]))
+        iv.seg_cover = [[] for _ in segs]
+        for s, (x, y) in enumerate(segs):
+            if x >= len(img):
+                piece = b''
+            else:
+                piece = img[x:min(y, len(img))]
+            iv.prefix_ids.append(md5(bytes(piece) + bytes(y - x - len(piece))))
+        for j, e in enumerate(entries[a:b]):
+            ids = {}
+            for s, (x, y) in enumerate(segs):
+                if x >= e[1] and y <= e[1] + e[2]:
+                    iv.seg_cover[s].append(j)
+                    if e[0] == 'w':
+                        d = e[3] + (x - e[1])
+                        ids[s] = md5(wl.log_data[d:d + (y - x)])
+                    else:
+                        if y - x not in zero_ids:
+                            zero_ids[y - x] = md5(bytes(y - x))
+                        ids[s] = zero_ids[y - x]
+            iv.seg_ids.append(ids)
+            iv.ends.append(e[1] + e[2] if e[0] == 'w' else 0)
+        # then the prefix moves past this interval and its flush
+        for e in entries[a:b]:
+            size = apply_entry(wl, img, None, size, e)
+        iv.key_full = state_key(iv, (1 << iv.k) - 1)
+        out.append(iv)
+    return out
+
+
+def state_key(iv: Interval, mask: int) -> bytes:
+    h = hashlib.md5()
+    size = iv.prefix_size
+    for j in range(iv.k):
+        if mask >> j & 1:
+            size = max(size, iv.ends[j])
+    h.update(size.to_bytes(8, 'little'))
+    for s, cover in enumerate(iv.seg_cover):
+        win = None
+        for j in cover:
+            if mask >> j & 1:
+                win = j
+        h.update(iv.prefix_ids[s] if win is None else iv.seg_ids[win][s])
+    return h.digest()
+
+
+def subsets(iv: Interval, rng: random.Random):
+    """Masks of interval @iv in the order they are taken: the state after
+    the flush, in-order prefixes, then all subsets (few) or random ones.
+    Only images not seen before in this interval, and not equal to the
+    next flush's state (that one is checked with the stronger guarantee)"""
+    seen = set()
+
+    def fresh(mask: int) -> bool:
+        key = state_key(iv, mask)
+        if key in seen:
+            return False
+        seen.add(key)
+        return not (iv.has_next and key == iv.key_full)
+
+    k = iv.k
+    tried = set()
+    order = [0] + [(1 << j) - 1 for j in range(1, k + 1)]
+    for mask in order:
+        if mask in tried:
+            continue
+        tried.add(mask)
+        if fresh(mask):
+            yield mask
+    if k <= 12:
+        rest = [m for m in range(1 << k) if m not in tried]
+        rng.shuffle(rest)
+        for mask in rest:
+            if fresh(mask):
+                yield mask
+        return
+    misses = 0
+    while misses < 200:
+        p = rng.choice((0.2, 0.5, 0.5, 0.8))
+        mask = 0
+        for j in range(k):
+            if rng.random() < p:
+                mask |= 1 << j
+        if mask in tried:
+            misses += 1
+            continue
+        tried.add(mask)
+        if fresh(mask):
+            misses = 0
+            yield mask
+        else:
+            misses += 1
+
+
+# ---- images in memory --------------------------------------------------------
+
+def load_snapshot(wl: Workload) -> Tuple[bytearray, bytearray, int]:
+    """The starting image: contents and a per-sector written mask (holes
+    stay holes in the state files)"""
+    with open(wl.snapshot, 'rb') as f:
+        img = bytearray(f.read())
+    mask = bytearray(len(img) // SECTOR + 1)
+    fd = os.open(wl.snapshot, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < len(img):
+            try:
+                d = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+            mask[d // SECTOR:(h + SECTOR - 1) // SECTOR] = \
+                b'\x01' * ((h + SECTOR - 1) // SECTOR - d // SECTOR)
+            pos = h
+    finally:
+        os.close(fd)
+    return img, mask, len(img)
+
+
+def apply_entry(wl: Workload, img: bytearray, mask: Optional[bytearray],
+                size: int, e: tuple) -> int:
+    if e[0] == 'f':
+        return size
+    off, n = e[1], e[2]
+    if e[0] == 'w':
+        if off + n > len(img):
+            img.extend(bytes(off + n - len(img)))
+            if mask is not None:
+                mask.extend(bytes(len(img) // SECTOR + 1 - len(mask)))
+        img[off:off + n] = wl.log_data[e[3]:e[3] + n]
+        if mask is not None:
+            mask[off // SECTOR:(off + n) // SECTOR] = b'\x01' * (n // SECTOR)
+        return max(size, off + n)
+    # discard: a hole (never past the end of the file)
+    end = min(off + n, len(img))
+    if end > off:
+        img[off:end] = bytes(end - off)
+        if mask is not None:
+            mask[off // SECTOR:end // SECTOR] = bytes(end // SECTOR -
+                                                      off // SECTOR)
+    return size
+
+
+_libc = None
+
+
+def punch_hole(fd: int, off: int, n: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_int64, ctypes.c_int64]
+    # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, 3, off, n) != 0:
+        size = os.fstat(fd).st_size
+        if off < size:
+            os.pwrite(fd, bytes(min(n, size - off)), off)
+
+
+# ---- checking a state (in the worker processes) -----------------------------------
+
+G: Dict[str, object] = {}       # the run's shared data, inherited by fork
+
+
+class Prefix:
+    """A worker's image after all entries before some interval"""
+
+    def __init__(self):
+        self.wl = -1
+        self.pos = 0
+        self.img = bytearray()
+        self.mask = bytearray()
+        self.size = 0
+        self.runs: List[Tuple[int, int]] = []
+
+    def goto(self, wl_index: int, pos: int) -> None:
+        wl = G['workloads'][wl_index]
+        if wl_index != self.wl or pos < self.pos:
+            self.img, self.mask, self.size = load_snapshot(wl)
+            self.wl, self.pos = wl_index, 0
+        if pos == self.pos and self.runs:
+            return
+        for e in wl.entries[self.pos:pos]:
+            self.size = apply_entry(wl, self.img, self.mask, self.size, e)
+        self.pos = pos
+        self.runs = [(m.start() * SECTOR, m.end() * SECTOR)
+                     for m in re.finditer(b'\x01+', bytes(self.mask))]
+
+    def write_state(self, path: str, iv: Interval, mask: int,
+                    ext: bool) -> int:
+        wl = G['workloads'][iv.wl]
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            mv = memoryview(self.img)
+            for a, b in self.runs:
+                b = min(b, len(self.img))
+                os.pwrite(fd, mv[a:b], a)
+            size = self.size
+            ld = memoryview(wl.log_data)
+            for j in range(iv.k):
+                if not mask >> j & 1:
+                    continue
+                e = wl.entries[iv.start + j]
+                if e[0] == 'w':
+                    os.pwrite(fd, ld[e[3]:e[3] + e[2]], e[1])
+                    size = max(size, e[1] + e[2])
+                else:
+                    os.ftruncate(fd, size)
+                    punch_hole(fd, e[1], e[2])
+            if ext:
+                size = -(-size // wl.cluster) * wl.cluster + GROW_TAIL
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        return size
+
+
+def guarantee(wl: Workload, iv: Interval, mask: int) -> Tuple[int, int, int]:
+    """(landed, top, g): every entry before `landed` is in the state, none
+    from `top` on; g is the last guest flush the state includes (-1)"""
+    landed = iv.start
+    while landed < iv.end and mask >> (landed - iv.start) & 1:
+        landed += 1
+    top = iv.start + mask.bit_length()
+    g = -1
+    for i, (_, p) in enumerate(wl.flushes):
+        if p <= landed:
+            g = i
+    return landed, top, g
+
+
+def expected_runs(wl: Workload, g: int, top: int):
+    """[(start, end, values)] within the verified windows: the values a
+    sector may hold in a state that includes guest flush g and no log
+    entry from `top` on"""
+    cache = G.setdefault('exp_cache', {})
+    live = sum(1 for op in wl.ops if op.after_p < top)
+    ck = (wl.name, g, live)
+    if ck in cache:
+        return cache[ck]
+    pre = wl.flushes[g][0] if g >= 0 else -1
+    size = wl.size
+    for op in wl.ops:
+        if op.kind == 't' and op.ack < pre:
+            size = max(size, op.off)
+    pts = set()
+    for a, b in wl.windows:
+        if a < size:
+            pts.add(a)
+            pts.add(min(b, size))
+    for op in wl.ops:
+        if op.kind != 't':
+            pts.add(op.off)
+            pts.add(op.end())
+    for a, b in wl.pattern_regions():
+        for x in range(a, b + 1, BACK_BLOCK):
+            pts.add(x)
+    pts = sorted(x for x in pts if x <= size)
+    segs = list(zip(pts, pts[1:]))
+    starts = [a for a, _ in segs]
+    vals = [frozenset([wl.init_value(a)]) for a, _ in segs]
+    import bisect
+    for op in wl.ops:
+        if op.kind == 't' or op.after_p >= top or op.off >= size:
+            continue
+        durable = op.ack < pre
+        v = op.value if op.kind == 'w' else 0
+        i = bisect.bisect_left(starts, op.off)
+        while i < len(segs) and segs[i][0] < op.end():
+            if op.kind == 'd':
+                vals[i] = vals[i] | {0}
+            elif durable:
+                vals[i] = frozenset([v])
+            else:
+                vals[i] = vals[i] | {v}
+            i += 1
+    runs = []
+    for (a, b), v in zip(segs, vals):
+        if not any(wa <= a and b <= wb for wa, wb in wl.windows):
+            continue
+        if runs and runs[-1][1] == a and runs[-1][2] == v:
+            runs[-1] = (runs[-1][0], b, v)
+        else:
+            runs.append((a, b, v))
+    cache[ck] = (runs, size)
+    return runs, size
+
+
+READ_RE = re.compile(r'^read (\d+)/(\d+) bytes at offset (\d+)$')
+
+
+def parse_reads(out: str, cmds: List[Tuple[int, int, int]]) -> List[bool]:
+    """Which read -P commands passed, in order"""
+    res: List[bool] = []
+    bad = False
+    for line in out.splitlines():
+        if line.startswith('Pattern verification failed'):
+            bad = True
+        elif line.startswith('read failed'):
+            res.append(False)
+            bad = False
+        elif READ_RE.match(line):
+            res.append(not bad)
+            bad = False
+    return res
+
+
+def dump(qemu_io: str, path: str, a: int, b: int) -> Optional[bytes]:
+    r = run([qemu_io, '-r', '-f', 'qed', '-c', f'read -v {a} {b - a}', path])
+    data = bytearray()
+    for line in r.stdout.splitlines():
+        m = re.match(r'^[0-9a-f]{8}:  ((?:[0-9a-f]{2} )*[0-9a-f]{2})', line)
+        if m:
+            data += bytes.fromhex(m.group(1).replace(' ', ''))
+    return bytes(data) if len(data) == b - a else None
+
+
+def first_bad_sector(qemu_io: str, path: str, a: int, b: int,
+                     vals) -> Optional[str]:
+    """A run whose sectors do not all hold one allowed value: look at each
+    sector (a run of several allowed values may mix them legitimately)"""
+    for c in range(a, b, 256 * KiB):
+        e = min(b, c + 256 * KiB)
+        data = dump(qemu_io, path, c, e)
+        if data is None:
+            return f'could not read back guest offset {c:#x}+{e - c:#x}'
+        for s in range(0, e - c, SECTOR):
+            sec = data[s:s + SECTOR]
+            if sec != bytes([sec[0]]) * SECTOR or sec[0] not in vals:
+                return (f'guest offset {c + s:#x}: reads {describe(sec)}, '
+                        f'expected {"one of " if len(vals) > 1 else ""}'
+                        f'{",".join(str(v) for v in sorted(vals))}')
+    return None
+
+
+def check_state(task_iv: Interval, mask: int, key: bytes,
+                prefix: Prefix, tmp: str) -> Optional[str]:
+    """Build and check one crash state; a failure description or None"""
+    wl: Workload = G['workloads'][task_iv.wl]
+    bins = G['bins']
+    ext = key[0] % 4 == 0
+    path = os.path.join(tmp, 'state.qed')
+    clock = G['clock']
+    t = time.monotonic()
+    prefix.write_state(path, task_iv, mask, ext)
+    clock['build'] += time.monotonic() - t
+    landed, top, g = guarantee(wl, task_iv, mask)
+    problems = []
+
+    with open(path, 'rb') as f:
+        hdr = f.read(64)
+    if len(hdr) < 64 or hdr[:4] != b'QED\0':
+        return 'not a QED header at all (the starting image was lost?)'
+    features = struct.unpack_from('<Q', hdr, 16)[0]
+    if wl.backing != 'none' and features & QED_NEED_CHECK:
+        problems.append('NEED_CHECK is set in an image with a backing file')
+
+    t = time.monotonic()
+    runs, size = expected_runs(wl, g, top)
+    cmds = []       # (run index, value, start, end)
+    for i, (a, b, vals) in enumerate(runs):
+        for v in sorted(vals):
+            cmds.append((i, v, a, b))
+    args = [bins['io'], '-f', 'qed']
+    for _, v, a, b in cmds:
+        args += ['-c', f'read -P {v} {a} {b - a}']
+    r = subprocess.run(args + [path], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True)
+    res = parse_reads(r.stdout, cmds)
+    clock['open'] += time.monotonic() - t
+    if len(res) != len(cmds):
+        problems.append(f'read-write open or reads failed (exit '
+                        f'{r.returncode}): {r.stderr.strip()[:2000]} '
+                        f'{r.stdout.strip()[-2000:]}')
+    else:
+        ok_runs = set(i for (i, _, _, _), ok in zip(cmds, res) if ok)
+        for i, (a, b, vals) in enumerate(runs):
+            if i not in ok_runs:
+                bad = first_bad_sector(bins['io'], path, a, b, vals)
+                if bad:
+                    problems.append(bad)
+    with open(path, 'rb') as f:
+        hdr = f.read(64)
+    features = struct.unpack_from('<Q', hdr, 16)[0] if len(hdr) >= 64 else 0
+    if features & QED_NEED_CHECK and not problems:
+        problems.append('NEED_CHECK still set after a clean close')
+
+    for who, name in (('img', 'our'), ('peer', "the peer's")):
+        t = time.monotonic()
+        c = run([bins[who], 'check', '-f', 'qed', path])
+        clock[who] += time.monotonic() - t
+        if c.returncode not in (0, 3):
+            problems.append(f'{name} qemu-img check exits {c.returncode}: '
+                            f'{c.stdout.strip()[:2000]}')
+    if not problems:
+        return None
+    return '\n'.join(problems)
+
+
+def describe(sec: bytes) -> str:
+    vals = sorted(set(sec))
+    if len(vals) == 1:
+        return f'value {vals[0]}'
+    return 'mixed values ' + ','.join(str(v) for v in vals[:8])
+
+
+def keep_failure(iv: Interval, mask: int, key: bytes, what: str,
+                 prefix: Prefix, tmp: str) -> str:
+    wl: Workload = G['workloads'][iv.wl]
+    d = os.path.join(G['faildir'],
+                     f'{wl.name}-interval{iv.index}-mask{mask:x}')
+    os.makedirs(d, exist_ok=True)
+    after = os.path.join(tmp, 'state.qed')
+    if os.path.exists(after):
+        shutil.copyfile(after, os.path.join(d, 'after-open.qed'))
+    ext = key[0] % 4 == 0
+    state = os.path.join(d, 'state.qed')
+    prefix.write_state(state, iv, mask, ext)
+    landed, top, g = guarantee(wl, iv, mask)
+    lines = [f'workload {wl.describe()}',
+             f'backing file: {wl.back_path or "none"}',
+             f'interval {iv.index}: log entries {iv.start}..{iv.end - 1} '
+             f'(after the flush at entry {iv.start - 1}; next flush at '
+             f'entry {iv.end if iv.has_next else "none"})',
+             f'landed from the interval (mask {mask:#x}):']
+    for j in range(iv.k):
+        e = wl.entries[iv.start + j]
+        tag = 'landed' if mask >> j & 1 else 'lost  '
+        lines.append(f'  {tag} entry {iv.start + j}: '
+                     f'{"write" if e[0] == "w" else "discard"} file offset '
+                     f'{e[1]:#x} length {e[2]:#x}')
+    lines.append(f'every entry before {landed} landed; none from {top} on; '
+                 f'file size {os.path.getsize(state)}'
+                 f'{" (grown tail)" if ext else ""}')
+    if g >= 0:
+        lines.append(f'includes guest flush {g} (log position '
+                     f'{wl.flushes[g][1]}): requests acknowledged before it '
+                     f'must read back')
+    else:
+        lines.append('includes no guest flush')
+    lines.append('requests of the workload (ack event, issued after log '
+                 'position):')
+    for op in wl.ops:
+        lines.append(f'  {op.command():40} ack {op.ack} after {op.after_p}')
+    lines.append(f'guest flushes (pre-marker event, log position): '
+                 f'{wl.flushes}')
+    lines.append('')
+    lines.append('FAILED:')
+    lines.append(what)
+    lines.append('')
+    lines.append('replay by hand: cp state.qed x.qed; qemu-io -f qed -c '
+                 '"read -P V OFF LEN" x.qed; qemu-img check x.qed')
+    with open(os.path.join(d, 'description.txt'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    return d
+
+
+def worker_init() -> None:
+    G['prefix'] = Prefix()
+    G['tmp'] = os.path.join(G['tmpbase'], f'w{os.getpid()}')
+    os.makedirs(G['tmp'], exist_ok=True)
+
+
+def worker_task(task) -> Tuple[int, List[Tuple[str, str]], Dict[str, float]]:
+    wl_index, iv_index, states = task
+    iv = G['intervals'][wl_index][iv_index]
+    prefix: Prefix = G['prefix']
+    prefix.goto(wl_index, iv.start)
+    fails = []
+    G['clock'] = clock = dict.fromkeys(('build', 'open', 'img', 'peer'), 0.0)
+    for mask, key in states:
+        try:
+            what = check_state(iv, mask, key, prefix, G['tmp'])
+        except Exception as e:      # keep going, report it as a failure
+            what = f'harness exception: {e!r}'
+        if what:
+            kept = ''
+            # keep a few of each kind of failure
+            kind = re.sub(r'(0x)?[0-9a-f]*[0-9][0-9a-f]*', 'N',
+                          what.splitlines()[0])
+            with G['lock']:
+                n = G['kept'].get(kind, 0)
+                G['kept'][kind] = n + 1
+            if n < G['max_kept']:
+                try:
+                    kept = keep_failure(iv, mask, key, what, prefix,
+                                        G['tmp'])
+                except Exception as e:
+                    kept = f'(could not keep it: {e!r})'
+            wl = G['workloads'][wl_index]
+            fails.append((f'{wl.name} interval {iv.index} mask {mask:#x}',
+                          what.splitlines()[0] +
+                          (f' (kept in {kept})' if kept else '')))
+    return len(states), fails, clock
+
+
+# ---- main --------------------------------------------------------------------
+
+def private_copy(prog: str, where: str) -> str:
+    path = shutil.which(prog)
+    if path is None:
+        raise HarnessError(f'{prog} not found (run make first?)')
+    copy = os.path.join(where, os.path.basename(path))
+    os.makedirs(where, exist_ok=True)
+    for _ in range(60):
+        try:
+            shutil.copy2(path, copy)
+            if run([copy, '--version']).returncode == 0:
+                return copy
+        except OSError:
+            pass
+        time.sleep(1)           # being rebuilt right now?
+    raise HarnessError(f'cannot run a copy of {path}')
+
+
+def plan(intervals: List[List[Interval]], target: int, seed: int):
+    """Round-robin over all intervals of all workloads, one new state each
+    per pass, until the target is reached: every flush state first, then
+    prefixes, then subsets"""
+    gens = []
+    for ivs in intervals:
+        for iv in ivs:
+            rng = random.Random(f'{seed}-{iv.wl}-{iv.index}')
+            gens.append((iv, subsets(iv, rng)))
+    chosen: Dict[Tuple[int, int], List[Tuple[int, bytes]]] = {}
+    total = 0
+    active = gens
+    while active and total < target:
+        nxt = []
+        for iv, gen in active:
+            if total >= target:
+                break
+            mask = next(gen, None)
+            if mask is None:
+                continue
+            chosen.setdefault((iv.wl, iv.index), []).append(
+                (mask, state_key(iv, mask)))
+            total += 1
+            nxt.append((iv, gen))
+        active = nxt
+    return chosen, total, not active
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description='QED crash states by write-log '
+                                 'replay')
+    ap.add_argument('--workdir', help='scratch folder (default: a new one '
+                    'under /tmp)')
+    ap.add_argument('--states', type=int, default=int(
+        os.environ.get('QED_REPLAY_STATES', '10000')),
+        help='crash states to check (default 10000)')
+    ap.add_argument('--seed', type=int, default=int(
+        os.environ.get('QED_REPLAY_SEED', '0')) or
+        random.SystemRandom().randrange(1, 2 ** 31))
+    ap.add_argument('--jobs', type=int, default=2)
+    ap.add_argument('--rounds', type=int, default=8,
+                    help='guest flushes per workload')
+    ap.add_argument('--workloads', help='comma-separated names (default all)')
+    ap.add_argument('--faildir', help='where failing states are kept '
+                    '(default WORKDIR/failed)')
+    ap.add_argument('--max-kept', type=int, default=5,
+                    help='failing states kept of each kind')
+    ap.add_argument('--keep', action='store_true',
+                    help='keep the scratch files')
+    ap.add_argument('-v', '--verbose', action='store_true')
+    ap.add_argument('--list', action='store_true', help='list the workloads')
+    args = ap.parse_args()
+
+    wls = all_workloads(args.rounds)
+    if args.list:
+        for wl in wls:
+            print(wl.describe())
+        return 0
+    if args.workloads:
+        names = args.workloads.split(',')
+        unknown = [n for n in names if n not in [w.name for w in wls]]
+        if unknown:
+            print(f'unknown workloads: {unknown}', file=sys.stderr)
+            return 2
+        wls = [w for w in wls if w.name in names]
+
+    own_workdir = not args.workdir
+    workdir = args.workdir or __import__('tempfile').mkdtemp(
+        prefix='qed-replay-')
+    workdir = os.path.join(workdir, 'replay') if args.workdir else workdir
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir)
+    faildir = args.faildir or os.path.join(workdir, 'failed')
+    logf = open(os.path.join(workdir, 'replay.log'), 'w')
+
+    def say(msg: str, always: bool = False) -> None:
+        logf.write(msg + '\n')
+        logf.flush()
+        if always or args.verbose:
+            print(msg, flush=True)
+
+    t0 = time.monotonic()
+    try:
+        bindir = os.path.join(workdir, 'bin')
+        bins = {
+            'img': private_copy(os.environ.get(
+                'QEMU_IMG_PROG', os.path.join(BUILD, 'qemu-img')), bindir),
+            'io': private_copy(os.environ.get(
+                'QEMU_IO_PROG', os.path.join(BUILD, 'qemu-io')), bindir),
+            'peer': os.environ.get('PEER_QEMU_IMG', '/usr/bin/qemu-img'),
+        }
+        if not os.access(bins['peer'], os.X_OK):
+            raise HarnessError(f'reference peer {bins["peer"]} not found')
+        if shutil.which('stdbuf') is None:
+            raise HarnessError('stdbuf (coreutils) not found')
+        say(f'qed crash replay: seed {args.seed}, {len(wls)} workloads, '
+            f'{args.states} states, {args.jobs} jobs; scratch {workdir}')
+
+        rec = Recorder(bins, workdir)
+        intervals = []
+        for n, wl in enumerate(wls):
+            wl.generate(random.Random(f'{args.seed}-{wl.name}'))
+            t = time.monotonic()
+            rec.record(wl)
+            ivs = prepare_intervals(wl, n)
+            intervals.append(ivs)
+            kinds = [e[0] for e in wl.entries]
+            ok = [op.kind for op in wl.ops]
+            say(f'recorded {wl.describe()}: {len(wl.ops)} requests '
+                f'({ok.count("w")} data, {ok.count("z")} zero, '
+                f'{ok.count("d")} discard, {ok.count("t")} resize), '
+                f'{len(wl.flushes)} guest flushes; log: '
+                f'{kinds.count("w")} writes, {kinds.count("d")} discards, '
+                f'{kinds.count("f")} flushes; {len(ivs)} intervals, largest '
+                f'{max(iv.k for iv in ivs)} entries '
+                f'({time.monotonic() - t:.1f} s)')
+
+        chosen, total, exhausted = plan(intervals, args.states, args.seed)
+        n_flush = sum(1 for v in chosen.values() for m, _ in v if m == 0)
+        say(f'plan: {total} distinct crash states ({n_flush} right after a '
+            f'flush, {total - n_flush} with unflushed writes landed or '
+            f'lost){"; every distinct state of these logs" if exhausted else ""}'
+            f' ({time.monotonic() - t0:.0f} s so far)')
+
+        tasks = []
+        for (w, i), states in sorted(chosen.items()):
+            for c in range(0, len(states), 16):
+                tasks.append((w, i, states[c:c + 16]))
+        tmpbase = '/dev/shm' if os.access('/dev/shm', os.W_OK) else workdir
+        tmpbase = __import__('tempfile').mkdtemp(prefix='qed-replay-',
+                                                 dir=tmpbase)
+        ctx = multiprocessing.get_context('fork')
+        manager = ctx.Manager()
+        G.update(workloads=wls, intervals=intervals, bins=bins,
+                 faildir=faildir, tmpbase=tmpbase,
+                 kept=manager.dict(), lock=manager.Lock(),
+                 max_kept=args.max_kept)
+        done = 0
+        failures: List[Tuple[str, str]] = []
+        next_report = 1000
+        clocks: Dict[str, float] = {}
+        try:
+            with ctx.Pool(args.jobs, initializer=worker_init) as pool:
+                for n, fails, clock in pool.imap_unordered(worker_task,
+                                                           tasks):
+                    done += n
+                    for k, v in clock.items():
+                        clocks[k] = clocks.get(k, 0.0) + v
+                    for where, what in fails:
+                        failures.append((where, what))
+                        say(f'FAILED: {where}: {what}', True)
+                    if done >= next_report:
+                        say(f'  {done}/{total} states checked, '
+                            f'{len(failures)} failed '
+                            f'({time.monotonic() - t0:.0f} s)')
+                        next_report += 1000
+        finally:
+            shutil.rmtree(tmpbase, ignore_errors=True)
+
+        elapsed = time.monotonic() - t0
+        if done:
+            say('time per state (ms): ' + ', '.join(
+                f'{k} {1000 * v / done:.1f}' for k, v in clocks.items()) +
+                ' (build the image; open, repair and read back; our check; '
+                'the peer\'s check)')
+        say(f'crash states: {done} checked, {len(failures)} failed '
+            f'(seed {args.seed}) in {elapsed:.0f} s', True)
+        if failures:
+            say(f'failing states kept in {faildir}; log: '
+                f'{os.path.join(workdir, "replay.log")}', True)
+            return 1
+        if not args.keep:
+            logf.close()
+            if own_workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                for f in os.listdir(workdir):
+                    if f != 'replay.log':
+                        p = os.path.join(workdir, f)
+                        if os.path.isdir(p):
+                            shutil.rmtree(p, ignore_errors=True)
+                        else:
+                            os.remove(p)
+        return 0
+    except HarnessError as e:
+        say(f'crash replay could not run: {e} (scratch files in {workdir})',
+            True)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
