@@ -51,15 +51,23 @@
 #define QED_FILE_GROW_STEP (32 * MiB)
 
 /*
- * Dirty table sectors that start a writeback pass in the background, and
- * the count beyond which an allocating write waits for a pass.  They bound
- * the work a flush finds left to do.
+ * Dirty table sectors (32 MiB) that start a writeback pass in the
+ * background, and the count beyond which an allocating write waits for a
+ * pass.  They bound the work a flush finds left to do.  Dirty tables are
+ * bounded likewise by the cache size (they are pinned in the cache).
  */
-#define QED_WB_SOFT_SECTORS 2048
+#define QED_WB_SOFT_SECTORS 65536
 #define QED_WB_HARD_SECTORS (4 * QED_WB_SOFT_SECTORS)
 
 /* Table sector writes of one writeback pass in flight at once */
 #define QED_WB_PARALLEL 16
+
+/*
+ * Dirty runs of one table with at most this many clean sectors between
+ * them go in one write: rewriting 64 KiB of clean entries costs less
+ * than another request.
+ */
+#define QED_WB_MAX_GAP 128
 
 /*
  * A range of whole clusters (guest offsets) whose table entries are
@@ -1046,7 +1054,23 @@ typedef struct QEDWbTask {
     QEDWbJob *job;
 } QEDWbTask;
 
-/* Snapshot the dirty sectors of @e (NULL: the L1 table) into @jobs */
+/*
+ * Do sectors [first, end) of @e (NULL: the L1 table) hold the disk's
+ * entries, so that writing them back is safe even where they are clean?
+ */
+static bool qed_wb_loaded(BDRVQEDState *s, CachedL2Table *e,
+                          unsigned long first, unsigned long end)
+{
+    unsigned long spc = s->l2_cache.chunk_entries / QED_ENTRIES_PER_SECTOR;
+    unsigned long last = (end - 1) / spc;
+
+    return !e || find_next_zero_bit(e->loaded, last + 1, first / spc) > last;
+}
+
+/*
+ * Snapshot the dirty sectors of @e (NULL: the L1 table) into @jobs, one
+ * job per run, runs joined across short clean gaps.
+ */
 static void qed_wb_collect(BDRVQEDState *s, CachedL2Table *e, GArray *jobs)
 {
     unsigned int nsectors = s->l2_cache.nsectors;
@@ -1056,6 +1080,14 @@ static void qed_wb_collect(BDRVQEDState *s, CachedL2Table *e, GArray *jobs)
 
     while (i < nsectors) {
         unsigned long end = find_next_zero_bit(dirty, nsectors, i);
+        unsigned long next;
+
+        while ((next = find_next_bit(dirty, nsectors, end)) < nsectors &&
+               next - end <= QED_WB_MAX_GAP &&
+               qed_wb_loaded(s, e, end, next)) {
+            end = find_next_zero_bit(dirty, nsectors, next);
+        }
+
         QEDWbJob job = {
             .e = e,
             .first = i,
@@ -1071,8 +1103,11 @@ static void qed_wb_collect(BDRVQEDState *s, CachedL2Table *e, GArray *jobs)
             qed_l2_cache_clear_dirty(&s->l2_cache, e, i, end - i);
             e->ref++;
         } else {
-            bitmap_clear(s->l1_dirty, i, end - i);
-            s->l1_ndirty -= end - i;
+            for (unsigned long j = i; j < end; j++) {
+                if (test_and_clear_bit(j, s->l1_dirty)) {
+                    s->l1_ndirty--;
+                }
+            }
         }
         g_array_append_val(jobs, job);
         i = find_next_bit(dirty, nsectors, end);
@@ -1251,10 +1286,10 @@ static void coroutine_fn qed_wb_throttle(BDRVQEDState *s)
     L2TableCache *c = &s->l2_cache;
 
     if (c->dirty_sectors > QED_WB_HARD_SECTORS ||
-        c->dirty_tables > c->max_entries) {
+        c->dirty_tables > 2 * c->max_entries) {
         qed_writeback(s);
     } else if ((c->dirty_sectors > QED_WB_SOFT_SECTORS ||
-                c->dirty_tables > c->max_entries / 2) &&
+                c->dirty_tables > c->max_entries) &&
                !s->wb_background) {
         trace_qed_writeback_kick(s, c->dirty_sectors, c->dirty_tables);
         s->wb_background = true;
