@@ -37,7 +37,7 @@ int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
         return 0;
     }
 
-    table = qed_alloc_table(s);
+    table = qed_table_new(qed_table_bytes(s));
     *entry = qed_l2_cache_insert(&s->l2_cache, l2_offset, table, false);
     return 0;
 }
@@ -45,8 +45,9 @@ int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
 /*
  * Make entries [first, end) of @e hold what the disk holds, reading the
  * chunks that are not in memory yet (adjacent ones in one request).  The
- * caller holds e->lock, so no table update of @e runs meanwhile and a
- * chunk read from disk cannot miss an update that lands during the read.
+ * caller holds e->lock.  Entries change (and become dirty) only in loaded
+ * chunks, so a chunk read from disk never overwrites a change, and a
+ * writeback never writes a sector of a chunk that is being read.
  */
 int coroutine_fn qed_l2_load_locked(BDRVQEDState *s, CachedL2Table *e,
                                     unsigned int first, unsigned int end)

@@ -2,11 +2,13 @@
  * QED: the L2 table cache
  *
  * Every request looks up its offsets in L2 tables, so the tables are kept
- * in memory.  The cache is writethrough: the driver writes a table update
- * to disk first and changes the cached copy after, or drops it if the
- * write failed, so a cached table always equals the disk.  Entries are
- * reference counted so that a table in use is never freed; unused ones are
- * evicted least recently used first.  This file knows nothing of I/O.
+ * in memory.  The cache is writeback: the driver changes entries in the
+ * cached copy and marks their sectors dirty here; qed.c writes dirty
+ * sectors back in batches (qed_writeback) in the order the crash rules
+ * ask for.  A dirty table is pinned by a reference of its own until it is
+ * clean.  Entries are reference counted so that a table in use is never
+ * freed; unused ones are evicted least recently used first.  This file
+ * knows nothing of I/O.
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
@@ -29,12 +31,18 @@ void qed_l2_cache_init(L2TableCache *c, unsigned int max_entries,
     c->chunk_entries = MIN(table_bytes, QED_L2_CHUNK_BYTES) /
                        sizeof(uint64_t);
     c->nchunks = table_bytes / sizeof(uint64_t) / c->chunk_entries;
+    c->nsectors = table_bytes / BDRV_SECTOR_SIZE;
+    QTAILQ_INIT(&c->dirty_list);
+    c->dirty_tables = 0;
+    c->dirty_sectors = 0;
 }
 
-static void qed_l2_cache_free_entry(CachedL2Table *e)
+static void qed_l2_cache_free_entry(L2TableCache *c, CachedL2Table *e)
 {
-    qemu_vfree(e->table);
+    assert(!e->on_dirty_list);
+    qed_table_free(e->table, c->table_bytes);
     g_free(e->loaded);
+    g_free(e->dirty);
     g_free(e);
 }
 
@@ -47,7 +55,7 @@ static void qed_l2_cache_remove(L2TableCache *c, CachedL2Table *e)
     c->n_entries--;
     e->dropped = true;
     if (e->ref == 0) {
-        qed_l2_cache_free_entry(e);
+        qed_l2_cache_free_entry(c, e);
     }
 }
 
@@ -119,7 +127,7 @@ CachedL2Table *qed_l2_cache_insert(L2TableCache *c, uint64_t offset,
     CachedL2Table *e = qed_l2_cache_find(c, offset);
 
     if (e) {
-        qemu_vfree(table);
+        qed_table_free(table, c->table_bytes);
         return e;
     }
 
@@ -146,20 +154,102 @@ void qed_l2_cache_unref(L2TableCache *c, CachedL2Table *e)
         return;
     }
     if (e->dropped) {
-        qed_l2_cache_free_entry(e);
+        qed_l2_cache_free_entry(c, e);
     } else if (c->n_entries > c->max_entries) {
         qed_l2_cache_shrink(c);
     }
 }
 
-/* Forget the table at @offset: its cached copy may differ from the disk */
+/* Take @e off the dirty list, dropping the pin, whatever it holds */
+static void qed_l2_cache_unpin(L2TableCache *c, CachedL2Table *e)
+{
+    c->dirty_sectors -= e->ndirty;
+    if (e->ndirty) {
+        bitmap_zero(e->dirty, c->nsectors);
+        e->ndirty = 0;
+    }
+    QTAILQ_REMOVE(&c->dirty_list, e, dirty_next);
+    c->dirty_tables--;
+    e->on_dirty_list = false;
+    qed_l2_cache_unref(c, e);
+}
+
+/*
+ * Forget the table at @offset: the disk changed under it (the check
+ * repaired it).  Its unwritten changes, if any, go too.
+ */
 void qed_l2_cache_drop(L2TableCache *c, uint64_t offset)
 {
     CachedL2Table *e = g_hash_table_lookup(c->by_offset, &offset);
 
     if (e) {
+        e->ref++;
+        if (e->on_dirty_list) {
+            qed_l2_cache_unpin(c, e);
+        }
         qed_l2_cache_remove(c, e);
+        qed_l2_cache_unref(c, e);
     }
+}
+
+/* Sectors [first, first + n) of @e changed in memory */
+void qed_l2_cache_mark_dirty(L2TableCache *c, CachedL2Table *e,
+                             unsigned int first, unsigned int n)
+{
+    assert(!e->dropped && first + n <= c->nsectors);
+    if (!e->dirty) {
+        e->dirty = bitmap_new(c->nsectors);
+    }
+    for (unsigned int i = first; i < first + n; i++) {
+        if (!test_and_set_bit(i, e->dirty)) {
+            e->ndirty++;
+            c->dirty_sectors++;
+        }
+    }
+    if (!e->on_dirty_list) {
+        /* Pinned: a dirty table is never evicted */
+        e->ref++;
+        e->on_dirty_list = true;
+        QTAILQ_INSERT_TAIL(&c->dirty_list, e, dirty_next);
+        c->dirty_tables++;
+    }
+}
+
+/* Sectors [first, first + n) of @e are being written back */
+void qed_l2_cache_clear_dirty(L2TableCache *c, CachedL2Table *e,
+                              unsigned int first, unsigned int n)
+{
+    for (unsigned int i = first; i < first + n; i++) {
+        if (test_and_clear_bit(i, e->dirty)) {
+            e->ndirty--;
+            c->dirty_sectors--;
+        }
+    }
+}
+
+/* After a writeback: a table that is clean now leaves the dirty list */
+void qed_l2_cache_settle(L2TableCache *c, CachedL2Table *e)
+{
+    if (e->on_dirty_list && e->ndirty == 0) {
+        qed_l2_cache_unpin(c, e);
+    }
+}
+
+/*
+ * Drop every pin, for a close whose writeback failed: returns how many
+ * tables had changes that never reached the disk.
+ */
+unsigned int qed_l2_cache_forget_dirty(L2TableCache *c)
+{
+    unsigned int n = 0;
+
+    while (!QTAILQ_EMPTY(&c->dirty_list)) {
+        CachedL2Table *e = QTAILQ_FIRST(&c->dirty_list);
+
+        n += e->ndirty > 0;
+        qed_l2_cache_unpin(c, e);
+    }
+    return n;
 }
 
 /* Change the limit; tables beyond it that are not in use go now */

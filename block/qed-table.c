@@ -11,6 +11,7 @@
 
 #include "qemu/osdep.h"
 #include "qemu/bswap.h"
+#include "qemu/error-report.h"
 #include "qemu/memalign.h"
 #include "trace.h"
 #include "qed.h"
@@ -19,6 +20,32 @@ QEDTable *qed_alloc_table(BDRVQEDState *s)
 {
     /* Aligned so that O_DIRECT reads and writes need no bounce buffer */
     return qemu_blockalign(s->bs, qed_table_bytes(s));
+}
+
+/*
+ * Tables that live long (the L1 table, cached L2 tables) come straight
+ * from mmap: zeroed, page aligned for O_DIRECT, and only the pages used
+ * (the chunks a lookup loaded) take memory.  A new table needs no memset.
+ */
+QEDTable *qed_table_new(size_t bytes)
+{
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+    if (p == MAP_FAILED) {
+        /* Like g_malloc: running out of address space is fatal */
+        error_report("qed: cannot map %zu bytes for a table: %s", bytes,
+                     strerror(errno));
+        abort();
+    }
+    return p;
+}
+
+void qed_table_free(QEDTable *table, size_t bytes)
+{
+    if (table) {
+        munmap(table, bytes);
+    }
 }
 
 static void qed_table_to_cpu(uint64_t *entries, size_t n)
@@ -88,34 +115,50 @@ int coroutine_fn qed_read_table(BDRVQEDState *s, uint64_t offset,
 }
 
 /*
- * Write the sectors of the table at @table_offset that hold entries
- * [first, first + n); @entries holds those entries in CPU order.  @first
- * and @n must cover whole sectors.  The caller argues the crash ordering
- * of the write it asks for.
+ * A copy of @n entries in disk byte order, to be written later by
+ * qed_write_table_snapshot(): later changes in memory do not touch it.
+ * Free it with qemu_vfree().
  */
+uint64_t *qed_table_snapshot(BDRVQEDState *s, const uint64_t *entries,
+                             unsigned int n)
+{
+    uint64_t *buf = qemu_blockalign(s->bs->file->bs, n * sizeof(uint64_t));
+
+    for (unsigned int i = 0; i < n; i++) {
+        buf[i] = cpu_to_le64(entries[i]);
+    }
+    return buf;
+}
+
+/*
+ * Write the sectors of the table at @table_offset that hold entries
+ * [first, first + n) from @snapshot.  @first and @n must cover whole
+ * sectors.  The caller argues the crash ordering of the write it asks for.
+ */
+int coroutine_fn qed_write_table_snapshot(BDRVQEDState *s,
+                                          uint64_t table_offset,
+                                          unsigned int first, unsigned int n,
+                                          const uint64_t *snapshot)
+{
+    assert(first % QED_ENTRIES_PER_SECTOR == 0 &&
+           n % QED_ENTRIES_PER_SECTOR == 0);
+    assert(n > 0 && first + n <= s->table_nelems);
+    trace_qed_write_table(s, table_offset, first, n);
+    return bdrv_co_pwrite(s->bs->file,
+                          table_offset + first * sizeof(uint64_t),
+                          n * sizeof(uint64_t), snapshot, 0);
+}
+
+/* The same from entries in CPU order */
 int coroutine_fn qed_write_table_sectors(BDRVQEDState *s,
                                          uint64_t table_offset,
                                          unsigned int first, unsigned int n,
                                          const uint64_t *entries)
 {
-    const unsigned int per_sector = BDRV_SECTOR_SIZE / sizeof(uint64_t);
-    size_t bytes = n * sizeof(uint64_t);
-    uint64_t *buf;
+    uint64_t *buf = qed_table_snapshot(s, entries, n);
     int ret;
 
-    assert(first % per_sector == 0 && n % per_sector == 0);
-    assert(n > 0 && first + n <= s->table_nelems);
-    trace_qed_write_table(s, table_offset, first, n);
-
-    buf = qemu_try_blockalign(s->bs->file->bs, bytes);
-    if (!buf) {
-        return -ENOMEM;
-    }
-    for (unsigned int i = 0; i < n; i++) {
-        buf[i] = cpu_to_le64(entries[i]);
-    }
-    ret = bdrv_co_pwrite(s->bs->file, table_offset + first * sizeof(uint64_t),
-                         bytes, buf, 0);
+    ret = qed_write_table_snapshot(s, table_offset, first, n, buf);
     qemu_vfree(buf);
     return ret;
 }

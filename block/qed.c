@@ -9,8 +9,8 @@
  *
  * Requests run in coroutines in the node's AioContext, so shared state
  * changes only between yields; what must stay consistent across a yield
- * is guarded by the allocation list, the table update groups and
- * header_lock, each described where it is defined.
+ * is guarded by the allocation list, wb_lock (one writeback pass at a
+ * time) and header_lock, each described where it is defined.
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
@@ -24,6 +24,7 @@
 #include "qapi/qmp/qdict.h"
 #include "qemu/bitmap.h"
 #include "qemu/bswap.h"
+#include "block/aio_task.h"
 #include "qemu/error-report.h"
 #include "qemu/main-loop.h"
 #include "qemu/memalign.h"
@@ -46,73 +47,39 @@
 #define QED_DEFAULT_L2_CACHE_MAX (128 * MiB)
 #define QED_MIN_L2_CACHE_TABLES 64
 
-/* A failed deferred table update is tried this often before it is lost */
-#define QED_TABLE_UPDATE_TRIES 3
-
-/*
- * Acknowledged writes whose entries have not landed, at most: beyond this
- * a write waits for table updates to catch up, which bounds the lookup
- * overlay, the memory and the time a flush waits.
- */
-#define QED_MAX_DEFERRED 64
-
 /* The file grows ahead of allocation by this much at least */
 #define QED_FILE_GROW_STEP (32 * MiB)
 
-typedef struct QEDAllocation QEDAllocation;
+/*
+ * Dirty table sectors (32 MiB) that start a writeback pass in the
+ * background, and the count beyond which an allocating write waits for a
+ * pass.  They bound the work a flush finds left to do.  Dirty tables are
+ * bounded likewise by the cache size (they are pinned in the cache).
+ */
+#define QED_WB_SOFT_SECTORS 65536
+#define QED_WB_HARD_SECTORS (4 * QED_WB_SOFT_SECTORS)
+
+/* Table sector writes of one writeback pass in flight at once */
+#define QED_WB_PARALLEL 16
 
 /*
- * Entries [index, index + n) of one table become value, value + step, ...
- * (step is the cluster size for new data clusters, 0 for zero or
- * unallocated markers).  An entry either has a coroutine waiting for it
- * (done/ret) or belongs to an allocation that completes when it lands.
+ * Dirty runs of one table with at most this many clean sectors between
+ * them go in one write: rewriting 64 KiB of clean entries costs less
+ * than another request.
  */
-typedef struct QEDPendingEntry {
-    unsigned int index;
-    unsigned int n;
-    uint64_t value;
-    uint64_t step;
-    int ret;
-    bool done;
-    QEDAllocation *alloc;       /* deferred: complete this when landed */
-    QSIMPLEQ_ENTRY(QEDPendingEntry) next;
-} QEDPendingEntry;
-
-typedef QSIMPLEQ_HEAD(, QEDPendingEntry) QEDPendingList;
+#define QED_WB_MAX_GAP 128
 
 /*
  * A range of whole clusters (guest offsets) whose table entries are
- * changing.  While it is on s->allocs no other request may change the
- * same entries.  Once data_ready, the clusters' new data is on disk at
- * file_offset and lookups use it even though the entries have not landed
- * yet (the table update completes after the write is acknowledged; a
- * flush waits for it).
+ * changing: new data is being written for them, or markers set.  While it
+ * is on s->allocs no other request may change the same entries.
  */
-struct QEDAllocation {
+typedef struct QEDAllocation {
     uint64_t start;
     uint64_t end;
     uint64_t file_offset;
-    bool data_ready;
-    uint64_t ticket;            /* order of acknowledgement, for flushes */
-    bool failed;                /* its table update failed; retried later */
-    unsigned int failures;
-    QEDPendingEntry entry;
     QLIST_ENTRY(QEDAllocation) next;
-};
-
-typedef int coroutine_fn QEDCommitFunc(BDRVQEDState *s, QEDTableUpdate *upd,
-                                       QEDPendingList *batch);
-
-struct QEDTableUpdate {
-    BDRVQEDState *s;
-    unsigned int l1_index;      /* for an L2 group: which table */
-    bool busy;                  /* its leader coroutine is running */
-    bool permanent;             /* the L1 group: never freed by its leader */
-    QEDCommitFunc *commit;
-    QEDPendingList pending;
-    CoQueue waiters;            /* coroutines waiting for their entry */
-    QLIST_ENTRY(QEDTableUpdate) next;
-};
+} QEDAllocation;
 
 static void qed_header_le_to_cpu(const QEDHeader *le, QEDHeader *cpu)
 {
@@ -284,21 +251,31 @@ static int coroutine_fn qed_set_need_check(BDRVQEDState *s)
 }
 
 /*
- * Crash ordering 5: clear NEED_CHECK only when no allocation is in flight
- * and after a flush, so every table update before it is on disk.  An
- * allocation that starts meanwhile finds need_check_ready false and waits
- * for header_lock before its table update, then sets the bit again.
+ * Write back every dirty table sector, then clear NEED_CHECK if it is set.
+ *
+ * Crash ordering 5: clear NEED_CHECK only when no allocation is in flight,
+ * no table sector is dirty, and after a flush, so every table write before
+ * it is on disk.  An allocation that starts meanwhile, or a writeback
+ * pass, finds need_check_ready false and waits for header_lock before it
+ * writes anything, then sets the bit again.
  */
 static void qed_cancel_timer(BDRVQEDState *s);
+static int coroutine_fn qed_writeback(BDRVQEDState *s);
+static bool qed_tables_dirty(BDRVQEDState *s);
 
 static int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
 {
     QEDHeader h;
-    int ret = 0;
+    int ret;
+
+    ret = qed_writeback(s);
+    if (ret < 0) {
+        return ret;
+    }
 
     qemu_co_mutex_lock(&s->header_lock);
     s->need_check_ready = false;
-    if (s->allocating_writes == 0 &&
+    if (s->allocating_writes == 0 && !qed_tables_dirty(s) &&
         (s->header.features & QED_F_NEED_CHECK) &&
         !bdrv_is_read_only(s->bs)) {
         ret = bdrv_co_flush(s->bs->file->bs);
@@ -328,17 +305,10 @@ static int coroutine_fn qed_co_clear_need_check(BDRVQEDState *s,
     return qed_clear_need_check(s);
 }
 
-/* Allocations still on their way (failed ones wait for a retry) */
+/* Allocations whose data is still on its way */
 static bool qed_allocs_in_flight(BDRVQEDState *s)
 {
-    QEDAllocation *a;
-
-    QLIST_FOREACH(a, &s->allocs, next) {
-        if (!a->failed) {
-            return true;
-        }
-    }
-    return false;
+    return !QLIST_EMPTY(&s->allocs);
 }
 
 static void coroutine_fn qed_need_check_timer_entry(void *opaque)
@@ -388,10 +358,14 @@ static bool qed_may_write_header(BDRVQEDState *s)
            !(s->bs->open_flags & BDRV_O_INACTIVE);
 }
 
-/* After the last allocating write: clear the bit in a few seconds */
+/*
+ * After the last allocating write: write the tables back and clear the
+ * bit in a few seconds
+ */
 static void qed_arm_timer(BDRVQEDState *s)
 {
-    if (s->need_check_timer && (s->header.features & QED_F_NEED_CHECK) &&
+    if (s->need_check_timer &&
+        ((s->header.features & QED_F_NEED_CHECK) || qed_tables_dirty(s)) &&
         qed_may_write_header(s)) {
         trace_qed_timer_arm(s);
         timer_mod(s->need_check_timer,
@@ -431,18 +405,19 @@ static void qed_detach_aio_context(BlockDriverState *bs)
 }
 
 /*
- * A drain (stop, snapshot, hand-over...) clears the bit as soon as the
- * allocations in flight have landed, rather than leave a timer behind
- * that would write in the middle of whatever the drain is for.
+ * A drain (stop, snapshot, hand-over...) writes the tables back and
+ * clears the bit as soon as the allocations in flight are done, rather
+ * than leave a timer behind that would write in the middle of whatever
+ * the drain is for.
  */
 static void coroutine_fn qed_co_drain_begin(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
 
-    /* In-flight table updates may set the bit yet: wait for them too */
+    /* Allocations in flight will dirty tables yet: wait for them too */
     if (qed_may_write_header(s) &&
         ((s->header.features & QED_F_NEED_CHECK) ||
-         qed_allocs_in_flight(s))) {
+         qed_allocs_in_flight(s) || qed_tables_dirty(s))) {
         qed_cancel_timer(s);
         qed_start_clear(s);
     }
@@ -610,44 +585,26 @@ static int qed_validate_header(QEDHeader *h, int64_t file_size, Error **errp)
 
 static void qed_free_state(BDRVQEDState *s)
 {
-    QEDAllocation *a, *next;
-
-    /* Only allocations whose table update kept failing can be left */
-    QLIST_FOREACH_SAFE(a, &s->allocs, next, next) {
-        assert(a->failed);
-        error_report("qed: %s: giving up a write of guest offset 0x%" PRIx64
-                     ": its L2 table update failed", s->bs->filename,
-                     a->start);
-        QLIST_REMOVE(a, next);
-        g_free(a);
-    }
+    assert(QLIST_EMPTY(&s->allocs));
     s->allocating_writes = 0;
 
     if (s->l2_cache.by_offset) {
+        /* Only a close whose writeback failed leaves dirty tables */
+        unsigned int lost = qed_l2_cache_forget_dirty(&s->l2_cache);
+
+        if (lost || s->l1_ndirty) {
+            error_report("qed: %s: table entries of %u L2 tables (and %u "
+                         "L1 sectors) could not be written; writes since "
+                         "the last successful flush are lost",
+                         s->bs->filename, lost, s->l1_ndirty);
+        }
         qed_l2_cache_destroy(&s->l2_cache);
     }
-    qemu_vfree(s->l1_table);
+    qed_table_free(s->l1_table, qed_table_bytes(s));
     s->l1_table = NULL;
-    g_free(s->l1_update);
-    s->l1_update = NULL;
-}
-
-static int coroutine_fn qed_commit_l1(BDRVQEDState *s, QEDTableUpdate *upd,
-                                      QEDPendingList *batch);
-static int coroutine_fn qed_commit_l2(BDRVQEDState *s, QEDTableUpdate *upd,
-                                      QEDPendingList *batch);
-
-static QEDTableUpdate *qed_new_update(BDRVQEDState *s, unsigned int l1_index,
-                                      QEDCommitFunc *commit)
-{
-    QEDTableUpdate *upd = g_new0(QEDTableUpdate, 1);
-
-    upd->s = s;
-    upd->commit = commit;
-    upd->l1_index = l1_index;
-    QSIMPLEQ_INIT(&upd->pending);
-    qemu_co_queue_init(&upd->waiters);
-    return upd;
+    g_free(s->l1_dirty);
+    s->l1_dirty = NULL;
+    s->l1_ndirty = 0;
 }
 
 static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
@@ -661,11 +618,11 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
 
     s->bs = bs;
     QLIST_INIT(&s->allocs);
-    QLIST_INIT(&s->l2_updates);
     qemu_co_queue_init(&s->alloc_waiters);
     qemu_co_queue_init(&s->idle_waiters);
     qemu_co_mutex_init(&s->header_lock);
     qemu_co_mutex_init(&s->grow_lock);
+    qemu_co_mutex_init(&s->wb_lock);
 
     ret = bdrv_co_pread(bs->file, 0, sizeof(le), &le, 0);
     if (ret < 0) {
@@ -724,10 +681,9 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
         return -EINVAL;
     }
     qed_l2_cache_init(&s->l2_cache, cache_tables, qed_table_bytes(s));
-    s->l1_update = qed_new_update(s, 0, qed_commit_l1);
-    s->l1_update->permanent = true;
 
-    s->l1_table = qed_alloc_table(s);
+    s->l1_table = qed_table_new(qed_table_bytes(s));
+    s->l1_dirty = bitmap_new(s->l2_cache.nsectors);
     ret = qed_read_l1_table(s);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not read the L1 table");
@@ -856,9 +812,7 @@ static void qed_close(BlockDriverState *bs)
 
     if (qed_may_write_header(s)) {
         /* A clean close leaves a clean image (crash ordering 5) */
-        if (s->header.features & QED_F_NEED_CHECK) {
-            qed_call_in_coroutine(s, qed_co_clear_need_check, NULL);
-        }
+        qed_call_in_coroutine(s, qed_co_clear_need_check, NULL);
         qed_call_in_coroutine(s, qed_trim_file_tail, NULL);
     }
     qed_free_state(s);
@@ -871,7 +825,7 @@ static int qed_inactivate(BlockDriverState *bs)
 
     /* Hand the image over clean; nothing is written after this */
     qed_cancel_timer(s);
-    if (!bdrv_is_read_only(bs) && (s->header.features & QED_F_NEED_CHECK)) {
+    if (!bdrv_is_read_only(bs)) {
         ret = qed_call_in_coroutine(s, qed_co_clear_need_check, NULL);
     }
     if (ret == 0 && !bdrv_is_read_only(bs)) {
@@ -968,22 +922,14 @@ static QEDAllocation *qed_find_alloc(BDRVQEDState *s, uint64_t start,
 /*
  * Claim the clusters [start, end) for a change of their table entries.
  * Returns false, after waiting for the one in the way to finish, if
- * another request holds any of them, or if entries landed since the
+ * another request holds any of them, or if entries changed since the
  * caller's lookup (s->l2_gen moved past @gen): the caller must look up
  * again.
  */
-static void qed_retry_update(BDRVQEDState *s, QEDAllocation *a);
-
 static bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
                                    uint64_t start, uint64_t end, uint64_t gen)
 {
-    QEDAllocation *other = qed_find_alloc(s, start, end);
-
-    if (other) {
-        if (other->failed) {
-            /* Nobody else would make it land: try again now */
-            qed_retry_update(s, other);
-        }
+    if (qed_find_alloc(s, start, end)) {
         qemu_co_queue_wait(&s->alloc_waiters, NULL);
         return false;
     }
@@ -992,7 +938,6 @@ static bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
     }
     a->start = start;
     a->end = end;
-    a->data_ready = false;
     QLIST_INSERT_HEAD(&s->allocs, a, next);
     if (s->allocating_writes++ == 0) {
         qed_cancel_timer(s);
@@ -1012,464 +957,424 @@ static void qed_release(BDRVQEDState *s, QEDAllocation *a)
 }
 
 /*
- * Lookup for requests: like qed_find_extent, but data that allocations
- * have written and whose entries are still on their way to the table
- * counts as the data it is.
+ * Take @bytes of new file space; never reused while the image is open.
+ * It lies past everything the file held at open and past every earlier
+ * allocation, so it reads as zeros until written.
  */
-static int coroutine_fn qed_lookup(BDRVQEDState *s, uint64_t pos,
-                                   uint64_t bytes, QEDExtent *ext)
-{
-    uint64_t end = pos + bytes;
-    QEDAllocation *a;
-
-    QLIST_FOREACH(a, &s->allocs, next) {
-        if (!a->data_ready || a->end <= pos || end <= a->start) {
-            continue;
-        }
-        if (a->start <= pos) {
-            ext->type = QED_EXTENT_DATA;
-            ext->file_offset = a->file_offset + (pos - a->start);
-            ext->bytes = MIN(end, a->end) - pos;
-            return 0;
-        }
-        end = a->start;
-    }
-    return qed_find_extent(s, pos, end - pos, ext);
-}
-
-/*
- * Hand out @bytes of new file space; never reused while the image is
- * open.  The file grows ahead of allocation in large steps: writes that
- * extend a file are slow (with O_DIRECT and native AIO they even block
- * submission), writes into its sparse tail are not.  A clean close cuts
- * the file back to what is in use.  The new size reaches the disk with
- * the flush that precedes table updates (images with a backing file) or
- * the check repairs what a crash leaves (NEED_CHECK): a crash never
- * leaves an entry past the end of the file unrepaired.
- */
-static int64_t coroutine_fn qed_alloc_file_space(BDRVQEDState *s,
-                                                 uint64_t bytes)
+static uint64_t qed_reserve(BDRVQEDState *s, uint64_t bytes)
 {
     uint64_t offset = s->file_end;
 
     s->file_end += bytes;
     trace_qed_alloc_clusters(s, offset, bytes / s->header.cluster_size);
-
-    if (s->file_end > s->file_size && s->can_grow) {
-        qemu_co_mutex_lock(&s->grow_lock);
-        if (s->file_end > s->file_size) {
-            uint64_t step = MAX(QED_FILE_GROW_STEP, s->file_size / 8);
-            uint64_t new_size = ROUND_UP(s->file_end + step,
-                                         s->header.cluster_size);
-            int ret;
-
-            ret = bdrv_co_truncate(s->bs->file, new_size, false,
-                                   PREALLOC_MODE_OFF, 0, NULL);
-            if (ret == 0) {
-                s->file_size = new_size;
-            } else {
-                /* Fine: the writes themselves extend the file */
-                s->can_grow = false;
-            }
-        }
-        qemu_co_mutex_unlock(&s->grow_lock);
-    }
     return offset;
 }
 
-/* ---- table update groups (group commit) --------------------------------- */
-
-static void qed_entry_done(BDRVQEDState *s, QEDPendingEntry *e, int ret)
+/*
+ * Grow the file ahead of allocation, in large steps: writes that extend a
+ * file are slow (with O_DIRECT and native AIO they even block submission),
+ * writes into its sparse tail are not.  A clean close cuts the file back
+ * to what is in use.  The new size reaches the disk with the flush that
+ * precedes table writes (images with a backing file), or the check
+ * repairs what a crash leaves (NEED_CHECK): a crash never leaves an entry
+ * past the end of the file unrepaired.
+ */
+static void coroutine_fn qed_grow_file(BDRVQEDState *s)
 {
-    QEDAllocation *a = e->alloc;
+    if (s->file_end <= s->file_size || !s->can_grow) {
+        return;
+    }
+    qemu_co_mutex_lock(&s->grow_lock);
+    if (s->file_end > s->file_size) {
+        uint64_t step = MAX(QED_FILE_GROW_STEP, s->file_size / 8);
+        uint64_t new_size = ROUND_UP(s->file_end + step,
+                                     s->header.cluster_size);
+        int ret;
 
-    e->ret = ret;
-    e->done = true;
-    if (!a) {
-        return;
+        ret = bdrv_co_truncate(s->bs->file, new_size, false,
+                               PREALLOC_MODE_OFF, 0, NULL);
+        if (ret == 0) {
+            s->file_size = new_size;
+        } else {
+            /* Fine: the writes themselves extend the file */
+            s->can_grow = false;
+        }
     }
-    /*
-     * A deferred table update.  When it failed, the data stays reachable
-     * through the allocation record and the update is tried again (by the
-     * next flush, or a request that needs these clusters); only after
-     * several failures is the write given up, and the flush that waits
-     * for it fails.
-     */
-    if (ret < 0 && ++a->failures < QED_TABLE_UPDATE_TRIES) {
-        a->failed = true;
-        s->deferred_error = ret;
-        qemu_co_queue_restart_all(&s->alloc_waiters);
-        qemu_co_queue_restart_all(&s->idle_waiters);
-        return;
+    qemu_co_mutex_unlock(&s->grow_lock);
+}
+
+static int64_t coroutine_fn qed_alloc_file_space(BDRVQEDState *s,
+                                                 uint64_t bytes)
+{
+    uint64_t offset = qed_reserve(s, bytes);
+
+    qed_grow_file(s);
+    return offset;
+}
+
+/* ---- table entries and their writeback ---------------------------------- */
+
+/*
+ * Table entries change in memory: in the cached L2 tables and the L1
+ * table, whose changed sectors are marked dirty.  Writeback passes write
+ * the dirty sectors: on a flush, when many are dirty, when the image goes
+ * idle, on drain and close.  So a write is acknowledged once its data is
+ * on disk, many allocations share one sector write, and with a backing
+ * file one flush serves a whole pass.
+ */
+
+static bool qed_tables_dirty(BDRVQEDState *s)
+{
+    return s->l2_cache.dirty_tables > 0 || s->l1_ndirty > 0;
+}
+
+static void qed_l1_mark_dirty(BDRVQEDState *s, unsigned int first,
+                              unsigned int n)
+{
+    for (unsigned int i = first; i < first + n; i++) {
+        if (!test_and_set_bit(i, s->l1_dirty)) {
+            s->l1_ndirty++;
+        }
     }
-    if (ret < 0) {
-        error_report("qed: %s: could not record a write of guest offset "
-                     "0x%" PRIx64 " in the L2 table: %s; the write is lost",
-                     s->bs->filename, a->start, strerror(-ret));
-        s->deferred_error = ret;
-        s->lost_writes++;
-    }
-    s->deferred--;
-    qed_release(s, a);
-    g_free(a);
+}
+
+/* One run of adjacent dirty sectors of a table, copied for writing */
+typedef struct QEDWbJob {
+    CachedL2Table *e;           /* NULL for the L1 table */
+    unsigned int first;         /* in sectors */
+    unsigned int n;
+    bool fresh;                 /* the first write of a new L2 table */
+    uint64_t *snapshot;
+    int ret;                    /* -EINPROGRESS until written */
+} QEDWbJob;
+
+typedef struct QEDWbTask {
+    AioTask task;
+    BDRVQEDState *s;
+    QEDWbJob *job;
+} QEDWbTask;
+
+/*
+ * Do sectors [first, end) of @e (NULL: the L1 table) hold the disk's
+ * entries, so that writing them back is safe even where they are clean?
+ */
+static bool qed_wb_loaded(BDRVQEDState *s, CachedL2Table *e,
+                          unsigned long first, unsigned long end)
+{
+    unsigned long spc = s->l2_cache.chunk_entries / QED_ENTRIES_PER_SECTOR;
+    unsigned long last = (end - 1) / spc;
+
+    return !e || find_next_zero_bit(e->loaded, last + 1, first / spc) > last;
 }
 
 /*
- * The leader of a group: while entries are queued, take them all and
- * write them in one table update, so many allocations into one table
- * cost one write.  It runs in a coroutine of its own, counted as in
- * flight so that drain waits for it.
+ * Snapshot the dirty sectors of @e (NULL: the L1 table) into @jobs, one
+ * job per run, runs joined across short clean gaps.
  */
-static void coroutine_fn qed_table_update_leader(void *opaque)
+static void qed_wb_collect(BDRVQEDState *s, CachedL2Table *e, GArray *jobs)
 {
-    QEDTableUpdate *upd = opaque;
-    BDRVQEDState *s = upd->s;
-    BlockDriverState *bs = s->bs;
+    unsigned int nsectors = s->l2_cache.nsectors;
+    unsigned long *dirty = e ? e->dirty : s->l1_dirty;
+    uint64_t *entries = e ? e->table->offsets : s->l1_table->offsets;
+    unsigned long i = find_first_bit(dirty, nsectors);
 
-    while (!QSIMPLEQ_EMPTY(&upd->pending)) {
-        QEDPendingList batch = QSIMPLEQ_HEAD_INITIALIZER(batch);
-        QEDPendingEntry *e, *next;
-        int ret;
+    while (i < nsectors) {
+        unsigned long end = find_next_zero_bit(dirty, nsectors, i);
+        unsigned long next;
 
-        QSIMPLEQ_CONCAT(&batch, &upd->pending);
-        ret = upd->commit(s, upd, &batch);
-        QSIMPLEQ_FOREACH_SAFE(e, &batch, next, next) {
-            qed_entry_done(s, e, ret);
+        while ((next = find_next_bit(dirty, nsectors, end)) < nsectors &&
+               next - end <= QED_WB_MAX_GAP &&
+               qed_wb_loaded(s, e, end, next)) {
+            end = find_next_zero_bit(dirty, nsectors, next);
         }
-        qemu_co_queue_restart_all(&upd->waiters);
-    }
-    upd->busy = false;
-    if (!upd->permanent) {
-        /* Waiters only look at their own entries once woken */
-        QLIST_REMOVE(upd, next);
-        g_free(upd);
-    }
-    bdrv_dec_in_flight(bs);
-}
 
-/* Queue @entry into @upd, starting its leader if it has none */
-static void qed_table_update_queue(BDRVQEDState *s, QEDTableUpdate *upd,
-                                   QEDPendingEntry *entry)
-{
-    entry->done = false;
-    QSIMPLEQ_INSERT_TAIL(&upd->pending, entry, next);
-    if (!upd->busy) {
-        upd->busy = true;
-        bdrv_inc_in_flight(s->bs);
-        aio_co_enter(bdrv_get_aio_context(s->bs),
-                     qemu_coroutine_create(qed_table_update_leader, upd));
-    }
-}
+        QEDWbJob job = {
+            .e = e,
+            .first = i,
+            .n = end - i,
+            .fresh = e && e->fresh,
+            .snapshot = qed_table_snapshot(s,
+                                           &entries[i * QED_ENTRIES_PER_SECTOR],
+                                           (end - i) * QED_ENTRIES_PER_SECTOR),
+            .ret = -EINPROGRESS,
+        };
 
-static QEDTableUpdate *qed_l2_group(BDRVQEDState *s, unsigned int l1_index);
-
-static void qed_retry_update(BDRVQEDState *s, QEDAllocation *a)
-{
-    a->failed = false;
-    qed_table_update_queue(s, qed_l2_group(s, qed_l1_index(s, a->start)),
-                           &a->entry);
-}
-
-/* Try every failed table update again */
-static void qed_retry_failed(BDRVQEDState *s)
-{
-    QEDAllocation *a;
-
-    QLIST_FOREACH(a, &s->allocs, next) {
-        if (a->failed) {
-            qed_retry_update(s, a);
+        if (e) {
+            qed_l2_cache_clear_dirty(&s->l2_cache, e, i, end - i);
+            e->ref++;
+        } else {
+            for (unsigned long j = i; j < end; j++) {
+                if (test_and_clear_bit(j, s->l1_dirty)) {
+                    s->l1_ndirty--;
+                }
+            }
         }
+        g_array_append_val(jobs, job);
+        i = find_next_bit(dirty, nsectors, end);
+    }
+    if (e) {
+        e->fresh = false;
     }
 }
 
-/* Queue @entry into @upd and wait until it is on disk (or failed) */
-static int coroutine_fn qed_table_update(BDRVQEDState *s, QEDTableUpdate *upd,
-                                         QEDPendingEntry *entry)
+static int coroutine_fn qed_wb_task_run(AioTask *task)
 {
-    CoQueue *waiters = &upd->waiters;
+    QEDWbTask *t = container_of(task, QEDWbTask, task);
+    BDRVQEDState *s = t->s;
+    QEDWbJob *job = t->job;
+    uint64_t offset;
 
-    entry->alloc = NULL;
-    qed_table_update_queue(s, upd, entry);
-    while (!entry->done) {
-        qemu_co_queue_wait(waiters, NULL);
+    if (job->e) {
+        offset = job->e->offset;
+        BLKDBG_EVENT(s->bs->file, job->fresh ? BLKDBG_L2_ALLOC_WRITE :
+                                               BLKDBG_L2_UPDATE);
+        trace_qed_l2_update(s, offset, job->first * QED_ENTRIES_PER_SECTOR,
+                            job->n * QED_ENTRIES_PER_SECTOR);
+    } else {
+        offset = s->header.l1_table_offset;
+        BLKDBG_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
     }
-    return entry->ret;
+    job->ret = qed_write_table_snapshot(s, offset,
+                                        job->first * QED_ENTRIES_PER_SECTOR,
+                                        job->n * QED_ENTRIES_PER_SECTOR,
+                                        job->snapshot);
+    return job->ret;
 }
 
-/* The sector-aligned range of entries a batch touches */
-static void qed_batch_range(QEDPendingList *batch, unsigned int nelems,
-                            unsigned int *first, unsigned int *end)
+/* Write jobs [from, to), several at once; the first error is returned */
+static int coroutine_fn qed_wb_write(BDRVQEDState *s, GArray *jobs,
+                                     unsigned int from, unsigned int to)
 {
-    const unsigned int per_sector = BDRV_SECTOR_SIZE / sizeof(uint64_t);
-    unsigned int lo = UINT_MAX, hi = 0;
-    QEDPendingEntry *e;
-
-    QSIMPLEQ_FOREACH(e, batch, next) {
-        lo = MIN(lo, e->index);
-        hi = MAX(hi, e->index + e->n);
-    }
-    *first = QEMU_ALIGN_DOWN(lo, per_sector);
-    *end = MIN(QEMU_ALIGN_UP(hi, per_sector), nelems);
-}
-
-/* Apply a batch to @entries, which holds the table from index @first on */
-static void qed_batch_apply(QEDPendingList *batch, uint64_t *entries,
-                            unsigned int first)
-{
-    QEDPendingEntry *e;
-
-    QSIMPLEQ_FOREACH(e, batch, next) {
-        for (unsigned int i = 0; i < e->n; i++) {
-            entries[e->index + i - first] = e->value + i * e->step;
-        }
-    }
-}
-
-static bool qed_batch_has_data(QEDPendingList *batch)
-{
-    QEDPendingEntry *e;
-
-    QSIMPLEQ_FOREACH(e, batch, next) {
-        if (qed_is_data_offset(e->value)) {
-            return true;
-        }
-    }
-    return false;
-}
-
-/* Write a batch of L1 entries; the in-memory L1 follows the disk */
-static int coroutine_fn qed_commit_l1(BDRVQEDState *s, QEDTableUpdate *upd,
-                                      QEDPendingList *batch)
-{
-    unsigned int first, end;
-    uint64_t *entries;
+    AioTaskPool *pool = aio_task_pool_new(QED_WB_PARALLEL);
     int ret;
 
-    qed_batch_range(batch, s->table_nelems, &first, &end);
-    entries = g_memdup2(&s->l1_table->offsets[first],
-                        (end - first) * sizeof(uint64_t));
-    qed_batch_apply(batch, entries, first);
+    for (unsigned int i = from; i < to; i++) {
+        QEDWbTask *t = g_new(QEDWbTask, 1);
 
-    BLKDBG_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
-    ret = qed_write_table_sectors(s, s->header.l1_table_offset, first,
-                                  end - first, entries);
-    if (ret == 0) {
-        qed_batch_apply(batch, s->l1_table->offsets, 0);
-        s->l2_gen++;
+        *t = (QEDWbTask) {
+            .task.func = qed_wb_task_run,
+            .s = s,
+            .job = &g_array_index(jobs, QEDWbJob, i),
+        };
+        aio_task_pool_start_task(pool, &t->task);
     }
-    g_free(entries);
+    aio_task_pool_wait_all(pool);
+    ret = aio_task_pool_status(pool);
+    aio_task_pool_free(pool);
     return ret;
 }
 
-/*
- * Make a new L2 table holding @batch and point the L1 table at it.
- *
- * Crash ordering 2: the table is written before the L1 entry that points
- * at it.  New file space reads as zeros (it lies past everything the file
- * held at open, and is never reused), so only the sectors holding the new
- * entries are written, and the table's last sector so that the file holds
- * the whole table.  With a backing file a
- * flush separates the table
- * (and the batch's data, crash ordering 1 and 3) from the L1 update;
- * without one NEED_CHECK is already set and the check repairs an L1 entry
- * that landed without its table.
- */
-static int coroutine_fn qed_commit_new_l2(BDRVQEDState *s,
-                                          QEDTableUpdate *upd,
-                                          QEDPendingList *batch)
+/* A flush of the file, for the crash ordering of a writeback pass */
+static int coroutine_fn qed_wb_flush(BDRVQEDState *s)
 {
-    QEDPendingEntry l1_entry = { .index = upd->l1_index, .n = 1 };
-    unsigned int first, end, ce, c0, c1;
-    uint64_t l2_offset;
-    QEDTable *table;
-    CachedL2Table *e;
-    int ret;
-
-    /*
-     * Only the chunks that hold the batch are filled in memory (and only
-     * they count as loaded): the rest is zeros on disk, read if used.
-     */
-    qed_batch_range(batch, s->table_nelems, &first, &end);
-    ce = s->l2_cache.chunk_entries;
-    c0 = first / ce;
-    c1 = DIV_ROUND_UP(end, ce);
-    table = qed_alloc_table(s);
-    memset(&table->offsets[c0 * ce], 0, (c1 - c0) * ce * sizeof(uint64_t));
-    qed_batch_apply(batch, table->offsets, 0);
-
-    l2_offset = qed_alloc_file_space(s, qed_table_bytes(s));
-    trace_qed_alloc_l2(s, upd->l1_index, l2_offset);
-
-    BLKDBG_EVENT(s->bs->file, BLKDBG_L2_ALLOC_WRITE);
-    ret = qed_write_table_sectors(s, l2_offset, first, end - first,
-                                  &table->offsets[first]);
-    if (ret == 0 && end < s->table_nelems) {
-        /*
-         * The file must hold the whole table before the L1 entry points at
-         * it: one that runs past the end of the file is corrupt.  The
-         * grow-ahead's size change may not reach the disk (its truncate is
-         * not ordered with these writes), so write the last sector too.
-         */
-        static const uint64_t zeros[BDRV_SECTOR_SIZE / sizeof(uint64_t)];
-        unsigned int n = ARRAY_SIZE(zeros);
-
-        ret = qed_write_table_sectors(s, l2_offset, s->table_nelems - n, n,
-                                      zeros);
-    }
-    if (ret == 0 && qed_has_backing_file(s)) {
-        BLKDBG_EVENT(s->bs->file, BLKDBG_FLUSH_TO_DISK);
-        ret = bdrv_co_flush(s->bs->file->bs);
-    }
-    if (ret < 0) {
-        qemu_vfree(table);
-        return ret;
-    }
-
-    l1_entry.value = l2_offset;
-    ret = qed_table_update(s, s->l1_update, &l1_entry);
-    if (ret < 0) {
-        qemu_vfree(table);
-        return ret;
-    }
-    e = qed_l2_cache_insert(&s->l2_cache, l2_offset, table, false);
-    if (e->table == table) {
-        bitmap_set(e->loaded, c0, c1 - c0);
-    }
-    qed_l2_cache_unref(&s->l2_cache, e);
-    return 0;
+    BLKDBG_EVENT(s->bs->file, BLKDBG_FLUSH_TO_DISK);
+    return bdrv_co_flush(s->bs->file->bs);
 }
 
 /*
- * Write a batch of entries into the L2 table of upd->l1_index.
+ * One writeback pass: every sector dirty when it starts reaches the disk,
+ * or stays dirty (and the pass fails) if its write failed.  Passes run one
+ * at a time, so two writes of one sector are never in flight together and
+ * a flush that waits for wb_lock also waits for a pass that started
+ * before it.
  *
- * Crash ordering 1 and 3: every entry's data was written before it was
- * queued.  With a backing file the data is flushed before the table
- * update, so a crash never leaves an entry over data that is not there
- * while the backing file would have shown through; one flush serves the
- * whole batch.  Without a backing file NEED_CHECK is set first (ordering
- * 4) and unallocated clusters read as zeros anyway.
+ * Crash ordering, in this order:
+ * - 4: without a backing file NEED_CHECK is on disk before any entry is
+ *   written: the check repairs entries over data that never landed, and
+ *   L1 entries over tables that did not.
+ * - 1 and 3: the data of every entry was written before the entry was set
+ *   in memory (and so before it was snapshot here); with a backing file a
+ *   flush then puts it, and the file's new size, on disk before any L2
+ *   sector is written, so a crash never leaves an entry over data that is
+ *   not there while the backing file would have shown through.
+ * - 2: a new L2 table is written before the L1 entry that points at it:
+ *   the L1 snapshot is taken with the L2 ones, so it names only tables
+ *   whose sectors are written first, and with a backing file a flush
+ *   separates the two.  Sectors of a new table that were never written
+ *   read as zeros (fresh file space), so only dirty sectors are written,
+ *   and the table's last sector, so that the file holds the whole table
+ *   even if the size change of the grow-ahead was lost.
  */
-static int coroutine_fn qed_commit_l2(BDRVQEDState *s, QEDTableUpdate *upd,
-                                      QEDPendingList *batch)
+static int coroutine_fn qed_writeback(BDRVQEDState *s)
 {
-    uint64_t l2_offset;
-    unsigned int first, end;
-    uint64_t *entries;
+    L2TableCache *c = &s->l2_cache;
+    GArray *jobs;
     CachedL2Table *e;
+    unsigned int n_l2;
     int ret;
+
+    qemu_co_mutex_lock(&s->wb_lock);
+    if (!qed_tables_dirty(s)) {
+        qemu_co_mutex_unlock(&s->wb_lock);
+        return 0;
+    }
 
     ret = qed_set_need_check(s);
     if (ret < 0) {
+        qemu_co_mutex_unlock(&s->wb_lock);
         return ret;
     }
 
-    l2_offset = s->l1_table->offsets[upd->l1_index];
-    qed_batch_range(batch, s->table_nelems, &first, &end);
-    trace_qed_l2_update(s, l2_offset, first, end - first);
-    if (l2_offset == 0) {
-        return qed_commit_new_l2(s, upd, batch);
+    jobs = g_array_new(false, false, sizeof(QEDWbJob));
+    QTAILQ_FOREACH(e, &c->dirty_list, dirty_next) {
+        qed_wb_collect(s, e, jobs);
     }
+    n_l2 = jobs->len;
+    qed_wb_collect(s, NULL, jobs);
 
-    if (qed_has_backing_file(s) && qed_batch_has_data(batch)) {
-        BLKDBG_EVENT(s->bs->file, BLKDBG_FLUSH_TO_DISK);
-        ret = bdrv_co_flush(s->bs->file->bs);
+    if (n_l2 > 0) {
+        if (qed_has_backing_file(s)) {
+            ret = qed_wb_flush(s);
+        }
+        if (ret == 0) {
+            ret = qed_wb_write(s, jobs, 0, n_l2);
+        }
+    }
+    if (ret == 0 && jobs->len > n_l2) {
+        if (qed_has_backing_file(s) && n_l2 > 0) {
+            ret = qed_wb_flush(s);
+        }
+        if (ret == 0) {
+            ret = qed_wb_write(s, jobs, n_l2, jobs->len);
+        }
+    }
+    trace_qed_writeback(s, n_l2, jobs->len - n_l2, ret);
+
+    /* What did not reach the disk stays dirty for the next pass */
+    for (unsigned int i = 0; i < jobs->len; i++) {
+        QEDWbJob *job = &g_array_index(jobs, QEDWbJob, i);
+
+        if (job->ret != 0) {
+            if (job->e) {
+                qed_l2_cache_mark_dirty(c, job->e, job->first, job->n);
+                job->e->fresh |= job->fresh;
+            } else {
+                qed_l1_mark_dirty(s, job->first, job->n);
+            }
+        }
+        qemu_vfree(job->snapshot);
+    }
+    /* Jobs hold references, so no table goes before all are settled */
+    for (unsigned int i = 0; i < n_l2; i++) {
+        qed_l2_cache_settle(c, g_array_index(jobs, QEDWbJob, i).e);
+    }
+    for (unsigned int i = 0; i < n_l2; i++) {
+        qed_l2_cache_unref(c, g_array_index(jobs, QEDWbJob, i).e);
+    }
+    g_array_free(jobs, true);
+    qemu_co_mutex_unlock(&s->wb_lock);
+    return ret;
+}
+
+static void coroutine_fn qed_wb_background_entry(void *opaque)
+{
+    BDRVQEDState *s = opaque;
+
+    /* A failure leaves the sectors dirty; the next flush reports it */
+    qed_writeback(s);
+    s->wb_background = false;
+    bdrv_dec_in_flight(s->bs);
+}
+
+/*
+ * After a change of entries: start a background pass when many sectors
+ * are dirty, and make the writer wait for one when far too many are (or
+ * when the pinned dirty tables outgrow the cache).
+ */
+static void coroutine_fn qed_wb_throttle(BDRVQEDState *s)
+{
+    L2TableCache *c = &s->l2_cache;
+
+    if (c->dirty_sectors > QED_WB_HARD_SECTORS ||
+        c->dirty_tables > 2 * c->max_entries) {
+        qed_writeback(s);
+    } else if ((c->dirty_sectors > QED_WB_SOFT_SECTORS ||
+                c->dirty_tables > c->max_entries) &&
+               !s->wb_background) {
+        trace_qed_writeback_kick(s, c->dirty_sectors, c->dirty_tables);
+        s->wb_background = true;
+        bdrv_inc_in_flight(s->bs);
+        aio_co_enter(bdrv_get_aio_context(s->bs),
+                     qemu_coroutine_create(qed_wb_background_entry, s));
+    }
+}
+
+/*
+ * Set the entries of clusters [start, start + n clusters), which lie in
+ * one L2 table, to value, value + step, ... in memory, making the table
+ * in memory if there is none (unsetting entries of a table that does not
+ * exist is a no-op).  The caller holds the clusters (qed_claim) and has
+ * written the data the entries point at (crash ordering 1); writeback
+ * passes take them to disk.
+ */
+static int coroutine_fn qed_set_entries(BDRVQEDState *s, uint64_t start,
+                                        unsigned int n, uint64_t value,
+                                        uint64_t step)
+{
+    L2TableCache *c = &s->l2_cache;
+    unsigned int l1i = qed_l1_index(s, start);
+    unsigned int first = qed_l2_index(s, start);
+    uint64_t l2_offset = s->l1_table->offsets[l1i];
+    bool new_table = false;
+    CachedL2Table *e;
+    int ret;
+
+    assert(n > 0 && first + n <= s->table_nelems);
+    if (l2_offset == 0) {
+        if (value == QED_L2_UNALLOCATED) {
+            return 0;
+        }
+        /* Fresh file space reads as zeros: the whole table is known */
+        l2_offset = qed_reserve(s, qed_table_bytes(s));
+        trace_qed_alloc_l2(s, l1i, l2_offset);
+        e = qed_l2_cache_insert(c, l2_offset,
+                                qed_table_new(qed_table_bytes(s)), true);
+        e->fresh = true;
+        /*
+         * The file must hold the whole table before the L1 entry points
+         * at it (one that runs past the end of the file is corrupt), and
+         * the grow-ahead's size change is not ordered with table writes:
+         * the table's last sector is written with its first writeback.
+         */
+        qed_l2_cache_mark_dirty(c, e, c->nsectors - 1, 1);
+        s->l1_table->offsets[l1i] = l2_offset;
+        qed_l1_mark_dirty(s, l1i / QED_ENTRIES_PER_SECTOR, 1);
+        new_table = true;
+    } else {
+        ret = qed_get_l2_table(s, l2_offset, &e);
         if (ret < 0) {
+            return ret;
+        }
+        ret = qed_l2_ensure(s, e, first, first + n);
+        if (ret < 0) {
+            qed_l2_cache_unref(c, e);
             return ret;
         }
     }
 
-    ret = qed_get_l2_table(s, l2_offset, &e);
-    if (ret < 0) {
-        return ret;
+    for (unsigned int i = 0; i < n; i++) {
+        e->table->offsets[first + i] = value + i * step;
     }
+    qed_l2_cache_mark_dirty(c, e, first / QED_ENTRIES_PER_SECTOR,
+                            DIV_ROUND_UP(first + n, QED_ENTRIES_PER_SECTOR) -
+                            first / QED_ENTRIES_PER_SECTOR);
+    qed_l2_cache_unref(c, e);
+    s->l2_gen++;
 
-    /* No chunk of this table is read from disk while it changes there */
-    qemu_co_mutex_lock(&e->lock);
-    ret = qed_l2_load_locked(s, e, first, end);
-    if (ret < 0) {
-        qemu_co_mutex_unlock(&e->lock);
-        qed_l2_cache_unref(&s->l2_cache, e);
-        return ret;
+    if (new_table) {
+        qed_grow_file(s);
     }
-    entries = g_memdup2(&e->table->offsets[first],
-                        (end - first) * sizeof(uint64_t));
-    qed_batch_apply(batch, entries, first);
-
-    BLKDBG_EVENT(s->bs->file, BLKDBG_L2_UPDATE);
-    ret = qed_write_table_sectors(s, l2_offset, first, end - first, entries);
-    if (ret == 0) {
-        /* Writethrough: the cache changes only once the disk has */
-        qed_batch_apply(batch, e->table->offsets, 0);
-        s->l2_gen++;
-    } else {
-        /* The disk may hold part of the update: forget the cached copy */
-        qed_l2_cache_drop(&s->l2_cache, l2_offset);
-    }
-    qemu_co_mutex_unlock(&e->lock);
-    qed_l2_cache_unref(&s->l2_cache, e);
-    g_free(entries);
-    return ret;
-}
-
-/* The update group of the L2 table for @l1_index */
-static QEDTableUpdate *qed_l2_group(BDRVQEDState *s, unsigned int l1_index)
-{
-    QEDTableUpdate *upd;
-
-    QLIST_FOREACH(upd, &s->l2_updates, next) {
-        if (upd->l1_index == l1_index) {
-            return upd;
-        }
-    }
-    upd = qed_new_update(s, l1_index, qed_commit_l2);
-    QLIST_INSERT_HEAD(&s->l2_updates, upd, next);
-    return upd;
-}
-
-/* Set entries of the L2 table for @l1_index and wait until they landed */
-static int coroutine_fn qed_update_l2(BDRVQEDState *s, unsigned int l1_index,
-                                      QEDPendingEntry *entry)
-{
-    return qed_table_update(s, qed_l2_group(s, l1_index), entry);
+    return 0;
 }
 
 /*
- * A flush makes every completed write durable, so it first waits for the
- * table updates that completed writes left in flight, trying failed ones
- * again (each is tried QED_TABLE_UPDATE_TRIES times in all, then its write
- * is lost).  A lost write was acknowledged before this flush and every
- * later one, and none of them can make it durable: once a write is lost,
- * every flush fails.  (Reporting it to one flush only would let the next
- * one succeed, and with writethrough caching that next flush is the one
- * that completes the lost write itself.)
+ * A flush makes every completed write durable: their entries are set in
+ * memory, so one writeback pass (which also waits for a pass under way)
+ * puts them on disk, and the block layer flushes the file after it.
  */
 static int coroutine_fn qed_co_flush_to_os(BlockDriverState *bs)
 {
-    BDRVQEDState *s = bs->opaque;
-    uint64_t target = s->ack_ticket;
-    QEDAllocation *a;
-    bool waiting;
-
-    /* Writes acknowledged after this flush started are not its business */
-    do {
-        waiting = false;
-        QLIST_FOREACH(a, &s->allocs, next) {
-            if (a->data_ready && a->ticket <= target) {
-                if (a->failed) {
-                    qed_retry_update(s, a);
-                }
-                waiting = true;
-            }
-        }
-        if (waiting) {
-            qemu_co_queue_wait(&s->idle_waiters, NULL);
-        }
-    } while (waiting);
-
-    if (s->lost_writes) {
-        return s->deferred_error ?: -EIO;
-    }
-    return 0;
+    return qed_writeback(bs->opaque);
 }
 
 /* ---- reads ---------------------------------------------------------------- */
@@ -1501,7 +1406,7 @@ static int coroutine_fn qed_co_preadv_part(BlockDriverState *bs,
         QEDExtent ext;
         int ret;
 
-        ret = qed_lookup(s, offset, bytes, &ext);
+        ret = qed_find_extent(s, offset, bytes, &ext);
         if (ret < 0) {
             return ret;
         }
@@ -1538,10 +1443,9 @@ static int coroutine_fn qed_co_preadv_part(BlockDriverState *bs,
  * bytes written, 0 if the caller must look up again, or a negative errno.
  *
  * Crash ordering 1: the data (with its copy-on-write padding) is written
- * before the entry is queued for the table.  The request completes once
- * its data is on disk; the entry lands in the background (group commit)
- * and a flush waits for it.  Until then lookups see the new data through
- * the allocation record.
+ * before the entry is set in the cached table.  The request completes
+ * once its data is on disk; the entry reaches the disk with a writeback
+ * pass, at the latest with the next flush (qed_writeback).
  */
 static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
                                                  uint64_t pos, uint64_t bytes,
@@ -1629,29 +1533,16 @@ static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
     qemu_vfree(head_buf);
     qemu_vfree(tail_buf);
 
-    alloc->data_ready = true;
-    alloc->ticket = ++s->ack_ticket;
-    alloc->entry = (QEDPendingEntry) {
-        .index = qed_l2_index(s, start),
-        .n = (end - start) / cs,
-        .value = alloc->file_offset,
-        .step = cs,
-        .alloc = alloc,
-    };
-    qed_table_update_queue(s, qed_l2_group(s, qed_l1_index(s, start)),
-                           &alloc->entry);
-    s->deferred++;
-    while (s->deferred > QED_MAX_DEFERRED) {
-        /*
-         * A failed table update keeps its place until it is tried again
-         * and lands or is given up.  Only a flush or a write to the same
-         * clusters would try it: without this, writes that fill every
-         * place with failed updates would wait here forever (and a drain
-         * with them).
-         */
-        qed_retry_failed(s);
-        qemu_co_queue_wait(&s->idle_waiters, NULL);
+    /* The data is on disk: the entries may point at it now */
+    ret = qed_set_entries(s, start, (end - start) / cs, alloc->file_offset,
+                          cs);
+    qed_release(s, alloc);
+    g_free(alloc);
+    if (ret < 0) {
+        /* The new clusters leak; nothing points at them */
+        return ret;
     }
+    qed_wb_throttle(s);
     return bytes;
 
 fail:
@@ -1685,7 +1576,7 @@ static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
         QEDExtent ext;
         int64_t ret;
 
-        ret = qed_lookup(s, offset, bytes, &ext);
+        ret = qed_find_extent(s, offset, bytes, &ext);
         if (ret < 0) {
             return ret;
         }
@@ -1731,13 +1622,11 @@ static int coroutine_fn qed_set_markers(BDRVQEDState *s, uint64_t start,
     if (!qed_claim(s, &alloc, start, end, gen)) {
         return -EAGAIN;
     }
-    alloc.entry = (QEDPendingEntry) {
-        .index = qed_l2_index(s, start),
-        .n = (end - start) >> s->l2_shift,
-        .value = value,
-    };
-    ret = qed_update_l2(s, qed_l1_index(s, start), &alloc.entry);
+    ret = qed_set_entries(s, start, (end - start) >> s->l2_shift, value, 0);
     qed_release(s, &alloc);
+    if (ret == 0) {
+        qed_wb_throttle(s);
+    }
     return ret;
 }
 
@@ -1763,7 +1652,7 @@ static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
         QEDExtent ext;
         int ret;
 
-        ret = qed_lookup(s, offset, bytes, &ext);
+        ret = qed_find_extent(s, offset, bytes, &ext);
         if (ret < 0) {
             return ret;
         }
@@ -1807,9 +1696,12 @@ static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
 /*
  * Guest TRIM: data clusters become unallocated (zero clusters over a
  * backing file, so that discarded data never shows the backing file) and
- * their space goes back to the host.  The entry changes first, the file
- * is punched after: a crash between leaves a leaked cluster, never an
- * entry over a hole that was data.
+ * their space goes back to the host.  The entry changes in memory first,
+ * then the file is punched; the entry reaches the disk with the next
+ * writeback.  A crash before that leaves the old entry over the punched
+ * cluster, which reads as zeros, as the new entry would: the discard took
+ * effect either way.  The cluster is never reused while the image is open,
+ * so the old entry can't come to point at someone else's data.
  */
 static int coroutine_fn qed_co_pdiscard(BlockDriverState *bs, int64_t offset,
                                         int64_t bytes)
@@ -1826,7 +1718,7 @@ static int coroutine_fn qed_co_pdiscard(BlockDriverState *bs, int64_t offset,
         QEDExtent ext;
         int ret;
 
-        ret = qed_lookup(s, offset, bytes, &ext);
+        ret = qed_find_extent(s, offset, bytes, &ext);
         if (ret < 0) {
             return ret;
         }
@@ -1862,7 +1754,7 @@ static int coroutine_fn qed_co_block_status(BlockDriverState *bs,
     QEDExtent ext;
     int ret;
 
-    ret = qed_lookup(s, offset, bytes, &ext);
+    ret = qed_find_extent(s, offset, bytes, &ext);
     if (ret < 0) {
         return ret;
     }
@@ -1984,9 +1876,15 @@ static int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque)
     uint64_t header_bytes = (uint64_t)s->header.header_size *
                             s->header.cluster_size;
     size_t len = file ? strlen(file) : 0;
-    QEDHeader h = s->header;
+    QEDHeader h;
     int ret;
 
+    /* Dirty entries were set under the old backing file's crash rules */
+    ret = qed_writeback(s);
+    if (ret < 0) {
+        return ret;
+    }
+    h = s->header;
     h.features &= ~(QED_F_BACKING_FILE | QED_F_BACKING_FORMAT_NO_PROBE);
     h.backing_filename_offset = 0;
     h.backing_filename_size = 0;
@@ -2046,11 +1944,16 @@ static int coroutine_fn qed_co_check(BlockDriverState *bs,
     int ret;
 
     /*
-     * The clusters of acknowledged writes whose entries have not landed
-     * would look leaked: a repair would reclaim them under the entries.
+     * The check reads the tables from disk: the entries of every
+     * acknowledged write must be there, or a repair would reclaim their
+     * clusters as leaked
      */
     while (qed_allocs_in_flight(s)) {
         qemu_co_queue_wait(&s->idle_waiters, NULL);
+    }
+    ret = qed_writeback(s);
+    if (ret < 0) {
+        return ret;
     }
     ret = qed_check(s, result, fix);
     if (ret == 0 && (fix & BDRV_FIX_ERRORS) && !result->corruptions &&

@@ -94,25 +94,42 @@ typedef struct QEDTable {
  */
 #define QED_L2_CHUNK_BYTES 4096
 
-/* One L2 table held by the cache */
+/* Table entries in one 512-byte sector, the unit of table writes */
+#define QED_ENTRIES_PER_SECTOR (BDRV_SECTOR_SIZE / sizeof(uint64_t))
+
+/*
+ * One L2 table held by the cache.  The cache is writeback: entries change
+ * in memory and their sectors are marked dirty; qed.c writes dirty
+ * sectors back in batches.  A dirty table is pinned (holds a reference)
+ * until it is clean again.
+ */
 typedef struct CachedL2Table {
     QEDTable *table;
     uint64_t offset;        /* file offset of the table */
     int ref;                /* users; never freed while > 0 */
     bool dropped;           /* no longer in the cache, freed at last unref */
+    bool fresh;             /* new table, not written to disk yet */
     unsigned long *loaded;  /* chunks of table that hold the disk's entries */
-    CoMutex lock;           /* held to load chunks, and by a table update */
+    unsigned long *dirty;   /* sectors that differ from the disk */
+    unsigned int ndirty;    /* bits set in dirty */
+    bool on_dirty_list;
+    CoMutex lock;           /* held to load chunks */
     QTAILQ_ENTRY(CachedL2Table) lru;    /* least recently used at the tail */
+    QTAILQ_ENTRY(CachedL2Table) dirty_next;
 } CachedL2Table;
 
 typedef struct L2TableCache {
     GHashTable *by_offset;              /* uint64_t offset -> CachedL2Table */
     QTAILQ_HEAD(, CachedL2Table) lru;
+    QTAILQ_HEAD(, CachedL2Table) dirty_list;    /* pinned, to write back */
     unsigned int n_entries;
     unsigned int max_entries;
     size_t table_bytes;
     unsigned int chunk_entries;         /* entries in one chunk */
     unsigned int nchunks;               /* chunks in one table */
+    unsigned int nsectors;              /* sectors in one table */
+    unsigned int dirty_tables;
+    uint64_t dirty_sectors;             /* in all tables */
 } L2TableCache;
 
 /* What a range of the virtual disk maps to */
@@ -128,19 +145,14 @@ typedef struct QEDExtent {
     uint64_t bytes;             /* contiguous bytes from pos in this state */
 } QEDExtent;
 
-/*
- * A group of table updates: entries queued by many requests land in one
- * write (group commit).  There is one group for the L1 table and one for
- * each L2 table that has an update in flight.
- */
-typedef struct QEDTableUpdate QEDTableUpdate;
-
 typedef struct BDRVQEDState {
     BlockDriverState *bs;
     QEDHeader header;           /* CPU order, equal to the disk */
 
-    QEDTable *l1_table;         /* CPU order, equal to the disk */
-    L2TableCache l2_cache;      /* writethrough: equal to the disk */
+    QEDTable *l1_table;         /* CPU order; dirty sectors in l1_dirty */
+    unsigned long *l1_dirty;
+    unsigned int l1_ndirty;
+    L2TableCache l2_cache;      /* writeback */
     uint32_t table_nelems;
     uint32_t l1_shift;
     uint32_t l2_shift;
@@ -156,17 +168,13 @@ typedef struct BDRVQEDState {
     /* Allocations in flight, to keep two writes off one cluster */
     QLIST_HEAD(, QEDAllocation) allocs;
     CoQueue alloc_waiters;
-    unsigned int allocating_writes;     /* until their entries landed */
+    unsigned int allocating_writes;     /* until their entries are set */
     CoQueue idle_waiters;               /* for allocating_writes == 0 */
-    int deferred_error;     /* a table update failed after its write */
-    uint64_t ack_ticket;    /* allocations acknowledged so far */
-    unsigned int deferred;  /* of those, not yet landed */
-    unsigned int lost_writes;       /* given up after failed table updates */
-    uint64_t l2_gen;            /* bumped whenever table entries land */
+    uint64_t l2_gen;            /* bumped whenever table entries change */
 
-    /* Table update groups */
-    QEDTableUpdate *l1_update;
-    QLIST_HEAD(, QEDTableUpdate) l2_updates;
+    /* Writeback of dirty table sectors: one pass at a time */
+    CoMutex wb_lock;
+    bool wb_background;         /* a background pass is running */
 
     /* NEED_CHECK handling */
     CoMutex header_lock;
@@ -243,6 +251,14 @@ void qed_report_corruption(BDRVQEDState *s, const char *fmt, ...)
 
 /* qed-table.c: byte order is converted here and nowhere else */
 QEDTable *qed_alloc_table(BDRVQEDState *s);
+QEDTable *qed_table_new(size_t bytes);
+void qed_table_free(QEDTable *table, size_t bytes);
+uint64_t *qed_table_snapshot(BDRVQEDState *s, const uint64_t *entries,
+                             unsigned int n);
+int coroutine_fn qed_write_table_snapshot(BDRVQEDState *s,
+                                          uint64_t table_offset,
+                                          unsigned int first, unsigned int n,
+                                          const uint64_t *snapshot);
 int coroutine_fn qed_read_table(BDRVQEDState *s, uint64_t offset,
                                 QEDTable *table);
 int coroutine_fn qed_write_table(BDRVQEDState *s, uint64_t offset,
@@ -273,6 +289,12 @@ void qed_l2_cache_unref(L2TableCache *c, CachedL2Table *entry);
 void qed_l2_cache_drop(L2TableCache *c, uint64_t offset);
 void qed_l2_cache_clear(L2TableCache *c);
 void qed_l2_cache_set_max(L2TableCache *c, unsigned int max_entries);
+void qed_l2_cache_mark_dirty(L2TableCache *c, CachedL2Table *e,
+                             unsigned int first_sector, unsigned int n);
+void qed_l2_cache_clear_dirty(L2TableCache *c, CachedL2Table *e,
+                              unsigned int first_sector, unsigned int n);
+void qed_l2_cache_settle(L2TableCache *c, CachedL2Table *e);
+unsigned int qed_l2_cache_forget_dirty(L2TableCache *c);
 
 /* qed-cluster.c */
 int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,

@@ -351,12 +351,12 @@ class Faults:
             if line == f'readv failed: {msg}':
                 failed_r += 1
                 continue
-            # The driver says when a table update it retried failed for good
-            if re.match(r'^qemu-io: qed: .*(could not record a write of '
-                        r'guest offset 0x[0-9a-f]+ in the L2 table: ' +
-                        re.escape(msg) + r'; the write is lost|giving up a '
-                        r'write of guest offset 0x[0-9a-f]+: its L2 table '
-                        r'update failed)$', line):
+            # The driver says when a close could not write table entries
+            # back (they stay dirty while the image is open)
+            if re.match(r'^qemu-io: qed: .*: table entries of \d+ L2 tables '
+                        r'\(and \d+ L1 sectors\) could not be written; '
+                        r'writes since the last successful flush are lost$',
+                        line):
                 driver_msgs += 1
                 continue
             bad.append(line)
