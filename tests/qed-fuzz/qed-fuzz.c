@@ -272,7 +272,7 @@ static BlockBackend *open_image(bool rw, const FuzzHeader *h, bool small_cache)
     QDict *opts = qdict_new();
     Error *err = NULL;
     BlockBackend *blk;
-    int flags = rw ? BDRV_O_RDWR : 0;
+    int flags = rw ? BDRV_O_RDWR | BDRV_O_RESIZE : 0;
 
     qdict_put_str(opts, "driver", "qed");
     qdict_put_str(opts, "file.driver", "file");
