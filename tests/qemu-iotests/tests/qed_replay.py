@@ -74,6 +74,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -1116,6 +1117,7 @@ def keep_failure(iv: Interval, mask: int, key: bytes, what: str,
 
 
 def worker_init() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     G['prefix'] = Prefix()
     G['tmp'] = os.path.join(G['tmpbase'], f'w{os.getpid()}')
     os.makedirs(G['tmp'], exist_ok=True)
@@ -1256,6 +1258,8 @@ def main() -> int:
 
     t0 = time.monotonic()
     tmpbase = ''
+    # a terminated run still removes its scratch files in memory
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         bindir = os.path.join(workdir, 'bin')
         bins = {
