@@ -53,8 +53,7 @@ io backing-qed.qed -c 'write -P 0xbb 4k 2k'
 img -o cluster_size=4k,table_size=1 dirty.qed 4M
 io dirty.qed -c 'write -P 0xcc 0 8k'
 printf '\x02' | dd of=dirty.qed bs=1 seek=16 conv=notrunc status=none
-size=$(stat -c %s dirty.qed)
-truncate -s $((size + 4096)) dirty.qed
+head -c 4096 /dev/zero | tr '\0' '\335' >> dirty.qed
 # Metadata preallocation
 img -o cluster_size=4k,table_size=1,preallocation=metadata prealloc.qed 64k
 

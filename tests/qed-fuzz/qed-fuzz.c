@@ -1,9 +1,11 @@
 /*
  * libFuzzer harness for our QED driver
  *
- * Each input is a whole QED image file.  The harness writes it to a file in
- * a private scratch folder (on /dev/shm when there is one) and drives it
- * through the fork's block layer, as qemu-img and a guest would:
+ * Each input is a whole QED image file.  The harness puts it in an image
+ * file held in memory (its own protocol driver, below: no system calls, no
+ * threads; QED_FUZZ_FILE=1 uses a real file in the scratch folder instead)
+ * and drives it through the fork's block layer, as qemu-img and a guest
+ * would:
  *
  *  1. read-only open: block status over the first extents, reads at the
  *     start, the end and inside allocated extents, a check without repair;
@@ -36,10 +38,12 @@
 
 #include "qemu/osdep.h"
 #include "qemu/main-loop.h"
+#include "qemu/cutils.h"
 #include "qemu/iov.h"
 #include "qapi/error.h"
 #include "qapi/qmp/qdict.h"
 #include "block/block.h"
+#include "block/block_int.h"
 #include "sysemu/block-backend.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
@@ -61,6 +65,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static char *scratch_dir;
 static char *image_path;
+/* QED_FUZZ_FILE set: the image is a real file (image_path), not memory */
+static bool use_file;
 
 /* Debug output when QED_FUZZ_VERBOSE is set */
 static bool verbose;
@@ -109,6 +115,7 @@ typedef struct FuzzHeader {
     uint32_t table_size;
     uint64_t features;
     bool backing_ok;        /* the image may open its backing file */
+    const char *backing;    /* which one, if it names one */
 } FuzzHeader;
 
 static const char *const allowed_backing[] = { "backing.raw", "backing.qed" };
@@ -141,9 +148,226 @@ static void parse_header(const uint8_t *data, size_t size, FuzzHeader *h)
         if (name_len == strlen(allowed_backing[i]) &&
             !memcmp(data + name_off, allowed_backing[i], name_len)) {
             h->backing_ok = true;
+            h->backing = allowed_backing[i];
         }
     }
 }
+
+/* ---- the image file, in memory ------------------------------------------ */
+
+/*
+ * A protocol driver over memory: no system calls and no thread pool, so
+ * that an input costs little.  The file is held in 4 KiB pages, only those
+ * that were written (the driver grows its file ahead, and writes may land
+ * far out): the rest reads as zeros.  Every request yields once before it
+ * completes (rescheduled through the AioContext, as a real completion
+ * would be), so that the driver's coroutines interleave at their I/O as
+ * they do over a file.
+ */
+#define MEM_PAGE 4096
+
+static struct {
+    GHashTable *pages;      /* page index -> MEM_PAGE bytes */
+    uint64_t length;        /* the file's length */
+} mem;
+
+static uint8_t *mem_page(uint64_t index, bool create)
+{
+    uint8_t *page = g_hash_table_lookup(mem.pages, &index);
+
+    if (!page && create) {
+        uint64_t *key = g_new(uint64_t, 1);
+
+        *key = index;
+        page = g_malloc0(MEM_PAGE);
+        g_hash_table_insert(mem.pages, key, page);
+    }
+    return page;
+}
+
+/* Zero [offset, offset + bytes): whole pages are dropped */
+static void mem_zero(uint64_t offset, uint64_t bytes)
+{
+    while (bytes) {
+        uint64_t index = offset / MEM_PAGE, in = offset % MEM_PAGE;
+        uint64_t n = MIN(bytes, MEM_PAGE - in);
+        uint8_t *page = mem_page(index, false);
+
+        if (page && n == MEM_PAGE) {
+            g_hash_table_remove(mem.pages, &index);
+        } else if (page) {
+            memset(page + in, 0, n);
+        }
+        offset += n;
+        bytes -= n;
+    }
+}
+
+static void mem_write(uint64_t offset, const uint8_t *buf, uint64_t bytes,
+                      QEMUIOVector *qiov)
+{
+    uint64_t done = 0;
+
+    while (done < bytes) {
+        uint64_t pos = offset + done;
+        uint64_t in = pos % MEM_PAGE, n = MIN(bytes - done, MEM_PAGE - in);
+        uint8_t *page = mem_page(pos / MEM_PAGE, true);
+
+        if (qiov) {
+            qemu_iovec_to_buf(qiov, done, page + in, n);
+        } else {
+            memcpy(page + in, buf + done, n);
+        }
+        done += n;
+    }
+}
+
+static void mem_set(const uint8_t *data, size_t size)
+{
+    size_t off;
+
+    if (!mem.pages) {
+        mem.pages = g_hash_table_new_full(g_int64_hash, g_int64_equal,
+                                          g_free, g_free);
+    }
+    g_hash_table_remove_all(mem.pages);
+    for (off = 0; off < size; off += MEM_PAGE) {
+        size_t n = MIN(MEM_PAGE, size - off);
+
+        if (!buffer_is_zero(data + off, n)) {
+            mem_write(off, data + off, n, NULL);
+        }
+    }
+    mem.length = size;
+}
+
+static void coroutine_fn mem_yield(BlockDriverState *bs)
+{
+    aio_co_schedule(bdrv_get_aio_context(bs), qemu_coroutine_self());
+    qemu_coroutine_yield();
+}
+
+static int mem_file_open(BlockDriverState *bs, QDict *options, int flags,
+                         Error **errp)
+{
+    qdict_del(options, "filename");
+    bs->supported_zero_flags = BDRV_REQ_MAY_UNMAP;
+    return 0;
+}
+
+static int coroutine_fn mem_co_preadv(BlockDriverState *bs, int64_t offset,
+                                      int64_t bytes, QEMUIOVector *qiov,
+                                      BdrvRequestFlags flags)
+{
+    uint64_t done = 0;
+
+    mem_yield(bs);
+    while (done < bytes) {
+        uint64_t pos = offset + done;
+        uint64_t in = pos % MEM_PAGE, n = MIN(bytes - done, MEM_PAGE - in);
+        uint8_t *page = mem_page(pos / MEM_PAGE, false);
+
+        if (page) {
+            qemu_iovec_from_buf(qiov, done, page + in, n);
+        } else {
+            qemu_iovec_memset(qiov, done, 0, n);
+        }
+        done += n;
+    }
+    return 0;
+}
+
+static int coroutine_fn mem_co_pwritev(BlockDriverState *bs, int64_t offset,
+                                       int64_t bytes, QEMUIOVector *qiov,
+                                       BdrvRequestFlags flags)
+{
+    mem_yield(bs);
+    mem_write(offset, NULL, bytes, qiov);
+    mem.length = MAX(mem.length, offset + bytes);
+    return 0;
+}
+
+static int coroutine_fn mem_co_pwrite_zeroes(BlockDriverState *bs,
+                                             int64_t offset, int64_t bytes,
+                                             BdrvRequestFlags flags)
+{
+    mem_yield(bs);
+    mem_zero(offset, bytes);
+    mem.length = MAX(mem.length, offset + bytes);
+    return 0;
+}
+
+static int coroutine_fn mem_co_pdiscard(BlockDriverState *bs, int64_t offset,
+                                        int64_t bytes)
+{
+    mem_yield(bs);
+    mem_zero(offset, MIN(bytes, mem.length - MIN(offset, mem.length)));
+    return 0;
+}
+
+static int coroutine_fn mem_co_truncate(BlockDriverState *bs, int64_t offset,
+                                        bool exact, PreallocMode prealloc,
+                                        BdrvRequestFlags flags, Error **errp)
+{
+    if (prealloc != PREALLOC_MODE_OFF) {
+        error_setg(errp, "preallocation is not supported");
+        return -ENOTSUP;
+    }
+    mem_yield(bs);
+    if ((uint64_t)offset < mem.length) {
+        mem_zero(offset, mem.length - offset);
+    }
+    mem.length = offset;
+    return 0;
+}
+
+/* Held pages are data, the rest reads as zeros (a hole, as in a file) */
+static int coroutine_fn mem_co_block_status(BlockDriverState *bs,
+                                            bool want_zero, int64_t offset,
+                                            int64_t bytes, int64_t *pnum,
+                                            int64_t *map,
+                                            BlockDriverState **file)
+{
+    bool held = mem_page(offset / MEM_PAGE, false);
+    int64_t n = MEM_PAGE - offset % MEM_PAGE;
+
+    while (n < bytes && !!mem_page((offset + n) / MEM_PAGE, false) == held) {
+        n += MEM_PAGE;
+    }
+    *pnum = MIN(n, bytes);
+    *map = offset;
+    *file = bs;
+    return (held ? BDRV_BLOCK_DATA : BDRV_BLOCK_ZERO) |
+           BDRV_BLOCK_OFFSET_VALID;
+}
+
+static int64_t mem_getlength(BlockDriverState *bs)
+{
+    return mem.length;
+}
+
+static int coroutine_fn mem_co_flush(BlockDriverState *bs)
+{
+    mem_yield(bs);
+    return 0;
+}
+
+static BlockDriver bdrv_qed_fuzz_mem = {
+    .format_name            = "qed-fuzz-mem",
+    .protocol_name          = "qed-fuzz-mem",
+    .instance_size          = 1,
+    .has_variable_length    = true,
+
+    .bdrv_file_open         = mem_file_open,
+    .bdrv_getlength         = mem_getlength,
+    .bdrv_co_preadv         = mem_co_preadv,
+    .bdrv_co_pwritev        = mem_co_pwritev,
+    .bdrv_co_pwrite_zeroes  = mem_co_pwrite_zeroes,
+    .bdrv_co_pdiscard       = mem_co_pdiscard,
+    .bdrv_co_truncate       = mem_co_truncate,
+    .bdrv_co_flush_to_disk  = mem_co_flush,
+    .bdrv_co_block_status   = mem_co_block_status,
+};
 
 /* ---- set-up -------------------------------------------------------------- */
 
@@ -217,8 +441,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     image_path = g_build_filename(scratch_dir, "image.qed", NULL);
     make_backing_files();
 
+    use_file = getenv("QED_FUZZ_FILE") != NULL;
     qemu_init_main_loop(&error_fatal);
     bdrv_init();
+    bdrv_register(&bdrv_qed_fuzz_mem);
     return 0;
 }
 
@@ -275,9 +501,27 @@ static BlockBackend *open_image(bool rw, const FuzzHeader *h, bool small_cache)
     int flags = rw ? BDRV_O_RDWR | BDRV_O_RESIZE : 0;
 
     qdict_put_str(opts, "driver", "qed");
-    qdict_put_str(opts, "file.driver", "file");
-    qdict_put_str(opts, "file.filename", image_path);
-    qdict_put_str(opts, "file.locking", "off");
+    if (use_file) {
+        qdict_put_str(opts, "file.driver", "file");
+        qdict_put_str(opts, "file.filename", image_path);
+        qdict_put_str(opts, "file.locking", "off");
+    } else {
+        qdict_put_str(opts, "file.driver", "qed-fuzz-mem");
+        if (h->backing) {
+            /*
+             * A memory node has no folder to resolve the name in: name
+             * the allowed file for the block layer (the driver still
+             * parses the header's name).
+             */
+            g_autofree char *path = g_build_filename(scratch_dir, h->backing,
+                                                     NULL);
+            qdict_put_str(opts, "backing.driver",
+                          g_str_has_suffix(h->backing, ".qed") ? "qed" : "raw");
+            qdict_put_str(opts, "backing.file.driver", "file");
+            qdict_put_str(opts, "backing.file.filename", path);
+            qdict_put_str(opts, "backing.file.locking", "off");
+        }
+    }
     if (small_cache && h->valid && h->cluster_size &&
         (uint64_t)h->cluster_size * h->table_size <= 64 * 1024 * 1024) {
         qdict_put_int(opts, "l2-cache-size",
@@ -589,6 +833,15 @@ static void step_read_write(const FuzzHeader *h, Rng *r)
     blk_unref(blk);
 }
 
+static void set_image(const uint8_t *data, size_t size)
+{
+    if (use_file) {
+        write_file(image_path, data, size);
+    } else {
+        mem_set(data, size);
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     FuzzHeader h;
@@ -599,12 +852,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     parse_header(data, size, &h);
     r.s = hash_input(data, size);
-    write_file(image_path, data, size);
-
+    set_image(data, size);
     step_read_only(&h, &r);
 
-    /* The read-only steps may not change the file */
-    write_file(image_path, data, size);
+    /* (whatever step 1 did, step 2 starts from the input again) */
+    set_image(data, size);
     step_read_write(&h, &r);
     return 0;
 }
