@@ -1523,7 +1523,9 @@ static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
         qemu_iovec_add(&wqiov, tail_buf, tail);
     }
 
-    BLKDBG_EVENT(s->bs->file, cow ? BLKDBG_COW_WRITE : BLKDBG_WRITE_AIO);
+    /* Copy-on-write only when backing data pads the guest's */
+    BLKDBG_EVENT(s->bs->file, head_buf || tail_buf ? BLKDBG_COW_WRITE :
+                                                     BLKDBG_WRITE_AIO);
     ret = bdrv_co_pwritev(s->bs->file, wstart, wqiov.size, &wqiov, 0);
     if (ret < 0) {
         /* The new clusters leak; nothing points at them */
