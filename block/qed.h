@@ -226,18 +226,23 @@ static inline unsigned int qed_l2_index(BDRVQEDState *s, uint64_t pos)
 }
 
 /*
- * Is @offset a plausible cluster offset: aligned, after the header and
- * inside the allocated part of the file?  Tables also need @bytes to fit.
+ * Is @offset a plausible cluster offset: aligned, after the header, clear
+ * of the L1 table and inside the allocated part of the file?  Tables also
+ * need @bytes to fit.  (A corrupt entry into the L1 table would have guest
+ * writes land on the table on disk, under its copy in memory.)
  */
 static inline bool qed_check_offset(BDRVQEDState *s, uint64_t offset,
                                     uint64_t bytes)
 {
     uint64_t header_end = (uint64_t)s->header.header_size *
                           s->header.cluster_size;
+    uint64_t l1_start = s->header.l1_table_offset;
 
     return qed_offset_into_cluster(s, offset) == 0 &&
            offset >= header_end &&
-           offset <= s->file_end && bytes <= s->file_end - offset;
+           offset <= s->file_end && bytes <= s->file_end - offset &&
+           (offset + bytes <= l1_start ||
+            offset >= l1_start + qed_table_bytes(s));
 }
 
 static inline bool qed_is_data_offset(uint64_t entry)
