@@ -438,6 +438,8 @@ static void coroutine_fn qed_co_call_entry(void *opaque)
     QEDCoCall *call = opaque;
 
     call->ret = call->fn(call->s, call->opaque);
+    /* BDRV_POLL_WHILE in another thread (an iothread's node) needs this */
+    aio_wait_kick();
 }
 
 static int qed_call_in_coroutine(BDRVQEDState *s, QEDCoFunc *fn,
