@@ -45,8 +45,11 @@ if [ "$names" = 0 ]; then
 fi
 
 common="halt_on_error=1:abort_on_error=1:print_stacktrace=1:disable_coredump=1"
-export ASAN_OPTIONS="$common:detect_leaks=1:allocator_may_return_null=1:log_path=$LOGS/asan"
-export UBSAN_OPTIONS="$common:log_path=$LOGS/ubsan"
+# (One log_path for both: the last one parsed wins.  Full unwinding at
+# malloc, or leak stacks stop at glib's g_malloc and no suppression by
+# function can match.)
+export ASAN_OPTIONS="$common:detect_leaks=1:allocator_may_return_null=1:fast_unwind_on_malloc=0:log_path=$LOGS/san"
+export UBSAN_OPTIONS="$common:log_path=$LOGS/san"
 export LSAN_OPTIONS="suppressions=$TOP/tests/sanitizers/lsan.supp:print_suppressions=0"
 
 start=$(date +%s)
@@ -58,7 +61,7 @@ secs=$(( $(date +%s) - start ))
 # that hold only warnings are no reports: ASan's start-up warning about
 # swapcontext (QEMU's coroutines, whose stack switches QEMU tells ASan
 # about) and its "ignoring __asan_handle_no_return" on a coroutine stack.
-reports=$(find "$LOGS" -name 'asan.*' -o -name 'ubsan.*' | sort |
+reports=$(find "$LOGS" -name 'san.*' | sort |
           while read -r f; do
               if grep -Eq "ERROR: |runtime error|^SUMMARY: " "$f"; then
                   echo "$f"
