@@ -607,8 +607,13 @@ int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
         result->check_errors++;
         return file_size;
     }
-    check.file_size = file_size;
-    check.file_end = ROUND_UP(file_size, cluster_size);
+    /*
+     * Past s->file_end the file holds only this open's grow-ahead, which
+     * nothing was allocated in (and close cuts off): an entry that points
+     * there is as bad as one past the end of the file.
+     */
+    check.file_size = MIN((uint64_t)file_size, s->file_end);
+    check.file_end = ROUND_UP(check.file_size, cluster_size);
 
     /*
      * Open made sure that header and L1 table lie in the file; size the
