@@ -421,16 +421,57 @@ static void make_backing_files(void)
     write_file(qed_path, qed, 8192);
 }
 
+/*
+ * A process that crashed (a finding, in fork mode) left its scratch folder
+ * behind: remove those whose process is gone.  Folders are named
+ * qed-fuzz-PID-XXXXXX.
+ */
+static void remove_stale_scratch(const char *base)
+{
+    GDir *dir = g_dir_open(base, 0, NULL);
+    const char *name;
+
+    if (!dir) {
+        return;
+    }
+    while ((name = g_dir_read_name(dir))) {
+        const char *names[] = { "image.qed", "backing.raw", "backing.qed" };
+        char *end, *path;
+        long pid;
+        size_t i;
+
+        if (!g_str_has_prefix(name, "qed-fuzz-")) {
+            continue;
+        }
+        pid = strtol(name + strlen("qed-fuzz-"), &end, 10);
+        if (pid <= 0 || *end != '-' || kill(pid, 0) == 0 || errno != ESRCH) {
+            continue;
+        }
+        for (i = 0; i < ARRAY_SIZE(names); i++) {
+            path = g_build_filename(base, name, names[i], NULL);
+            unlink(path);
+            g_free(path);
+        }
+        path = g_build_filename(base, name, NULL);
+        rmdir(path);
+        g_free(path);
+    }
+    g_dir_close(dir);
+}
+
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     const char *base = getenv("QED_FUZZ_TMPDIR");
     g_autofree char *tmpl = NULL;
+    g_autofree char *prefix = NULL;
 
     verbose = getenv("QED_FUZZ_VERBOSE") != NULL;
     if (!base) {
         base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : g_get_tmp_dir();
     }
-    tmpl = g_build_filename(base, "qed-fuzz-XXXXXX", NULL);
+    remove_stale_scratch(base);
+    prefix = g_strdup_printf("qed-fuzz-%ld-XXXXXX", (long)getpid());
+    tmpl = g_build_filename(base, prefix, NULL);
     scratch_dir = g_mkdtemp(tmpl) ? g_strdup(tmpl) : NULL;
     if (!scratch_dir) {
         fprintf(stderr, "qed-fuzz: cannot make a scratch folder in %s\n",
