@@ -49,8 +49,10 @@ int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
  * chunks, so a chunk read from disk never overwrites a change, and a
  * writeback never writes a sector of a chunk that is being read.
  */
-int coroutine_fn qed_l2_load_locked(BDRVQEDState *s, CachedL2Table *e,
-                                    unsigned int first, unsigned int end)
+static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
+                                           CachedL2Table *e,
+                                           unsigned int first,
+                                           unsigned int end)
 {
     unsigned int ce = s->l2_cache.chunk_entries;
     unsigned long c = first / ce;

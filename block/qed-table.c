@@ -150,10 +150,11 @@ int coroutine_fn qed_write_table_snapshot(BDRVQEDState *s,
 }
 
 /* The same from entries in CPU order */
-int coroutine_fn qed_write_table_sectors(BDRVQEDState *s,
-                                         uint64_t table_offset,
-                                         unsigned int first, unsigned int n,
-                                         const uint64_t *entries)
+static int coroutine_fn qed_write_table_sectors(BDRVQEDState *s,
+                                                uint64_t table_offset,
+                                                unsigned int first,
+                                                unsigned int n,
+                                                const uint64_t *entries)
 {
     uint64_t *buf = qed_table_snapshot(s, entries, n);
     int ret;

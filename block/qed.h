@@ -269,10 +269,6 @@ int coroutine_fn qed_read_table(BDRVQEDState *s, uint64_t offset,
 int coroutine_fn qed_write_table(BDRVQEDState *s, uint64_t offset,
                                  QEDTable *table, unsigned int index,
                                  unsigned int n);
-int coroutine_fn qed_write_table_sectors(BDRVQEDState *s,
-                                         uint64_t table_offset,
-                                         unsigned int first, unsigned int n,
-                                         const uint64_t *entries);
 int coroutine_fn qed_read_table_entries(BDRVQEDState *s,
                                         uint64_t table_offset,
                                         unsigned int first, unsigned int n,
@@ -304,8 +300,6 @@ unsigned int qed_l2_cache_forget_dirty(L2TableCache *c);
 /* qed-cluster.c */
 int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
                                   CachedL2Table **entry);
-int coroutine_fn qed_l2_load_locked(BDRVQEDState *s, CachedL2Table *e,
-                                    unsigned int first, unsigned int end);
 int coroutine_fn qed_l2_ensure(BDRVQEDState *s, CachedL2Table *e,
                                unsigned int first, unsigned int end);
 int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
