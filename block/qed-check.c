@@ -240,6 +240,8 @@ static void coroutine_fn qed_check_l1(QEDCheck *check)
         for (unsigned int i = first_fixed; i <= last_fixed; i++) {
             s->l1_table->offsets[i] = fixed->offsets[i];
         }
+        /* The space of dropped tables may become data once reclaimed */
+        qed_l2_starts_rebuild(s);
         result->corruptions -= n_fixed;
         result->corruptions_fixed += n_fixed;
     }

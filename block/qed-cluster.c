@@ -173,8 +173,7 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
             uint64_t entry = e->table->offsets[i];
             QEDExtentType type = qed_entry_type(entry);
 
-            if (type == QED_EXTENT_DATA &&
-                !qed_check_offset(s, entry, cluster_size)) {
+            if (type == QED_EXTENT_DATA && !qed_check_data_offset(s, entry)) {
                 if (first) {
                     qed_l2_cache_unref(&s->l2_cache, e);
                     qed_report_corruption(s, "data cluster offset 0x%" PRIx64

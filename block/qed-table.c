@@ -183,6 +183,79 @@ int coroutine_fn qed_read_l1_table(BDRVQEDState *s)
     return qed_read_table(s, s->header.l1_table_offset, s->l1_table);
 }
 
+static int qed_u64_cmp(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+/*
+ * The index of where L2 tables start (s->l2_starts) follows the L1 table:
+ * rebuilt when the L1 is read or repaired, added to when a table is made.
+ * L1 entries that lookups refuse anyway (into the L1 table, past the end
+ * of the file...) stay out, so that they cannot make good data unreadable.
+ */
+void qed_l2_starts_rebuild(BDRVQEDState *s)
+{
+    s->n_l2_starts = 0;
+    for (unsigned int i = 0; i < s->table_nelems; i++) {
+        uint64_t offset = s->l1_table->offsets[i];
+
+        if (offset == 0 || !qed_check_offset(s, offset, qed_table_bytes(s))) {
+            continue;
+        }
+        if (s->n_l2_starts == s->l2_starts_size) {
+            s->l2_starts_size = MAX(16, s->l2_starts_size * 2);
+            s->l2_starts = g_renew(uint64_t, s->l2_starts, s->l2_starts_size);
+        }
+        s->l2_starts[s->n_l2_starts++] = offset;
+    }
+    if (s->n_l2_starts > 1) {
+        qsort(s->l2_starts, s->n_l2_starts, sizeof(uint64_t), qed_u64_cmp);
+    }
+}
+
+/* Index of the first start greater than @offset */
+static size_t qed_l2_starts_upper(BDRVQEDState *s, uint64_t offset)
+{
+    size_t lo = 0, hi = s->n_l2_starts;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+
+        if (s->l2_starts[mid] <= offset) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+void qed_l2_starts_add(BDRVQEDState *s, uint64_t offset)
+{
+    size_t i;
+
+    if (s->n_l2_starts == s->l2_starts_size) {
+        s->l2_starts_size = MAX(16, s->l2_starts_size * 2);
+        s->l2_starts = g_renew(uint64_t, s->l2_starts, s->l2_starts_size);
+    }
+    /* New tables come from the end of the file: usually the last */
+    i = qed_l2_starts_upper(s, offset);
+    memmove(&s->l2_starts[i + 1], &s->l2_starts[i],
+            (s->n_l2_starts - i) * sizeof(uint64_t));
+    s->l2_starts[i] = offset;
+    s->n_l2_starts++;
+}
+
+bool qed_in_l2_table(BDRVQEDState *s, uint64_t offset)
+{
+    size_t i = qed_l2_starts_upper(s, offset);
+
+    return i > 0 && offset - s->l2_starts[i - 1] < qed_table_bytes(s);
+}
+
 int coroutine_fn qed_write_l1_table(BDRVQEDState *s, QEDTable *l1,
                                     unsigned int index, unsigned int n)
 {

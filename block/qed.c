@@ -206,7 +206,7 @@ static int coroutine_fn qed_write_header(BDRVQEDState *s, QEDHeader *header)
     return ret;
 }
 
-/* ---- NEED_CHECK and its timer ---------------------------------------- */
+/* ---- NEED_CHECK and its timer ------------------------------------------- */
 
 static bool qed_has_backing_file(BDRVQEDState *s)
 {
@@ -479,7 +479,7 @@ static int coroutine_fn qed_trim_file_tail(BDRVQEDState *s, void *opaque)
     return ret;
 }
 
-/* ---- open and close ---------------------------------------------------- */
+/* ---- open and close ----------------------------------------------------- */
 
 static QemuOptsList qed_runtime_opts = {
     .name = "qed",
@@ -607,6 +607,9 @@ static void qed_free_state(BDRVQEDState *s)
     g_free(s->l1_dirty);
     s->l1_dirty = NULL;
     s->l1_ndirty = 0;
+    g_free(s->l2_starts);
+    s->l2_starts = NULL;
+    s->n_l2_starts = s->l2_starts_size = 0;
 }
 
 static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
@@ -691,6 +694,7 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
         error_setg_errno(errp, -ret, "Could not read the L1 table");
         goto fail;
     }
+    qed_l2_starts_rebuild(s);
 
     bs->supported_zero_flags = BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK;
     bs->supported_truncate_flags = BDRV_REQ_ZERO_WRITE;
@@ -906,7 +910,7 @@ static void qed_reopen_abort(BDRVReopenState *state)
     state->opaque = NULL;
 }
 
-/* ---- allocation bookkeeping -------------------------------------------- */
+/* ---- allocation bookkeeping --------------------------------------------- */
 
 static QEDAllocation *qed_find_alloc(BDRVQEDState *s, uint64_t start,
                                      uint64_t end)
@@ -1340,6 +1344,7 @@ static int coroutine_fn qed_set_entries(BDRVQEDState *s, uint64_t start,
          */
         qed_l2_cache_mark_dirty(c, e, c->nsectors - 1, 1);
         s->l1_table->offsets[l1i] = l2_offset;
+        qed_l2_starts_add(s, l2_offset);
         qed_l1_mark_dirty(s, l1i / QED_ENTRIES_PER_SECTOR, 1);
         new_table = true;
     } else {
@@ -1379,7 +1384,7 @@ static int coroutine_fn qed_co_flush_to_os(BlockDriverState *bs)
     return qed_writeback(bs->opaque);
 }
 
-/* ---- reads ---------------------------------------------------------------- */
+/* ---- reads -------------------------------------------------------------- */
 
 /* Unallocated: the backing file shows through, zeros past it or without */
 static int coroutine_fn qed_read_backing(BDRVQEDState *s, uint64_t pos,
@@ -1436,7 +1441,7 @@ static int coroutine_fn qed_co_preadv_part(BlockDriverState *bs,
     return 0;
 }
 
-/* ---- writes ---------------------------------------------------------------- */
+/* ---- writes ------------------------------------------------------------- */
 
 /*
  * Write [pos, pos + bytes) of the virtual disk, which all lies in
@@ -1775,7 +1780,7 @@ static int coroutine_fn qed_co_block_status(BlockDriverState *bs,
     }
 }
 
-/* ---- size, info, backing file ------------------------------------------ */
+/* ---- size, info, backing file ------------------------------------------- */
 
 static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
                                         bool exact, PreallocMode prealloc,

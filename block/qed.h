@@ -152,6 +152,10 @@ typedef struct BDRVQEDState {
     QEDTable *l1_table;         /* CPU order; dirty sectors in l1_dirty */
     unsigned long *l1_dirty;
     unsigned int l1_ndirty;
+    /* The L2 tables the L1 names, by offset: no data cluster may be in one */
+    uint64_t *l2_starts;
+    size_t n_l2_starts;
+    size_t l2_starts_size;
     L2TableCache l2_cache;      /* writeback */
     uint32_t table_nelems;
     uint32_t l1_shift;
@@ -245,6 +249,18 @@ static inline bool qed_check_offset(BDRVQEDState *s, uint64_t offset,
             offset >= l1_start + qed_table_bytes(s));
 }
 
+bool qed_in_l2_table(BDRVQEDState *s, uint64_t offset);
+
+/*
+ * A plausible data cluster is also clear of every L2 table: a guest write
+ * there would land on the table on disk, under its copy in the cache.
+ */
+static inline bool qed_check_data_offset(BDRVQEDState *s, uint64_t offset)
+{
+    return qed_check_offset(s, offset, s->header.cluster_size) &&
+           !qed_in_l2_table(s, offset);
+}
+
 static inline bool qed_is_data_offset(uint64_t entry)
 {
     return entry > QED_L2_ZERO;
@@ -274,6 +290,8 @@ int coroutine_fn qed_read_table_entries(BDRVQEDState *s,
                                         unsigned int first, unsigned int n,
                                         uint64_t *entries);
 int coroutine_fn qed_read_l1_table(BDRVQEDState *s);
+void qed_l2_starts_rebuild(BDRVQEDState *s);
+void qed_l2_starts_add(BDRVQEDState *s, uint64_t offset);
 int coroutine_fn qed_write_l1_table(BDRVQEDState *s, QEDTable *l1,
                                     unsigned int index, unsigned int n);
 int coroutine_fn qed_read_tables(BDRVQEDState *s, uint64_t offset,
