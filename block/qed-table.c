@@ -190,6 +190,15 @@ static int qed_u64_cmp(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* Room for one more start in s->l2_starts */
+static void qed_l2_starts_reserve(BDRVQEDState *s)
+{
+    if (s->n_l2_starts == s->l2_starts_size) {
+        s->l2_starts_size = MAX(16, s->l2_starts_size * 2);
+        s->l2_starts = g_renew(uint64_t, s->l2_starts, s->l2_starts_size);
+    }
+}
+
 /*
  * The index of where L2 tables start (s->l2_starts) follows the L1 table:
  * rebuilt when the L1 is read or repaired, added to when a table is made.
@@ -205,10 +214,7 @@ void qed_l2_starts_rebuild(BDRVQEDState *s)
         if (offset == 0 || !qed_check_offset(s, offset, qed_table_bytes(s))) {
             continue;
         }
-        if (s->n_l2_starts == s->l2_starts_size) {
-            s->l2_starts_size = MAX(16, s->l2_starts_size * 2);
-            s->l2_starts = g_renew(uint64_t, s->l2_starts, s->l2_starts_size);
-        }
+        qed_l2_starts_reserve(s);
         s->l2_starts[s->n_l2_starts++] = offset;
     }
     if (s->n_l2_starts > 1) {
@@ -237,10 +243,7 @@ void qed_l2_starts_add(BDRVQEDState *s, uint64_t offset)
 {
     size_t i;
 
-    if (s->n_l2_starts == s->l2_starts_size) {
-        s->l2_starts_size = MAX(16, s->l2_starts_size * 2);
-        s->l2_starts = g_renew(uint64_t, s->l2_starts, s->l2_starts_size);
-    }
+    qed_l2_starts_reserve(s);
     /* New tables come from the end of the file: usually the last */
     i = qed_l2_starts_upper(s, offset);
     memmove(&s->l2_starts[i + 1], &s->l2_starts[i],
