@@ -563,8 +563,7 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
         if (reclaim) {
             /* Header and L1 table are marked, so this keeps them */
             assert(new_len >= check->l1_end && new_len >= check->header_end);
-            ret = bdrv_co_truncate(s->bs->file, new_len, false,
-                                   PREALLOC_MODE_OFF, 0, NULL);
+            ret = qed_resize_file(s, new_len);
             if (ret < 0) {
                 fprintf(stderr, "ERROR: could not truncate the file to 0x%"
                         PRIx64 ": %s\n", new_len, strerror(-ret));
@@ -573,7 +572,6 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
                 result->leaks -= n;
                 result->leaks_fixed += n;
                 s->file_end = new_len;
-                s->file_size = new_len;
             }
         }
     }
@@ -662,6 +660,12 @@ int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
                     strerror(-ret));
             result->check_errors++;
         }
+    }
+
+    /* Every entry on disk is valid now, up to the file's (new) end */
+    if (ret == 0 && (fix & BDRV_FIX_ERRORS) && !result->corruptions &&
+        !result->check_errors) {
+        qed_screen_reset(s);
     }
 
     trace_qed_check_result(s, result->corruptions, result->leaks,

@@ -13,6 +13,7 @@
 #include "qemu/osdep.h"
 #include "qemu/bitmap.h"
 #include "qemu/memalign.h"
+#include "trace.h"
 #include "qed.h"
 
 /*
@@ -40,6 +41,128 @@ int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
     table = qed_table_new(qed_table_bytes(s));
     *entry = qed_l2_cache_insert(&s->l2_cache, l2_offset, table, false);
     return 0;
+}
+
+/* ---- entries past the end of the file --------------------------------- */
+
+void qed_screen_init(BDRVQEDState *s)
+{
+    s->open_end = s->file_end;
+    s->chunks_read = g_hash_table_new_full(g_int64_hash, g_int64_equal,
+                                           g_free, g_free);
+    s->bad_entries = g_hash_table_new_full(g_int64_hash, g_int64_equal,
+                                           g_free, g_free);
+}
+
+/* After a check found every entry valid: the file's end is the new bound */
+void qed_screen_reset(BDRVQEDState *s)
+{
+    s->open_end = s->file_end;
+    g_hash_table_remove_all(s->chunks_read);
+    g_hash_table_remove_all(s->bad_entries);
+}
+
+void qed_screen_destroy(BDRVQEDState *s)
+{
+    g_clear_pointer(&s->chunks_read, g_hash_table_destroy);
+    g_clear_pointer(&s->bad_entries, g_hash_table_destroy);
+}
+
+static unsigned long *qed_screen_chunks(BDRVQEDState *s, uint64_t l2_offset)
+{
+    unsigned long *read = g_hash_table_lookup(s->chunks_read, &l2_offset);
+
+    if (!read) {
+        read = bitmap_new(s->l2_cache.nchunks);
+        g_hash_table_insert(s->chunks_read, g_memdup2(&l2_offset,
+                                                      sizeof(l2_offset)),
+                            read);
+    }
+    return read;
+}
+
+/* A table made by this open holds only its own entries */
+void qed_screen_new_table(BDRVQEDState *s, uint64_t l2_offset)
+{
+    bitmap_set(qed_screen_chunks(s, l2_offset), 0, s->l2_cache.nchunks);
+}
+
+/*
+ * Chunks [c, end) of @e were just read from disk: remember, the first
+ * time, the data entries in them that point past @open_end.
+ */
+static void qed_l2_screen(BDRVQEDState *s, CachedL2Table *e, unsigned long c,
+                          unsigned long end)
+{
+    unsigned long *read = qed_screen_chunks(s, e->offset);
+    unsigned int ce = s->l2_cache.chunk_entries;
+
+    for (; c < end; c++) {
+        if (test_and_set_bit(c, read)) {
+            continue;
+        }
+        for (unsigned int i = c * ce; i < (c + 1) * ce; i++) {
+            uint64_t entry = e->table->offsets[i];
+            uint64_t where = e->offset + i * sizeof(uint64_t);
+
+            if (qed_is_data_offset(entry) && entry >= s->open_end) {
+                trace_qed_bad_entry(s, where, entry);
+                g_hash_table_insert(s->bad_entries,
+                                    g_memdup2(&where, sizeof(where)),
+                                    g_memdup2(&entry, sizeof(entry)));
+            }
+        }
+    }
+}
+
+static bool qed_entry_is_bad(BDRVQEDState *s, CachedL2Table *e,
+                             unsigned int i)
+{
+    uint64_t where = e->offset + i * sizeof(uint64_t);
+
+    return e->table->offsets[i] >= s->open_end &&
+           g_hash_table_size(s->bad_entries) &&
+           g_hash_table_contains(s->bad_entries, &where);
+}
+
+/* Entries [first, first + n) of the table at @l2_offset are being set */
+void qed_screen_forget(BDRVQEDState *s, uint64_t l2_offset,
+                       unsigned int first, unsigned int n)
+{
+    if (!g_hash_table_size(s->bad_entries)) {
+        return;
+    }
+    for (unsigned int i = first; i < first + n; i++) {
+        uint64_t where = l2_offset + i * sizeof(uint64_t);
+
+        g_hash_table_remove(s->bad_entries, &where);
+    }
+}
+
+/*
+ * New file space at @offset for @bytes: moved past every cluster that a
+ * bad entry names, so that the entry never comes to alias new data.  The
+ * clusters skipped leak (the check reclaims them).
+ */
+uint64_t qed_screen_skip(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
+{
+    GHashTableIter iter;
+    gpointer value;
+    bool moved = true;
+
+    while (moved && g_hash_table_size(s->bad_entries)) {
+        moved = false;
+        g_hash_table_iter_init(&iter, s->bad_entries);
+        while (g_hash_table_iter_next(&iter, NULL, &value)) {
+            uint64_t bad = qed_start_of_cluster(s, *(uint64_t *)value);
+
+            if (bad >= offset && bad - offset < bytes) {
+                offset = bad + s->header.cluster_size;
+                moved = true;
+            }
+        }
+    }
+    return offset;
 }
 
 /*
@@ -73,6 +196,7 @@ static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
         if (ret < 0) {
             return ret;
         }
+        qed_l2_screen(s, e, c, run_end);
         bitmap_set(e->loaded, c, run_end - c);
         c = run_end;
     }
@@ -173,7 +297,9 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
             uint64_t entry = e->table->offsets[i];
             QEDExtentType type = qed_entry_type(entry);
 
-            if (type == QED_EXTENT_DATA && !qed_check_data_offset(s, entry)) {
+            if (type == QED_EXTENT_DATA &&
+                (!qed_check_data_offset(s, entry) ||
+                 qed_entry_is_bad(s, e, i))) {
                 if (first) {
                     qed_l2_cache_unref(&s->l2_cache, e);
                     qed_report_corruption(s, "data cluster offset 0x%" PRIx64

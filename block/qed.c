@@ -185,24 +185,34 @@ static int qed_check_image_size(uint64_t size, uint64_t cluster_size,
 }
 
 /*
- * Write the header (sector 0) from @header.  Callers say why the moment
- * of the write is safe.
+ * The one writer of the header: sector 0 from @h, then s->header = *h.
+ * The caller holds header_lock, so that every header write starts from the
+ * header the last one left (a size change and a NEED_CHECK change built
+ * from the same old copy would undo each other), and says why the moment
+ * of the write is safe.  One sector is written, so a crash leaves the old
+ * header or the new one.
  */
-static int coroutine_fn qed_write_header(BDRVQEDState *s, QEDHeader *header)
+static int coroutine_fn qed_update_header(BDRVQEDState *s, const QEDHeader *h)
 {
     QEDHeader le;
     uint8_t *buf;
     int ret;
 
+    assert(s->header_lock.holder == qemu_coroutine_self());
+
     /* The backing file name may share the sector: read, modify, write */
     buf = qemu_blockalign(s->bs, BDRV_SECTOR_SIZE);
     ret = bdrv_co_pread(s->bs->file, 0, BDRV_SECTOR_SIZE, buf, 0);
     if (ret == 0) {
-        qed_header_cpu_to_le(header, &le);
+        qed_header_cpu_to_le(h, &le);
         memcpy(buf, &le, sizeof(le));
         ret = bdrv_co_pwrite(s->bs->file, 0, BDRV_SECTOR_SIZE, buf, 0);
     }
     qemu_vfree(buf);
+    if (ret == 0) {
+        s->header = *h;
+    }
+    trace_qed_header_write(s, h->features, h->image_size, ret);
     return ret;
 }
 
@@ -231,20 +241,20 @@ static int coroutine_fn qed_set_need_check(BDRVQEDState *s)
     }
 
     qemu_co_mutex_lock(&s->header_lock);
-    if (!(s->header.features & QED_F_NEED_CHECK)) {
-        h = s->header;
-        h.features |= QED_F_NEED_CHECK;
-        ret = qed_write_header(s, &h);
+    if (!s->need_check_ready) {
+        if (!(s->header.features & QED_F_NEED_CHECK)) {
+            h = s->header;
+            h.features |= QED_F_NEED_CHECK;
+            ret = qed_update_header(s, &h);
+        }
+        /* Also when the bit was set already: an earlier flush may have failed */
         if (ret == 0) {
             ret = bdrv_co_flush(s->bs->file->bs);
         }
         if (ret == 0) {
-            s->header = h;
+            s->need_check_ready = true;
             trace_qed_need_check_set(s);
         }
-    }
-    if (ret == 0) {
-        s->need_check_ready = true;
     }
     qemu_co_mutex_unlock(&s->header_lock);
     return ret;
@@ -282,14 +292,13 @@ static int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
         if (ret == 0) {
             h = s->header;
             h.features &= ~QED_F_NEED_CHECK;
-            ret = qed_write_header(s, &h);
+            ret = qed_update_header(s, &h);
         }
         if (ret == 0) {
             /* Leave the clean header on disk before anyone goes away */
             ret = bdrv_co_flush(s->bs->file->bs);
         }
         if (ret == 0) {
-            s->header = h;
             trace_qed_need_check_clear(s);
             /* Armed meanwhile by an allocation that has landed: no need */
             qed_cancel_timer(s);
@@ -466,19 +475,11 @@ static int qed_call_in_coroutine(BDRVQEDState *s, QEDCoFunc *fn,
  */
 static int coroutine_fn qed_trim_file_tail(BDRVQEDState *s, void *opaque)
 {
-    int ret;
-
-    if (s->file_size == s->file_end) {
+    if (s->file_size == s->file_end && !s->resizing) {
         return 0;
     }
-    ret = bdrv_co_truncate(s->bs->file, s->file_end, false,
-                           PREALLOC_MODE_OFF, 0, NULL);
-    if (ret == 0) {
-        s->file_size = s->file_end;
-    }
-    return ret;
+    return qed_resize_file(s, s->file_end);
 }
-
 /* ---- open and close ----------------------------------------------------- */
 
 static QemuOptsList qed_runtime_opts = {
@@ -610,6 +611,7 @@ static void qed_free_state(BDRVQEDState *s)
     g_free(s->l2_starts);
     s->l2_starts = NULL;
     s->n_l2_starts = s->l2_starts_size = 0;
+    qed_screen_destroy(s);
 }
 
 static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
@@ -626,7 +628,7 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     qemu_co_queue_init(&s->alloc_waiters);
     qemu_co_queue_init(&s->idle_waiters);
     qemu_co_mutex_init(&s->header_lock);
-    qemu_co_mutex_init(&s->grow_lock);
+    qemu_co_queue_init(&s->resize_waiters);
     qemu_co_mutex_init(&s->wb_lock);
 
     ret = bdrv_co_pread(bs->file, 0, sizeof(le), &le, 0);
@@ -654,6 +656,7 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     s->file_end = ROUND_UP(file_size, s->header.cluster_size);
     s->file_size = file_size;
     s->can_grow = true;
+    qed_screen_init(s);
 
     if (s->header.features & QED_F_BACKING_FILE) {
         char name[PATH_MAX];
@@ -705,12 +708,13 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
             QEDHeader h = s->header;
 
             h.autoclear_features &= QED_AUTOCLEAR_FEATURE_MASK;
-            ret = qed_write_header(s, &h);
+            qemu_co_mutex_lock(&s->header_lock);
+            ret = qed_update_header(s, &h);
+            qemu_co_mutex_unlock(&s->header_lock);
             if (ret < 0) {
                 error_setg_errno(errp, -ret, "Could not update the header");
                 goto fail;
             }
-            s->header = h;
         }
     }
 
@@ -969,11 +973,57 @@ static void qed_release(BDRVQEDState *s, QEDAllocation *a)
  */
 static uint64_t qed_reserve(BDRVQEDState *s, uint64_t bytes)
 {
-    uint64_t offset = s->file_end;
+    uint64_t offset = qed_screen_skip(s, s->file_end, bytes);
 
-    s->file_end += bytes;
+    s->file_end = offset + bytes;
     trace_qed_alloc_clusters(s, offset, bytes / s->header.cluster_size);
     return offset;
+}
+
+/*
+ * Wait until a write that ends at @end may be issued: no change of the
+ * file's length in flight would cut it off.
+ *
+ * Crash and race ordering 7 (file size): every write lies below file_end.
+ * A grow sets a length past file_end, and a cut (close, hand-over, the
+ * check's repair) happens with no allocation in flight and cuts to
+ * file_end or below what is referenced, so no size change removes a write
+ * issued before it.  Space reserved after a size change was issued may lie
+ * past its length: writes there (data, and the tables that the writeback
+ * writes) wait here until it has landed.  Otherwise the size change could
+ * complete after them and cut them off, data or tables that the cache then
+ * takes for written.
+ */
+static void coroutine_fn qed_wait_resize(BDRVQEDState *s, uint64_t end)
+{
+    while (s->resizing && end > s->resize_target) {
+        trace_qed_wait_resize(s, end, s->resize_target);
+        qemu_co_queue_wait(&s->resize_waiters, NULL);
+    }
+}
+
+/*
+ * Every change of the file's length goes through here, one at a time; see
+ * qed_wait_resize() for how they are ordered with writes.
+ */
+int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size)
+{
+    int ret;
+
+    while (s->resizing) {
+        qemu_co_queue_wait(&s->resize_waiters, NULL);
+    }
+    s->resizing = true;
+    s->resize_target = size;
+    ret = bdrv_co_truncate(s->bs->file, size, false, PREALLOC_MODE_OFF, 0,
+                           NULL);
+    trace_qed_resize_file(s, s->file_size, size, ret);
+    if (ret == 0) {
+        s->file_size = size;
+    }
+    s->resizing = false;
+    qemu_co_queue_restart_all(&s->resize_waiters);
+    return ret;
 }
 
 /*
@@ -984,29 +1034,27 @@ static uint64_t qed_reserve(BDRVQEDState *s, uint64_t bytes)
  * precedes table writes (images with a backing file), or the check
  * repairs what a crash leaves (NEED_CHECK): a crash never leaves an entry
  * past the end of the file unrepaired.
+ *
+ * Returns once the length that the size change in flight (if any) sets
+ * covers everything allocated, so that writes there need not wait.
  */
 static void coroutine_fn qed_grow_file(BDRVQEDState *s)
 {
-    if (s->file_end <= s->file_size || !s->can_grow) {
-        return;
-    }
-    qemu_co_mutex_lock(&s->grow_lock);
-    if (s->file_end > s->file_size) {
-        uint64_t step = MAX(QED_FILE_GROW_STEP, s->file_size / 8);
-        uint64_t new_size = ROUND_UP(s->file_end + step,
-                                     s->header.cluster_size);
-        int ret;
+    while (s->can_grow &&
+           s->file_end > (s->resizing ? s->resize_target : s->file_size)) {
+        uint64_t step, new_size;
 
-        ret = bdrv_co_truncate(s->bs->file, new_size, false,
-                               PREALLOC_MODE_OFF, 0, NULL);
-        if (ret == 0) {
-            s->file_size = new_size;
-        } else {
+        if (s->resizing) {
+            qemu_co_queue_wait(&s->resize_waiters, NULL);
+            continue;
+        }
+        step = MAX(QED_FILE_GROW_STEP, s->file_size / 8);
+        new_size = ROUND_UP(s->file_end + step, s->header.cluster_size);
+        if (qed_resize_file(s, new_size) < 0) {
             /* Fine: the writes themselves extend the file */
             s->can_grow = false;
         }
     }
-    qemu_co_mutex_unlock(&s->grow_lock);
 }
 
 static int64_t coroutine_fn qed_alloc_file_space(BDRVQEDState *s,
@@ -1140,6 +1188,9 @@ static int coroutine_fn qed_wb_task_run(AioTask *task)
         offset = s->header.l1_table_offset;
         BLKDBG_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
     }
+    /* A new table may lie past a size change in flight (ordering 7) */
+    qed_wait_resize(s, offset + (uint64_t)(job->first + job->n) *
+                       BDRV_SECTOR_SIZE);
     job->ret = qed_write_table_snapshot(s, offset,
                                         job->first * QED_ENTRIES_PER_SECTOR,
                                         job->n * QED_ENTRIES_PER_SECTOR,
@@ -1170,11 +1221,22 @@ static int coroutine_fn qed_wb_write(BDRVQEDState *s, GArray *jobs,
     return ret;
 }
 
-/* A flush of the file, for the crash ordering of a writeback pass */
+/*
+ * A flush of the file, for the crash ordering of a writeback pass.  Table
+ * sectors written before it are durable once it succeeds (passes run one
+ * at a time, so every earlier table write has completed).
+ */
 static int coroutine_fn qed_wb_flush(BDRVQEDState *s)
 {
+    int ret;
+
     BLKDBG_EVENT(s->bs->file, BLKDBG_FLUSH_TO_DISK);
-    return bdrv_co_flush(s->bs->file->bs);
+    ret = bdrv_co_flush(s->bs->file->bs);
+    trace_qed_wb_flush(s, s->wb_tables_unflushed, ret);
+    if (ret == 0) {
+        s->wb_tables_unflushed = false;
+    }
+    return ret;
 }
 
 /*
@@ -1196,7 +1258,9 @@ static int coroutine_fn qed_wb_flush(BDRVQEDState *s)
  * - 2: a new L2 table is written before the L1 entry that points at it:
  *   the L1 snapshot is taken with the L2 ones, so it names only tables
  *   whose sectors are written first, and with a backing file a flush
- *   separates the two.  Sectors of a new table that were never written
+ *   separates the two.  A table whose flush failed stays unflushed
+ *   (wb_tables_unflushed) until a later flush succeeds: the next pass
+ *   flushes before its L1 writes even if it writes no L2 sector.  Sectors of a new table that were never written
  *   read as zeros (fresh file space), so only dirty sectors are written,
  *   and the table's last sector, so that the file holds the whole table
  *   even if the size change of the grow-ahead was lost.
@@ -1233,11 +1297,18 @@ static int coroutine_fn qed_writeback(BDRVQEDState *s)
             ret = qed_wb_flush(s);
         }
         if (ret == 0) {
+            /* Until a flush succeeds, even if some of the writes failed */
+            s->wb_tables_unflushed = true;
             ret = qed_wb_write(s, jobs, 0, n_l2);
         }
     }
     if (ret == 0 && jobs->len > n_l2) {
-        if (qed_has_backing_file(s) && n_l2 > 0) {
+        /*
+         * Also when this pass wrote no L2 sector: the flush after a new
+         * table's write in an earlier pass may have failed, and the L1
+         * entry that points at it must not reach the disk before the table
+         */
+        if (qed_has_backing_file(s) && s->wb_tables_unflushed) {
             ret = qed_wb_flush(s);
         }
         if (ret == 0) {
@@ -1343,6 +1414,7 @@ static int coroutine_fn qed_set_entries(BDRVQEDState *s, uint64_t start,
          * the table's last sector is written with its first writeback.
          */
         qed_l2_cache_mark_dirty(c, e, c->nsectors - 1, 1);
+        qed_screen_new_table(s, l2_offset);
         s->l1_table->offsets[l1i] = l2_offset;
         qed_l2_starts_add(s, l2_offset);
         qed_l1_mark_dirty(s, l1i / QED_ENTRIES_PER_SECTOR, 1);
@@ -1359,6 +1431,7 @@ static int coroutine_fn qed_set_entries(BDRVQEDState *s, uint64_t start,
         }
     }
 
+    qed_screen_forget(s, l2_offset, first, n);
     for (unsigned int i = 0; i < n; i++) {
         e->table->offsets[first + i] = value + i * step;
     }
@@ -1531,6 +1604,7 @@ static int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
     }
 
     /* Copy-on-write only when backing data pads the guest's */
+    qed_wait_resize(s, wstart + wqiov.size);
     BLKDBG_EVENT(s->bs->file, head_buf || tail_buf ? BLKDBG_COW_WRITE :
                                                      BLKDBG_WRITE_AIO);
     ret = bdrv_co_pwritev(s->bs->file, wstart, wqiov.size, &wqiov, 0);
@@ -1592,6 +1666,7 @@ static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
 
         if (ext.type == QED_EXTENT_DATA) {
             /* In place: the cluster is ours and stays where it is */
+            qed_wait_resize(s, ext.file_offset + ext.bytes);
             BLKDBG_EVENT(bs->file, BLKDBG_WRITE_AIO);
             ret = bdrv_co_pwritev_part(bs->file, ext.file_offset, ext.bytes,
                                        qiov, qiov_offset, 0);
@@ -1814,14 +1889,15 @@ static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
      * Entries past the old end are unallocated, so growing is one header
      * write (a single sector, so a crash leaves the old or the new size).
      */
+    qemu_co_mutex_lock(&s->header_lock);
     h = s->header;
     h.image_size = offset;
-    ret = qed_write_header(s, &h);
+    ret = qed_update_header(s, &h);
+    qemu_co_mutex_unlock(&s->header_lock);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Failed to update the image size");
         return ret;
     }
-    s->header = h;
 
     if (flags & BDRV_REQ_ZERO_WRITE) {
         /* The backing file must not show through the new area */
@@ -1872,10 +1948,43 @@ typedef struct QEDBackingChange {
 } QEDBackingChange;
 
 /*
- * Point the header at a new backing file.  The new name is written where
- * the current header does not look (right after the old name when it
- * fits), flushed, and only then the header's one sector: a crash leaves
- * either the old header with its intact name or the new one.
+ * Where in the header clusters a backing file name of @len bytes can go
+ * without touching the bytes of the name the header names now: after the
+ * header, after the current name, or at the end.  0 if nowhere.
+ */
+static uint32_t qed_backing_name_slot(BDRVQEDState *s, size_t len)
+{
+    uint64_t header_bytes = (uint64_t)s->header.header_size *
+                            s->header.cluster_size;
+    uint64_t old_start = 0, old_end = 0;
+    uint64_t slots[3];
+
+    if (s->header.features & QED_F_BACKING_FILE) {
+        old_start = s->header.backing_filename_offset;
+        old_end = old_start + s->header.backing_filename_size;
+    }
+    slots[0] = sizeof(QEDHeader);
+    slots[1] = MAX(old_end, sizeof(QEDHeader));
+    slots[2] = header_bytes >= len ? header_bytes - len : 0;
+    for (int i = 0; i < ARRAY_SIZE(slots); i++) {
+        uint64_t start = slots[i], end = start + len;
+
+        if (start >= sizeof(QEDHeader) && end <= header_bytes &&
+            (end <= old_start || start >= old_end)) {
+            return start;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Point the header at a new backing file (or at none).
+ *
+ * Crash ordering 6: the new name is written where the current header does
+ * not look, and flushed, before the header's one sector points at it: a
+ * crash leaves either the old header with its intact name or the new one
+ * with the new name.  When the two names do not fit side by side in the
+ * header clusters no such order exists, and the change is refused.
  */
 static int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque)
 {
@@ -1893,30 +2002,38 @@ static int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque)
     if (ret < 0) {
         return ret;
     }
+
+    qemu_co_mutex_lock(&s->header_lock);
     h = s->header;
     h.features &= ~(QED_F_BACKING_FILE | QED_F_BACKING_FORMAT_NO_PROBE);
     h.backing_filename_offset = 0;
     h.backing_filename_size = 0;
     if (len) {
-        uint32_t off = sizeof(QEDHeader);
+        uint32_t off;
 
-        if (s->header.features & QED_F_BACKING_FILE &&
-            s->header.backing_filename_offset == off &&
-            off + s->header.backing_filename_size + len <= header_bytes) {
-            off += s->header.backing_filename_size;
-        }
-        if (off + len > header_bytes) {
+        if (len > header_bytes - sizeof(QEDHeader)) {
             error_report("Backing file name too long: %zu bytes, a %" PRIu64
                          "-byte header holds at most %" PRIu64, len,
                          header_bytes, header_bytes - sizeof(QEDHeader));
-            return -ENOSPC;
+            ret = -ENOSPC;
+            goto out;
+        }
+        off = qed_backing_name_slot(s, len);
+        if (!off) {
+            error_report("Backing file name too long for a crash-safe "
+                         "change: the %" PRIu64 "-byte header must hold the "
+                         "old name (%" PRIu32 " bytes) and the new one (%zu "
+                         "bytes) side by side", header_bytes,
+                         s->header.backing_filename_size, len);
+            ret = -ENOSPC;
+            goto out;
         }
         ret = bdrv_co_pwrite(s->bs->file, off, len, file, 0);
         if (ret == 0) {
             ret = bdrv_co_flush(s->bs->file->bs);
         }
         if (ret < 0) {
-            return ret;
+            goto out;
         }
         h.features |= QED_F_BACKING_FILE;
         if (fmt && !strcmp(fmt, "raw")) {
@@ -1925,12 +2042,13 @@ static int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque)
         h.backing_filename_offset = off;
         h.backing_filename_size = len;
     }
-    ret = qed_write_header(s, &h);
+    ret = qed_update_header(s, &h);
     if (ret == 0) {
-        s->header = h;
         pstrcpy(s->bs->auto_backing_file, sizeof(s->bs->auto_backing_file),
                 file ?: "");
     }
+out:
+    qemu_co_mutex_unlock(&s->header_lock);
     return ret;
 }
 

@@ -162,12 +162,22 @@ typedef struct BDRVQEDState {
     uint32_t l2_shift;
     uint32_t l2_mask;
 
-    /* First byte past the last allocated cluster; only ever grows */
+    /*
+     * First byte past the last allocated cluster; only ever grows (but for
+     * a repair by the check).  Every write to the file lies below it.
+     */
     uint64_t file_end;
     /* The file's length: it grows ahead of file_end, in steps */
     uint64_t file_size;
     bool can_grow;
-    CoMutex grow_lock;
+    /*
+     * A change of the file's length in flight (one at a time), and the
+     * length it sets: a write that reaches past that length waits for it,
+     * else the size change could land after the write and cut it off.
+     */
+    bool resizing;
+    uint64_t resize_target;
+    CoQueue resize_waiters;
 
     /* Allocations in flight, to keep two writes off one cluster */
     QLIST_HEAD(, QEDAllocation) allocs;
@@ -179,6 +189,8 @@ typedef struct BDRVQEDState {
     /* Writeback of dirty table sectors: one pass at a time */
     CoMutex wb_lock;
     bool wb_background;         /* a background pass is running */
+    /* L2 sectors were written and no flush has succeeded since */
+    bool wb_tables_unflushed;
 
     /* NEED_CHECK handling */
     CoMutex header_lock;
@@ -187,6 +199,18 @@ typedef struct BDRVQEDState {
     bool timer_running;         /* the clearing coroutine has been started */
 
     unsigned int error_reports; /* rate limit for corrupt-metadata messages */
+
+    /*
+     * Data entries that pointed past the end of the file when their chunk
+     * was first read (corrupt) stay invalid for the whole open, also once
+     * allocations pass the offset they name: else they would alias a new
+     * cluster.  Entries past @open_end in a chunk read for the first time
+     * can't be this open's own (it writes entries only into loaded
+     * chunks), so they are the bad ones; see qed_l2_screen().
+     */
+    uint64_t open_end;          /* file_end when every entry was last valid */
+    GHashTable *chunks_read;    /* L2 offset -> bitmap of chunks read */
+    GHashTable *bad_entries;    /* entry's file offset -> its value */
 } BDRVQEDState;
 
 /* Geometry helpers */
@@ -269,6 +293,7 @@ static inline bool qed_is_data_offset(uint64_t entry)
 /* qed.c */
 void qed_report_corruption(BDRVQEDState *s, const char *fmt, ...)
     G_GNUC_PRINTF(2, 3);
+int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size);
 
 /* qed-table.c: byte order is converted here and nowhere else */
 QEDTable *qed_alloc_table(BDRVQEDState *s);
@@ -316,6 +341,13 @@ void qed_l2_cache_settle(L2TableCache *c, CachedL2Table *e);
 unsigned int qed_l2_cache_forget_dirty(L2TableCache *c);
 
 /* qed-cluster.c */
+void qed_screen_init(BDRVQEDState *s);
+void qed_screen_reset(BDRVQEDState *s);
+void qed_screen_destroy(BDRVQEDState *s);
+void qed_screen_new_table(BDRVQEDState *s, uint64_t l2_offset);
+void qed_screen_forget(BDRVQEDState *s, uint64_t l2_offset,
+                       unsigned int first, unsigned int n);
+uint64_t qed_screen_skip(BDRVQEDState *s, uint64_t offset, uint64_t bytes);
 int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
                                   CachedL2Table **entry);
 int coroutine_fn qed_l2_ensure(BDRVQEDState *s, CachedL2Table *e,
