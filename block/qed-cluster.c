@@ -89,13 +89,21 @@ void qed_screen_new_table(BDRVQEDState *s, uint64_t l2_offset)
 
 /*
  * Chunks [c, end) of @e were just read from disk: remember, the first
- * time, the data entries in them that point past @open_end.
+ * time, the data entries in them that point past @open_end.  Reading
+ * changes nothing on disk (the image stays as it came, for the check to
+ * report), except where allocations of this open have already passed the
+ * offset an entry names: the disk would then keep two entries over one
+ * cluster, and a later repair could keep the wrong one.  Such an entry is
+ * cleared in memory, as the check's repair would, and written back with
+ * the next pass.
  */
 static void qed_l2_screen(BDRVQEDState *s, CachedL2Table *e, unsigned long c,
                           unsigned long end)
 {
     unsigned long *read = qed_screen_chunks(s, e->offset);
     unsigned int ce = s->l2_cache.chunk_entries;
+    bool writable = !bdrv_is_read_only(s->bs) &&
+                    !(s->bs->open_flags & BDRV_O_INACTIVE);
 
     for (; c < end; c++) {
         if (test_and_set_bit(c, read)) {
@@ -110,19 +118,30 @@ static void qed_l2_screen(BDRVQEDState *s, CachedL2Table *e, unsigned long c,
                 g_hash_table_insert(s->bad_entries,
                                     g_memdup2(&where, sizeof(where)),
                                     g_memdup2(&entry, sizeof(entry)));
+                if (writable && entry < s->file_end) {
+                    e->table->offsets[i] = QED_L2_UNALLOCATED;
+                    qed_l2_cache_mark_dirty(&s->l2_cache, e,
+                                            i / QED_ENTRIES_PER_SECTOR, 1);
+                    s->l2_gen++;
+                }
             }
         }
     }
 }
 
-static bool qed_entry_is_bad(BDRVQEDState *s, CachedL2Table *e,
-                             unsigned int i)
+/*
+ * Entry @i of @e if it is one of the bad ones (whatever it says now: it
+ * may have been cleared in memory): the offset it named, else NULL
+ */
+static const uint64_t *qed_entry_is_bad(BDRVQEDState *s, CachedL2Table *e,
+                                        unsigned int i)
 {
     uint64_t where = e->offset + i * sizeof(uint64_t);
 
-    return e->table->offsets[i] >= s->open_end &&
-           g_hash_table_size(s->bad_entries) &&
-           g_hash_table_contains(s->bad_entries, &where);
+    if (!g_hash_table_size(s->bad_entries)) {
+        return NULL;
+    }
+    return g_hash_table_lookup(s->bad_entries, &where);
 }
 
 /* Entries [first, first + n) of the table at @l2_offset are being set */
@@ -196,8 +215,8 @@ static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
         if (ret < 0) {
             return ret;
         }
-        qed_l2_screen(s, e, c, run_end);
         bitmap_set(e->loaded, c, run_end - c);
+        qed_l2_screen(s, e, c, run_end);
         c = run_end;
     }
     return 0;
@@ -296,11 +315,12 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
              i < s->table_nelems && cur < end; i++, cur += cluster_size) {
             uint64_t entry = e->table->offsets[i];
             QEDExtentType type = qed_entry_type(entry);
+            const uint64_t *bad = qed_entry_is_bad(s, e, i);
 
-            if (type == QED_EXTENT_DATA &&
-                (!qed_check_data_offset(s, entry) ||
-                 qed_entry_is_bad(s, e, i))) {
+            if (bad || (type == QED_EXTENT_DATA &&
+                        !qed_check_data_offset(s, entry))) {
                 if (first) {
+                    entry = bad ? *bad : entry;
                     qed_l2_cache_unref(&s->l2_cache, e);
                     qed_report_corruption(s, "data cluster offset 0x%" PRIx64
                                           " for guest offset 0x%" PRIx64

@@ -4,11 +4,12 @@
 # Idempotent: does nothing when every package is already there.
 set -euo pipefail
 
-# busybox-static, cpio, xz-utils, zstd: the guest that `make demo` boots
+# busybox-static, cpio, xz-utils, zstd: the guest that `make demo` boots;
+# strace: delay and kill injection in the race and crash iotests
 PKGS="build-essential dpkg-dev meson ninja-build pkg-config python3 python3-venv
       libglib2.0-dev zlib1g-dev libpixman-1-dev libfdt-dev libaio-dev liburing-dev
       libslirp-dev seabios ipxe-qemu qemu-system-data qemu-utils
-      bc util-linux e2fsprogs file socat
+      bc util-linux e2fsprogs file socat strace
       busybox-static cpio xz-utils zstd"
 PKGS="$PKGS $*"
 
