@@ -54,10 +54,14 @@ void qed_screen_init(BDRVQEDState *s)
                                            g_free, g_free);
 }
 
-/* After a check found every entry valid: the file's end is the new bound */
+/*
+ * After a check found (or made) every entry valid: from now on every entry
+ * past the file's end is this open's own, wherever it is read
+ */
 void qed_screen_reset(BDRVQEDState *s)
 {
     s->open_end = s->file_end;
+    s->entries_checked = true;
     g_hash_table_remove_all(s->chunks_read);
     g_hash_table_remove_all(s->bad_entries);
 }
@@ -84,6 +88,9 @@ static unsigned long *qed_screen_chunks(BDRVQEDState *s, uint64_t l2_offset)
 /* A table made by this open holds only its own entries */
 void qed_screen_new_table(BDRVQEDState *s, uint64_t l2_offset)
 {
+    if (s->entries_checked) {
+        return;
+    }
     bitmap_set(qed_screen_chunks(s, l2_offset), 0, s->l2_cache.nchunks);
 }
 
@@ -104,6 +111,10 @@ static void qed_l2_screen(BDRVQEDState *s, CachedL2Table *e, unsigned long c,
     unsigned int ce = s->l2_cache.chunk_entries;
     bool writable = !bdrv_is_read_only(s->bs) &&
                     !(s->bs->open_flags & BDRV_O_INACTIVE);
+
+    if (s->entries_checked) {
+        return;
+    }
 
     for (; c < end; c++) {
         if (test_and_set_bit(c, read)) {

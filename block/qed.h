@@ -209,6 +209,7 @@ typedef struct BDRVQEDState {
      * chunks), so they are the bad ones; see qed_l2_screen().
      */
     uint64_t open_end;          /* file_end when every entry was last valid */
+    bool entries_checked;       /* the check has vouched for every entry */
     GHashTable *chunks_read;    /* L2 offset -> bitmap of chunks read */
     GHashTable *bad_entries;    /* entry's file offset -> its value */
 } BDRVQEDState;
