@@ -5,6 +5,7 @@
 #   make check      build, then run the iotests over QED (see README.md)
 #   make check-long the crash test's long run (240 kills)
 #   make check-crash 10000 power-cut states rebuilt from write logs
+#   make check-sim  1000000 operations of seeded schedules and power cuts
 #   make bench      build, then time our QED against the original, qcow2, raw
 #   make check-asan the iotests with an ASan + UBSan build (.base/qemu/build-san)
 #   make fuzz       FUZZ_SECONDS (60) of libFuzzer on our QED driver
@@ -17,8 +18,8 @@ BINARIES  := qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon \
              qemu-system-x86_64
 PATCHES   := $(wildcard patches/*.patch)
 
-.PHONY: all deps base build demo check check-quick check-crash bench clean \
-        distclean
+.PHONY: all deps base build demo check check-quick check-crash check-sim \
+        bench clean distclean
 
 all: build
 
@@ -37,7 +38,7 @@ base: deps $(STAMP)
 # Concurrent builds in one tree would trip over each other: take a lock.
 build: base
 	@./scripts/link-ours.sh
-	@flock .base/build.lock ninja -C $(BUILD) $(BINARIES)
+	@flock .base/build.lock ninja -C $(BUILD) $(BINARIES) tests/qed-sim/qed-sim
 
 demo: build
 	@./scripts/demo.sh
@@ -55,6 +56,17 @@ check-long: build
 check-crash: build
 	@./tests/qemu-iotests/tests/qed_replay.py -v \
 	    --states $${QED_REPLAY_STATES:-10000}
+
+# The schedule and power-cut harness (tests/qed-sim/qed-sim.c): seeds from
+# SIM_START on until SIM_OPS operations (guest operations issued plus file
+# requests completed) are done; one line per failing seed with the command
+# that replays it, then the summary and the rate.  The iotest qed-sim runs
+# the regression seeds and a fixed slice (seeds 1-N) in make check.
+SIM_OPS   ?= 1000000
+SIM_START ?= 1000
+check-sim: build
+	@$(BUILD)/tests/qed-sim/qed-sim --ops-total $(SIM_OPS) \
+	    --start $(SIM_START) --timing
 
 # Only our own iotests, for a fast edit-test loop.
 check-quick: build
@@ -78,7 +90,8 @@ build-san: base
 	@./scripts/install-deps.sh $(SAN_PKGS)
 	@./scripts/link-ours.sh
 	@./scripts/prepare-san.sh
-	@flock .base/build-san.lock nice -n 5 ninja -C $(BUILD_SAN) $(BINARIES) tests/qed-fuzz/qed-fuzz
+	@flock .base/build-san.lock nice -n 5 ninja -C $(BUILD_SAN) $(BINARIES) \
+	    tests/qed-fuzz/qed-fuzz tests/qed-sim/qed-sim
 
 # The QED iotests (the list and ours) on the sanitizer build, every report
 # fatal, then the fuzzer's regression inputs.  Arguments as for

@@ -16,12 +16,15 @@ for t in "$TOP"/tests/qemu-iotests/tests/*; do
     ln -sfn "$t" "$SRC/tests/qemu-iotests/tests/$(basename "$t")"
 done
 
-# Our fuzzer's sources and meson.build (patches/0003-qed-fuzz-build.sh adds
-# the subdir to the base's tests/meson.build)
-mkdir -p "$SRC/tests/qed-fuzz"
-for f in "$TOP"/tests/qed-fuzz/meson.build "$TOP"/tests/qed-fuzz/*.c; do
-    [ -e "$f" ] || continue
-    ln -sfn "$f" "$SRC/tests/qed-fuzz/$(basename "$f")"
+# The sources and meson.build of our fuzzer and of our schedule harness
+# (patches/0003-qed-fuzz-build.sh and 0005-qed-sim-build.sh add the subdirs
+# to the base's tests/meson.build)
+for d in qed-fuzz qed-sim; do
+    mkdir -p "$SRC/tests/$d"
+    for f in "$TOP/tests/$d/meson.build" "$TOP/tests/$d"/*.c; do
+        [ -e "$f" ] || continue
+        ln -sfn "$f" "$SRC/tests/$d/$(basename "$f")"
+    done
 done
 
 # Scripted changes to the base (idempotent; they touch files only on change)
