@@ -10,8 +10,11 @@
 #                                       qed-header); options starting with
 #                                       '-' go to the base's ./check (-d, -j 4)
 #
-# Ends with one line "iotests: N passed, M failed[, K skipped]" and exits
-# non-zero if any test failed (or the list names a test the base lacks).
+# A base test that fails is run once more; one that passes then counts as
+# passed and is named on a line "flaky (failed, then passed on retry): ..."
+# (our own qed-* tests are never retried).  Ends with one line
+# "iotests: N passed, M failed[, K skipped]" and exits non-zero if any test
+# failed (or the list names a test the base lacks).
 set -uo pipefail
 
 TOP=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,7 +32,7 @@ only=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --ours) ours_only=1 ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -j|-o|-c|-i) check_opts+=("$1" "$2"); shift ;;
         -*) check_opts+=("$1") ;;
         *) only+=("$1") ;;
@@ -111,50 +114,132 @@ skipped_names=()
 # A private scratch folder: the default one lies under .base/, whose dot
 # makes some base tests refuse to run, and another run may be using it.
 # (No "qed" in its name: the tests' filters replace the format's name.)
+# On a disk file system with O_DIRECT: our crash, stress and export tests
+# also open images as production does, with cache.direct=on and the
+# kernel's AIO (tmpfs, where /tmp may be, takes O_DIRECT since Linux 6.6
+# but serves it from memory, synchronously).
 if [ -z "${TEST_DIR:-}" ]; then
-    TEST_DIR=$(mktemp -d /tmp/iotests-XXXXXXXX)
+    for d in /tmp /var/tmp; do
+        [ "$(stat -f -c %T "$d" 2>/dev/null)" = tmpfs ] && continue
+        TEST_DIR=$(mktemp -d $d/iotests-XXXXXXXX) || continue
+        dd if=/dev/zero of="$TEST_DIR/o_direct" bs=4096 count=1 \
+            oflag=direct 2>/dev/null && break
+        rm -rf "$TEST_DIR"
+    done
+    [ -d "${TEST_DIR:-}" ] || TEST_DIR=$(mktemp -d /tmp/iotests-XXXXXXXX)
+    rm -f "$TEST_DIR/o_direct"
     export TEST_DIR
     own_test_dir=1
 fi
 
+# run_check OUT TEST...: ./check on the tests, its output shown and kept
+# in OUT; returns check's exit status.  TAP output is easy to count.  The
+# diffs of failing tests go to stderr: keep them in the same stream, next
+# to their test.
+run_check()
+{
+    local out=$1
+    shift
+    (cd "$BUILD_IOTESTS" && ./check -qed -tap "${check_opts[@]}" "$@" 2>&1) |
+        tee "$out"
+    return "${PIPESTATUS[0]}"
+}
+
+# parse_results OUT ARRAY: ARRAY[test]=ok|fail|skip for each result in OUT.
+# A result may follow the unterminated last line of a diff, and with -j the
+# workers' results may share a line ("not ok qed 194not ok qed 195"): each
+# result starts a line of its own first.  Only names of tests that ran
+# count.
+parse_results()
+{
+    local line
+    local -n res_=$2
+    while read -r line; do
+        if [[ $line =~ ^not\ ok\ qed\ ([^ ]+)$ ]]; then
+            [ -n "${seen[${BASH_REMATCH[1]}]:-}" ] &&
+                res_[${BASH_REMATCH[1]}]=fail
+        elif [[ $line =~ ^ok\ qed\ ([^ ]+)\ \#\ SKIP$ ]]; then
+            [ -n "${seen[${BASH_REMATCH[1]}]:-}" ] &&
+                res_[${BASH_REMATCH[1]}]=skip
+        elif [[ $line =~ ^ok\ qed\ ([^ ]+)$ ]]; then
+            [ -n "${seen[${BASH_REMATCH[1]}]:-}" ] &&
+                res_[${BASH_REMATCH[1]}]=ok
+        fi
+    done < <(sed -E 's/(not )?ok qed /\n&/g' "$1")
+}
+
+# out_bad TEST: where ./check left the test's output (-j: in a subfolder)
+out_bad()
+{
+    local f=$TEST_DIR/$1.out.bad
+    [ -f "$f" ] || f=$TEST_DIR/$1/$1.out.bad
+    echo "$f"
+}
+
+flaky=()
 if [ ${#runnable[@]} -gt 0 ]; then
     out=$(mktemp)
-    trap 'rm -f "$out"' EXIT
-    # TAP output is easy to count.  The diffs of failing tests go to
-    # stderr: keep them in the same stream, next to their test.
-    (cd "$BUILD_IOTESTS" &&
-        ./check -qed -tap "${check_opts[@]}" "${runnable[@]}" 2>&1) |
-        tee "$out"
-    rc=${PIPESTATUS[0]}
-
-    # A result line may follow the unterminated last line of a diff, so
-    # the match is not anchored at the start of the line.
-    declare -A done_=()
-    while read -r line; do
-        if [[ $line =~ (^|[^a-zA-Z])not\ ok\ qed\ ([^ ]+)$ ]]; then
-            failed=$((failed + 1))
-            failed_names+=("${BASH_REMATCH[2]}")
-            done_[${BASH_REMATCH[2]}]=1
-        elif [[ $line =~ (^|[^a-zA-Z])ok\ qed\ ([^ ]+)\ \#\ SKIP$ ]]; then
-            skipped=$((skipped + 1))
-            skipped_names+=("${BASH_REMATCH[2]}")
-            done_[${BASH_REMATCH[2]}]=1
-        elif [[ $line =~ (^|[^a-zA-Z])ok\ qed\ ([^ ]+)$ ]]; then
-            passed=$((passed + 1))
-            done_[${BASH_REMATCH[2]}]=1
-        fi
-    done < "$out"
-
+    out2=$(mktemp)
+    trap 'rm -f "$out" "$out2"' EXIT
+    declare -A res=()
+    run_check "$out" "${runnable[@]}"
+    rc=$?
+    parse_results "$out" res
     # A test that never reported (check crashed or was interrupted) failed.
     for t in "${runnable[@]}"; do
-        if [ -z "${done_[$t]:-}" ]; then
-            failed=$((failed + 1))
-            failed_names+=("$t")
-        fi
+        [ -n "${res[$t]:-}" ] || res[$t]=unreported
     done
-    if [ "$rc" != 0 ] && [ "$failed" = 0 ]; then
+    # check failing with no test failed: count that as a failure too
+    any_failed=0
+    for t in "${runnable[@]}"; do
+        [ "${res[$t]}" = fail ] || [ "${res[$t]}" = unreported ] &&
+            any_failed=1
+    done
+    check_failed=0
+    if [ "$rc" != 0 ] && [ "$any_failed" = 0 ]; then
         echo "run-iotests: ./check exited with status $rc" >&2
-        failed=1
+        check_failed=1
+    fi
+
+    # A base test that failed gets one more run: some are timing-sensitive
+    # on a loaded machine (194: the migration may complete before postcopy
+    # starts).  Ours are not retried: a flaky test of ours is a bug.  The
+    # first run's diff stays above, its output next to the retry's.
+    retry=()
+    for t in "${runnable[@]}"; do
+        [ "${res[$t]}" = fail ] && [[ $t != qed-* ]] && retry+=("$t")
+    done
+    if [ ${#retry[@]} -gt 0 ]; then
+        echo "run-iotests: the failed base tests once more: ${retry[*]}"
+        for t in "${retry[@]}"; do
+            f=$(out_bad "$t")
+            [ -f "$f" ] && mv -f "$f" "$f.first"
+        done
+        declare -A res2=()
+        run_check "$out2" "${retry[@]}"
+        rc2=$?
+        parse_results "$out2" res2
+        for t in "${retry[@]}"; do
+            if [ "${res2[$t]:-}" = ok ]; then
+                res[$t]=ok
+                flaky+=("$t")
+            fi
+        done
+        if [ "$rc2" != 0 ] && [ ${#flaky[@]} = ${#retry[@]} ]; then
+            echo "run-iotests: ./check (the retry) exited with status $rc2" >&2
+            check_failed=1
+        fi
+    fi
+
+    for t in "${runnable[@]}"; do
+        case ${res[$t]} in
+        ok) passed=$((passed + 1)) ;;
+        skip) skipped=$((skipped + 1)); skipped_names+=("$t") ;;
+        *) failed=$((failed + 1)); failed_names+=("$t") ;;
+        esac
+    done
+    if [ "$check_failed" = 1 ]; then
+        failed=$((failed + 1))
         failed_names+=("(check)")
     fi
 
@@ -172,13 +257,15 @@ if [ ${#runnable[@]} -gt 0 ]; then
 fi
 
 if [ -n "${own_test_dir:-}" ]; then
-    if [ ${#failed_names[@]} -gt 0 ]; then
-        echo "scratch files of the failed tests: $TEST_DIR"
+    if [ ${#failed_names[@]} -gt 0 ] || [ ${#flaky[@]} -gt 0 ]; then
+        echo "scratch files of the failed (and flaky) tests: $TEST_DIR"
     else
         rm -rf "$TEST_DIR"
     fi
 fi
 [ ${#failed_names[@]} -gt 0 ] && echo "failed: ${failed_names[*]}"
+[ ${#flaky[@]} -gt 0 ] &&
+    echo "flaky (failed, then passed on retry): ${flaky[*]}"
 summary="iotests: $passed passed, $failed failed"
 [ "$skipped" -gt 0 ] && summary="$summary, $skipped skipped"
 echo "$summary"

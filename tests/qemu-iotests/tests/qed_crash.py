@@ -5,7 +5,7 @@
 #
 # Used by the iotest qed-crash-kill; also runs on its own:
 #
-#   qed_crash.py --workdir DIR [--loops N] [--seed S]
+#   qed_crash.py --workdir DIR [--loops N] [--seed S] [--aio MODE]
 #
 # (environment: QEMU_IO_PROG, QEMU_IMG_PROG = our binaries, PEER_QEMU_IMG =
 # the reference peer's qemu-img; QED_CRASH_LOOPS and QED_CRASH_SEED are the
@@ -41,6 +41,12 @@
 #    of the last flushed round that wrote it, or, if round C+1 wrote it,
 #    either that or round C+1's value; the peer reads exactly the same
 #    bytes.  The model then takes the contents read.
+#
+# --aio MODE opens the image as production does, libvirt's cache=none with
+# io=MODE (native or io_uring): file.aio=MODE,file.cache.direct=on, the
+# write cache on; the writer and the repairing opens alike (DIR must
+# support O_DIRECT).  Without it the writer takes the cache mode writeback
+# (twice as often) or none (O_DIRECT) at random, with the thread pool.
 #
 # The binaries are copied into DIR first, so that a long run tests one build
 # even if the tree is rebuilt meanwhile.
@@ -134,6 +140,9 @@ class Crash:
         self.caches = ['writeback', 'writeback']
         if self.o_direct_works():
             self.caches.append('none')
+        elif args.aio:
+            raise Failure(f'O_DIRECT does not work in {args.workdir}, '
+                          f'needed by --aio')
 
     def o_direct_works(self) -> bool:
         probe = os.path.join(self.args.workdir, 'crash-o-direct-probe')
@@ -190,6 +199,41 @@ class Crash:
         c.written = []
         self.log.write(f'--- {c.name}: fresh image\n')
 
+    def open_args(self, c: Case, cache: str = 'writeback') -> List[str]:
+        """qemu-io arguments that open the image of @c"""
+        if self.args.aio:
+            return ['-t', 'none', '-i', self.args.aio, '--image-opts',
+                    f'driver=qed,file.filename={c.img},'
+                    f'file.aio={self.args.aio},file.cache.direct=on']
+        return ['-f', 'qed', '-t', cache, c.img]
+
+    def wait_unlocked(self, c: Case) -> None:
+        """Wait until no lock is held on the files of @c.  A qemu-io killed
+        with requests in flight through io_uring keeps them open (and
+        locked) for some ms after it was reaped: the kernel tears the ring
+        down in a worker after the exit, and only then drops the files of
+        its requests."""
+        keys = []
+        for path in (c.img, c.back) if c.backing else (c.img,):
+            st = os.stat(path)
+            keys.append(f' {os.major(st.st_dev):02x}:'
+                        f'{os.minor(st.st_dev):02x}:{st.st_ino} ')
+        t0 = time.monotonic()
+        while True:
+            with open('/proc/locks') as f:
+                locks = f.read()
+            if not any(k in locks for k in keys):
+                break
+            if time.monotonic() - t0 > 10:
+                raise Failure('the image is still locked 10 s after the '
+                              'process that had it open was killed')
+            time.sleep(0.001)
+        waited = time.monotonic() - t0
+        if waited > 0.0005:
+            self.log.write(f'the files stayed locked {waited:.3f} s after '
+                           f'the kill\n')
+            self.count('kills after which the files stayed locked')
+
     # ---- the writer --------------------------------------------------------
 
     def gen_round(self, c: Case) -> Tuple[List[Tuple[int, int, int]], str]:
@@ -237,10 +281,12 @@ class Crash:
                 rounds.append(writes)
                 f.write(text)
         cache = self.rng.choice(self.caches)
+        if self.args.aio:
+            cache = f'none, aio={self.args.aio}'
         delay = self.rng.uniform(0, self.args.max_delay)
         with open(self.cmds) as stdin, open(self.out, 'w') as stdout:
-            p = subprocess.Popen(['stdbuf', '-oL', self.qemu_io, '-f', 'qed',
-                                  '-t', cache, c.img],
+            p = subprocess.Popen(['stdbuf', '-oL', self.qemu_io] +
+                                 self.open_args(c, cache),
                                  stdin=stdin, stdout=stdout,
                                  stderr=subprocess.STDOUT)
             t0 = time.monotonic()
@@ -252,6 +298,8 @@ class Crash:
                 p.wait()
                 finished = False
             elapsed = time.monotonic() - t0
+        if not finished:
+            self.wait_unlocked(c)
         with open(self.out) as f:
             text = f.read()
         lines = text.split('\n')[:-1]       # complete lines only
@@ -308,7 +356,7 @@ class Crash:
         return corrupt, leaks
 
     def open_rw(self, c: Case) -> None:
-        r = run([self.qemu_io, '-f', 'qed', '-c', 'read -q 0 512', c.img])
+        r = run([self.qemu_io, '-c', 'read -q 0 512'] + self.open_args(c))
         if r.returncode != 0:
             raise Failure(f'opening read-write (exit {r.returncode}): '
                           f'{r.stdout.strip()}')
@@ -318,8 +366,8 @@ class Crash:
 
     def kill_repair(self, c: Case) -> None:
         delay = self.rng.uniform(0, 0.03)
-        p = subprocess.Popen([self.qemu_io, '-f', 'qed', '-c', 'read -q 0 512',
-                              c.img], stdout=subprocess.DEVNULL,
+        p = subprocess.Popen([self.qemu_io, '-c', 'read -q 0 512'] +
+                             self.open_args(c), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         try:
             p.wait(delay)
@@ -328,6 +376,7 @@ class Crash:
         except subprocess.TimeoutExpired:
             p.send_signal(signal.SIGKILL)
             p.wait()
+            self.wait_unlocked(c)
             self.log.write(f'repairing open killed after {delay:.3f} s; '
                            f'features now {self.features(c):#x}\n')
             self.count('repairing opens killed')
@@ -444,13 +493,17 @@ class Crash:
         self.verify(c, rounds, done)
 
     def main(self) -> int:
-        self.log.write(f'seed {self.args.seed}, {self.args.loops} loops\n')
+        self.log.write(f'seed {self.args.seed}, {self.args.loops} loops'
+                       f'{", aio=" + self.args.aio if self.args.aio else ""}'
+                       f'\n')
         for i in range(self.args.loops):
             c = self.cases[i % len(self.cases)]
             try:
                 self.one(i, c)
             except Failure as e:
-                keep = os.path.join(self.args.workdir, f'crash-failed-{i}')
+                aio = f'{self.args.aio}-' if self.args.aio else ''
+                keep = os.path.join(self.args.workdir,
+                                    f'crash-failed-{aio}{i}')
                 os.makedirs(keep, exist_ok=True)
                 for f in (self.pre, c.img, self.cmds, self.out):
                     if os.path.exists(f):
@@ -462,8 +515,13 @@ class Crash:
                       f'{self.args.seed}): {e}')
                 print(f'  image before repair, commands and writer log kept '
                       f'in {keep}; details in {self.log.name}')
-                print(f'  replay: QED_CRASH_SEED={self.args.seed} '
-                      f'QED_CRASH_LOOPS={self.args.loops}')
+                if self.args.aio:
+                    print(f'  replay: qed_crash.py --workdir DIR --aio '
+                          f'{self.args.aio} --loops {self.args.loops} '
+                          f'--seed {self.args.seed}')
+                else:
+                    print(f'  replay: QED_CRASH_SEED={self.args.seed} '
+                          f'QED_CRASH_LOOPS={self.args.loops}')
                 return 1
             self.log.flush()
         for c in self.cases:
@@ -494,9 +552,18 @@ def main() -> int:
     ap.add_argument('--fresh-every', type=int, default=6,
                     help='start a case over from a fresh image after this '
                     'many crashes')
+    ap.add_argument('--aio', choices=('native', 'io_uring'),
+                    help='open the image with file.aio=AIO,'
+                    'file.cache.direct=on (default: the thread pool, cache '
+                    'mode writeback or none at random)')
     args = ap.parse_args()
-    with open(os.path.join(args.workdir, 'qed-crash.log'), 'w') as log:
-        return Crash(args, log).main()
+    name = f'qed-crash-{args.aio}.log' if args.aio else 'qed-crash.log'
+    with open(os.path.join(args.workdir, name), 'w') as log:
+        try:
+            return Crash(args, log).main()
+        except Failure as e:
+            print(f'FAILED: {e}')
+            return 1
 
 
 if __name__ == '__main__':

@@ -10,8 +10,12 @@
 #     the base's blklogwrites filter, which logs every write, discard and
 #     flush that reaches the file, in order (dm-log-writes format; a write
 #     is logged once it completed, so the log order is a completion order).
-#     Truncates pass through unlogged.  The image file is copied before the
-#     workload: the replay's starting point.  qemu-io is driven through a
+#     Truncates pass through unlogged.  qemu-io runs with the guest's write
+#     cache on (-t writeback: its default, writethrough, would flush after
+#     every write).  With --aio MODE the image file is opened as production
+#     opens it, file.aio=MODE,file.cache.direct=on (libvirt's cache=none,
+#     io=MODE).  The image file is copied before the workload: the
+#     replay's starting point.  qemu-io is driven through a
 #     pipe, so the tool knows which of its writes were acknowledged before
 #     each guest flush started (the "wrote" lines before a marker command
 #     sent ahead of the flush) and how far the log was when the flush
@@ -40,7 +44,8 @@
 #     find no corruption (exit 0, or 3 for leaks).
 #
 #   qed_replay.py [--workdir DIR] [--states N] [--seed S] [--jobs J]
-#                 [--workloads NAME,...] [--faildir DIR] [--keep] [-v]
+#                 [--workloads NAME,...] [--aio native|io_uring]
+#                 [--faildir DIR] [--keep] [-v]
 #
 # Environment: QEMU_IMG_PROG, QEMU_IO_PROG (default: the repository's build,
 # .base/qemu/build/), PEER_QEMU_IMG (default /usr/bin/qemu-img).  The
@@ -57,7 +62,9 @@
 # completes while a flush is in progress is logged before it and replayed
 # as covered by it; a driver that counted on a flush for a write it had not
 # seen complete is caught only when that write is slower than the flush
-# (recording on tmpfs makes flushes cheap, to give such races a chance).
+# (recording on tmpfs makes flushes cheap, to give such races a chance;
+# with --aio the image is recorded in the scratch folder instead, which must
+# support O_DIRECT, and only the log stays on tmpfs).
 # A logged write lands whole or not at all (no torn sectors).  One crash
 # per run: states are not opened, written and crashed again.
 #
@@ -492,13 +499,16 @@ def parse_log(path: str) -> Tuple[List[tuple], bytes]:
 
 
 class Recorder:
-    def __init__(self, bins: Dict[str, str], workdir: str, fastdir: str):
+    def __init__(self, bins: Dict[str, str], workdir: str, fastdir: str,
+                 aio: Optional[str] = None):
         self.bins = bins
         self.workdir = workdir
         # The image and the log live in memory (tmpfs) while recording:
         # flushes cost little there, so they race with the writes around
-        # them (see "Limits" above)
+        # them (see "Limits" above).  O_DIRECT (--aio) needs a disk file
+        # system for the image.
         self.fastdir = fastdir
+        self.aio = aio
 
     def make_backing(self, wl: Workload) -> str:
         if wl.backing == 'none':
@@ -528,6 +538,8 @@ class Recorder:
         base = os.path.join(self.workdir, wl.name)
         fast = os.path.join(self.fastdir, wl.name)
         img, log = fast + '.qed', fast + '.log'
+        if self.aio:
+            img = base + '.rec.qed'
         for f in (img, log):
             if os.path.exists(f):
                 os.remove(f)
@@ -549,8 +561,12 @@ class Recorder:
                 f'file.file.driver=file,file.file.filename={img},'
                 f'file.log.driver=file,file.log.filename={log},'
                 'file.log-sector-size=512')
+        if self.aio:
+            opts += (f',file.file.aio={self.aio},'
+                     'file.file.cache.direct=on')
         with open(base + '.transcript', 'w') as tr:
-            s = Session([self.bins['io'], '--image-opts', opts], tr)
+            s = Session([self.bins['io'], '-t', 'writeback', '--image-opts',
+                         opts], tr)
             try:
                 self.drive(wl, s, log)
             finally:
@@ -1221,6 +1237,10 @@ def main() -> int:
     ap.add_argument('--rounds', type=int, default=8,
                     help='guest flushes per workload')
     ap.add_argument('--workloads', help='comma-separated names (default all)')
+    ap.add_argument('--aio', choices=('native', 'io_uring'),
+                    help='record with the image file opened with '
+                    'file.aio=AIO,file.cache.direct=on (in the scratch '
+                    'folder, which must support O_DIRECT)')
     ap.add_argument('--faildir', help='where failing states are kept '
                     '(default WORKDIR/failed)')
     ap.add_argument('--max-kept', type=int, default=5,
@@ -1247,7 +1267,8 @@ def main() -> int:
     own_workdir = not args.workdir
     workdir = args.workdir or tempfile.mkdtemp(
         prefix='qed-replay-')
-    workdir = os.path.join(workdir, 'replay') if args.workdir else workdir
+    sub = f'replay-{args.aio}' if args.aio else 'replay'
+    workdir = os.path.join(workdir, sub) if args.workdir else workdir
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
     faildir = args.faildir or os.path.join(workdir, 'failed')
@@ -1277,11 +1298,12 @@ def main() -> int:
         if shutil.which('stdbuf') is None:
             raise HarnessError('stdbuf (coreutils) not found')
         say(f'qed crash replay: seed {args.seed}, {len(wls)} workloads, '
-            f'{args.states} states, {args.jobs} jobs; scratch {workdir}')
+            f'{args.states} states, {args.jobs} jobs; scratch {workdir}'
+            f'{"; recording with file.aio=" + args.aio if args.aio else ""}')
 
         tmpbase = '/dev/shm' if os.access('/dev/shm', os.W_OK) else workdir
         tmpbase = tempfile.mkdtemp(prefix='qed-replay-', dir=tmpbase)
-        rec = Recorder(bins, workdir, tmpbase)
+        rec = Recorder(bins, workdir, tmpbase, args.aio)
         intervals = []
         for n, wl in enumerate(wls):
             wl.generate(random.Random(f'{args.seed}-{wl.name}'))
