@@ -247,7 +247,7 @@ static int coroutine_fn qed_set_need_check(BDRVQEDState *s)
             h.features |= QED_F_NEED_CHECK;
             ret = qed_update_header(s, &h);
         }
-        /* Also when the bit was set already: an earlier flush may have failed */
+        /* Also when the bit was set: an earlier flush may have failed */
         if (ret == 0) {
             ret = bdrv_co_flush(s->bs->file->bs);
         }
@@ -1260,10 +1260,11 @@ static int coroutine_fn qed_wb_flush(BDRVQEDState *s)
  *   whose sectors are written first, and with a backing file a flush
  *   separates the two.  A table whose flush failed stays unflushed
  *   (wb_tables_unflushed) until a later flush succeeds: the next pass
- *   flushes before its L1 writes even if it writes no L2 sector.  Sectors of a new table that were never written
- *   read as zeros (fresh file space), so only dirty sectors are written,
- *   and the table's last sector, so that the file holds the whole table
- *   even if the size change of the grow-ahead was lost.
+ *   flushes before its L1 writes even if it writes no L2 sector.
+ *   Sectors of a new table that were never written read as zeros (fresh
+ *   file space), so only dirty sectors are written, and the table's last
+ *   sector, so that the file holds the whole table even if the size
+ *   change of the grow-ahead was lost.
  */
 static int coroutine_fn qed_writeback(BDRVQEDState *s)
 {
