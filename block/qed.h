@@ -3,7 +3,8 @@
  *
  * The on-disk layout, the in-memory state of an open image and the
  * prototypes that the driver's files share.  See docs/interop/qed_spec.txt
- * for the format and ../shared/design.md for the shape of the driver.
+ * for the format and its crash orderings, README.md for how the driver
+ * works.
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
