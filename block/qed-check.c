@@ -424,8 +424,8 @@ static void qed_check_frag(QEDCheck *check)
 
 /*
  * Count the clusters in [@first, @end) that the file still holds data
- * for; a cluster that is all hole in the file costs nothing and is free.
- * Also return the first and last of them.
+ * for, which a discard can give back (a cluster that is all hole costs
+ * nothing).  Also return the first and last of them.
  */
 static int64_t coroutine_fn qed_check_held(QEDCheck *check, uint64_t first,
                                            uint64_t end, uint64_t *first_held,
@@ -503,63 +503,61 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
         return;
     }
 
-    /* Inner runs of unreferenced clusters: discard what they hold */
+    /*
+     * Inner runs of unreferenced clusters.  Every one is a leak, held or a
+     * hole, as the original driver counts them.  Nothing is moved, so the
+     * file cannot lose them: repairing gives their space back to the file
+     * system, and they stay counted.
+     */
     while ((a = find_next_zero_bit(check->used, used_end, a)) < used_end) {
         uint64_t b = find_next_bit(check->used, used_end, a);
-        uint64_t first, last, off, bytes;
-        int64_t n = qed_check_held(check, a, b, &first, &last);
+        uint64_t first, last;
+        int64_t held = qed_check_held(check, a, b, &first, &last);
 
+        fprintf(stderr, "Leaked clusters at 0x%" PRIx64 "..0x%" PRIx64
+                " (%" PRIu64 " clusters)\n", a * cluster_size,
+                b * cluster_size - 1, b - a);
+        result->leaks += b - a;
+        if (reclaim) {
+            ret = 0;
+            if (held > 0) {
+                /*
+                 * Discard may be disabled or unsupported and then does
+                 * nothing without failing: that only keeps the space.
+                 */
+                ret = bdrv_co_pdiscard(s->bs->file, first * cluster_size,
+                                       (last + 1 - first) * cluster_size);
+            }
+            if (ret < 0) {
+                fprintf(stderr, "ERROR: could not discard leaked clusters at "
+                        "0x%" PRIx64 ": %s\n", first * cluster_size,
+                        strerror(-ret));
+                result->check_errors++;
+            } else {
+                fprintf(stderr, "Could not reclaim the %" PRIu64 " leaked "
+                        "clusters at 0x%" PRIx64 ": clusters in use follow "
+                        "them in the file%s\n", b - a, a * cluster_size,
+                        held > 0 ? " (their space was given back to the "
+                        "file system)" : "");
+            }
+        }
         a = b;
-        if (n == 0) {
-            continue;
-        }
-
-        off = first * cluster_size;
-        bytes = (last + 1 - first) * cluster_size;
-        fprintf(stderr, "%s clusters at 0x%" PRIx64 "..0x%" PRIx64
-                " (%" PRId64 " clusters)\n",
-                reclaim ? "Repairing leaked" : "Leaked",
-                off, off + bytes - 1, n);
-        result->leaks += n;
-        if (!reclaim) {
-            continue;
-        }
-
-        /*
-         * Discard may be disabled or unsupported and then does nothing
-         * without failing: count as fixed only what the file gave back.
-         */
-        ret = bdrv_co_pdiscard(s->bs->file, off, bytes);
-        if (ret < 0) {
-            fprintf(stderr, "ERROR: could not discard leaked clusters at "
-                    "0x%" PRIx64 ": %s\n", off, strerror(-ret));
-            result->check_errors++;
-            continue;
-        }
-        n -= qed_check_held(check, first, last + 1, &first, &last);
-        result->leaks -= n;
-        result->leaks_fixed += n;
     }
 
     /*
-     * Trailing clusters that nothing references: cut them off.  A tail that
-     * is all hole (the driver grows the file ahead of allocation, and a
-     * crash leaves that behind) is no leak, but goes too when repairing
-     * leaks: else the file would keep its length, and the reference driver
-     * and every later crash would add to it.
+     * Trailing clusters that nothing references: a leak whether they hold
+     * data or are a hole (the grow-ahead's tail, which a crash leaves
+     * behind), as the original driver counts them.  Repairing cuts them
+     * off.
      */
     if (used_end < file_clusters) {
-        uint64_t first, last;
-        int64_t n = qed_check_held(check, used_end, file_clusters,
-                                   &first, &last);
+        uint64_t n = file_clusters - used_end;
         uint64_t new_len = used_end * cluster_size;
 
-        if (n > 0) {
-            fprintf(stderr, "%s clusters at the end of the file, after 0x%"
-                    PRIx64 " (%" PRId64 " clusters)\n",
-                    reclaim ? "Repairing leaked" : "Leaked", new_len, n);
-            result->leaks += n;
-        }
+        fprintf(stderr, "%s clusters at the end of the file, after 0x%"
+                PRIx64 " (%" PRIu64 " clusters)\n",
+                reclaim ? "Repairing leaked" : "Leaked", new_len, n);
+        result->leaks += n;
         if (reclaim) {
             /* Header and L1 table are marked, so this keeps them */
             assert(new_len >= check->l1_end && new_len >= check->header_end);

@@ -224,19 +224,25 @@ static bool qed_has_backing_file(BDRVQEDState *s)
 }
 
 /*
- * Crash ordering 4: an image without a backing file updates its tables
- * without flushing the data first, so a crash can leave an entry over data
- * that never reached the disk or past the end of the file.  NEED_CHECK is
- * set and flushed before the first such table update; the check on the
- * next open repairs what a crash left.  Images with a backing file flush
- * instead (qed_commit_l2) and never need the bit.
+ * Set NEED_CHECK and flush it, unless it is on disk already.  Callers:
+ *
+ * - Crash ordering 4: an image without a backing file updates its tables
+ *   without flushing the data first, so a crash can leave an entry over
+ *   data that never reached the disk or past the end of the file.  The bit
+ *   is on disk before the first such table update (qed_set_need_check);
+ *   images with a backing file flush instead (crash ordering 3).
+ * - Crash ordering 8: the grow-ahead tail, with or without backing file,
+ *   is on disk only while the bit is (qed_grow_file), so a crash that
+ *   leaves one makes the next opener's check cut it off.
+ *
+ * The check on the next open repairs what a crash left.
  */
-static int coroutine_fn qed_set_need_check(BDRVQEDState *s)
+static int coroutine_fn qed_raise_need_check(BDRVQEDState *s)
 {
     QEDHeader h;
     int ret = 0;
 
-    if (s->need_check_ready || qed_has_backing_file(s)) {
+    if (s->need_check_ready) {
         return 0;
     }
 
@@ -260,14 +266,31 @@ static int coroutine_fn qed_set_need_check(BDRVQEDState *s)
     return ret;
 }
 
+/* Before table updates: crash ordering 4 */
+static int coroutine_fn qed_set_need_check(BDRVQEDState *s)
+{
+    if (qed_has_backing_file(s)) {
+        return 0;
+    }
+    return qed_raise_need_check(s);
+}
+
 /*
- * Write back every dirty table sector, then clear NEED_CHECK if it is set.
+ * Write back every dirty table sector, cut the file back to the clusters
+ * in use, then clear NEED_CHECK if it is set.
  *
  * Crash ordering 5: clear NEED_CHECK only when no allocation is in flight,
  * no table sector is dirty, and after a flush, so every table write before
  * it is on disk.  An allocation that starts meanwhile, or a writeback
  * pass, finds need_check_ready false and waits for header_lock before it
  * writes anything, then sets the bit again.
+ *
+ * Crash ordering 8: the grow-ahead tail goes first, and that flush also
+ * puts the new length on disk before the bit is cleared, so that no tail
+ * outlives the bit (the original driver's check counts one as leaked
+ * clusters).  The cut happens with no allocation in flight (ordering 7),
+ * and a new allocation grows the file again only after setting the bit,
+ * which waits for header_lock.
  */
 static void qed_cancel_timer(BDRVQEDState *s);
 static int coroutine_fn qed_writeback(BDRVQEDState *s);
@@ -286,22 +309,26 @@ static int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
     qemu_co_mutex_lock(&s->header_lock);
     s->need_check_ready = false;
     if (s->allocating_writes == 0 && !qed_tables_dirty(s) &&
-        (s->header.features & QED_F_NEED_CHECK) &&
         !bdrv_is_read_only(s->bs)) {
-        ret = bdrv_co_flush(s->bs->file->bs);
-        if (ret == 0) {
-            h = s->header;
-            h.features &= ~QED_F_NEED_CHECK;
-            ret = qed_update_header(s, &h);
+        if (s->file_size > s->file_end) {
+            ret = qed_resize_file(s, s->file_end);
         }
-        if (ret == 0) {
-            /* Leave the clean header on disk before anyone goes away */
+        if (ret == 0 && (s->header.features & QED_F_NEED_CHECK)) {
             ret = bdrv_co_flush(s->bs->file->bs);
-        }
-        if (ret == 0) {
-            trace_qed_need_check_clear(s);
-            /* Armed meanwhile by an allocation that has landed: no need */
-            qed_cancel_timer(s);
+            if (ret == 0) {
+                h = s->header;
+                h.features &= ~QED_F_NEED_CHECK;
+                ret = qed_update_header(s, &h);
+            }
+            if (ret == 0) {
+                /* Leave the clean header on disk before anyone goes away */
+                ret = bdrv_co_flush(s->bs->file->bs);
+            }
+            if (ret == 0) {
+                trace_qed_need_check_clear(s);
+                /* Armed meanwhile by an allocation that has landed */
+                qed_cancel_timer(s);
+            }
         }
     }
     qemu_co_mutex_unlock(&s->header_lock);
@@ -374,7 +401,8 @@ static bool qed_may_write_header(BDRVQEDState *s)
 static void qed_arm_timer(BDRVQEDState *s)
 {
     if (s->need_check_timer &&
-        ((s->header.features & QED_F_NEED_CHECK) || qed_tables_dirty(s)) &&
+        ((s->header.features & QED_F_NEED_CHECK) || qed_tables_dirty(s) ||
+         s->file_size > s->file_end) &&
         qed_may_write_header(s)) {
         trace_qed_timer_arm(s);
         timer_mod(s->need_check_timer,
@@ -629,6 +657,8 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     qemu_co_queue_init(&s->idle_waiters);
     qemu_co_mutex_init(&s->header_lock);
     qemu_co_queue_init(&s->resize_waiters);
+    QLIST_INIT(&s->tables_making);
+    qemu_co_queue_init(&s->making_waiters);
     qemu_co_mutex_init(&s->wb_lock);
 
     ret = bdrv_co_pread(bs->file, 0, sizeof(le), &le, 0);
@@ -1029,11 +1059,17 @@ int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size)
 /*
  * Grow the file ahead of allocation, in large steps: writes that extend a
  * file are slow (with O_DIRECT and native AIO they even block submission),
- * writes into its sparse tail are not.  A clean close cuts the file back
- * to what is in use.  The new size reaches the disk with the flush that
- * precedes table writes (images with a backing file), or the check
- * repairs what a crash leaves (NEED_CHECK): a crash never leaves an entry
- * past the end of the file unrepaired.
+ * writes into its sparse tail are not.  The new size reaches the disk with
+ * the flush that precedes table writes (images with a backing file), or
+ * the check repairs what a crash leaves (NEED_CHECK): a crash never leaves
+ * an entry past the end of the file unrepaired.
+ *
+ * Crash ordering 8: the tail is on disk only while NEED_CHECK is, with or
+ * without backing file: the bit is set and flushed before the file grows,
+ * and qed_clear_need_check() cuts the tail before it clears the bit (when
+ * the image goes idle, on a read-only reopen, hand-over and close).  So the
+ * tail never outlives the moment it serves: a crash leaves it with the
+ * bit, and the next opener's check cuts it.
  *
  * Returns once the length that the size change in flight (if any) sets
  * covers everything allocated, so that writes there need not wait.
@@ -1044,6 +1080,13 @@ static void coroutine_fn qed_grow_file(BDRVQEDState *s)
            s->file_end > (s->resizing ? s->resize_target : s->file_size)) {
         uint64_t step, new_size;
 
+        if (!s->need_check_ready) {
+            if (qed_raise_need_check(s) < 0) {
+                /* No tail then: the writes themselves extend the file */
+                return;
+            }
+            continue;
+        }
         if (s->resizing) {
             qemu_co_queue_wait(&s->resize_waiters, NULL);
             continue;
@@ -1176,7 +1219,9 @@ static int coroutine_fn qed_wb_task_run(AioTask *task)
     QEDWbTask *t = container_of(task, QEDWbTask, task);
     BDRVQEDState *s = t->s;
     QEDWbJob *job = t->job;
+    unsigned int *inflight;
     uint64_t offset;
+    bool *busy;
 
     if (job->e) {
         offset = job->e->offset;
@@ -1188,13 +1233,25 @@ static int coroutine_fn qed_wb_task_run(AioTask *task)
         offset = s->header.l1_table_offset;
         BLKDBG_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
     }
-    /* A new table may lie past a size change in flight (ordering 7) */
-    qed_wait_resize(s, offset + (uint64_t)(job->first + job->n) *
-                       BDRV_SECTOR_SIZE);
+    /* Not while the table's holes are being allocated (qed_secure_space) */
+    busy = job->e ? &job->e->space_busy : &s->l1_space_busy;
+    inflight = job->e ? &job->e->wb_inflight : &s->l1_wb_inflight;
+    for (;;) {
+        /* A new table may lie past a size change in flight (ordering 7) */
+        qed_wait_resize(s, offset + (uint64_t)(job->first + job->n) *
+                           BDRV_SECTOR_SIZE);
+        if (!*busy) {
+            break;
+        }
+        qemu_co_queue_wait(&s->making_waiters, NULL);
+    }
+    (*inflight)++;
     job->ret = qed_write_table_snapshot(s, offset,
                                         job->first * QED_ENTRIES_PER_SECTOR,
                                         job->n * QED_ENTRIES_PER_SECTOR,
                                         job->snapshot);
+    (*inflight)--;
+    qemu_co_queue_restart_all(&s->making_waiters);
     return job->ret;
 }
 
@@ -1378,12 +1435,142 @@ static void coroutine_fn qed_wb_throttle(BDRVQEDState *s)
 }
 
 /*
+ * Before this open first changes an entry of a table on disk (an L2 table
+ * or the L1 table), the file must hold the whole table, no hole: a table
+ * copied sparse (cp --sparse, rsync -S), created sparse, or never written
+ * in full has holes, and on a full disk the writeback of a sector there
+ * would fail after the writes through it were acknowledged.  A hole reads
+ * as zeros, so allocating it as zeros changes nothing, as long as no write
+ * of the table's sectors runs meanwhile: one that is in flight is waited
+ * for, and new ones wait (qed_wb_task_run()).  A table only has dirty
+ * sectors before this when a bad entry was cleared (see qed_l2_screen()).
+ * *@ok, *@busy and *@inflight are the table's: done, being done (others
+ * wait on making_waiters), and its sector writes in flight.
+ */
+static int coroutine_fn qed_secure_space(BDRVQEDState *s, uint64_t pos,
+                                         uint64_t bytes, bool *ok, bool *busy,
+                                         unsigned int *inflight)
+{
+    uint64_t end = pos + bytes;
+    int ret = 0;
+
+    while (*busy) {
+        qemu_co_queue_wait(&s->making_waiters, NULL);
+    }
+    if (*ok) {
+        return 0;
+    }
+    *busy = true;
+    while (*inflight) {
+        qemu_co_queue_wait(&s->making_waiters, NULL);
+    }
+    while (pos < end) {
+        int64_t pnum;
+
+        ret = bdrv_block_status(s->bs->file->bs, pos, end - pos, &pnum, NULL,
+                                NULL);
+        if (ret < 0) {
+            break;
+        }
+        if (pnum == 0) {
+            /* Past the end of the file: the check would have refused it */
+            ret = -EIO;
+            break;
+        }
+        if (!(ret & BDRV_BLOCK_DATA)) {
+            ret = bdrv_co_pwrite_zeroes(s->bs->file, pos, pnum, 0);
+            if (ret < 0) {
+                break;
+            }
+        }
+        ret = 0;
+        pos += pnum;
+    }
+    *busy = false;
+    *ok = ret == 0;
+    qemu_co_queue_restart_all(&s->making_waiters);
+    return ret;
+}
+
+/*
+ * Make the L2 table of L1 entry @l1i: reserve its space, allocate it in
+ * the file, and only then put the table in memory, for qed_set_entries().
+ *
+ * The space is really allocated (zeroed in the file, not left a hole of
+ * the grow-ahead) before any entry goes into the table, so before any
+ * write through it is acknowledged: on a full disk the write that needs
+ * the table fails with ENOSPC, instead of the table's first writeback
+ * failing later and taking with it the writes acknowledged through it.
+ * Requests that need the same table meanwhile wait in qed_set_entries().
+ */
+static int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
+                                       CachedL2Table **e)
+{
+    L2TableCache *c = &s->l2_cache;
+    uint64_t bytes = qed_table_bytes(s);
+    QEDTableMaking m = { .l1_index = l1i };
+    uint64_t l2_offset;
+    int ret;
+
+    QLIST_INSERT_HEAD(&s->tables_making, &m, next);
+    /* The L1 entry that will point at the table must be writable too */
+    ret = qed_secure_space(s, s->header.l1_table_offset, bytes,
+                           &s->l1_space_ok, &s->l1_space_busy,
+                           &s->l1_wb_inflight);
+    if (ret < 0) {
+        QLIST_REMOVE(&m, next);
+        qemu_co_queue_restart_all(&s->making_waiters);
+        return ret;
+    }
+    l2_offset = qed_reserve(s, bytes);
+    trace_qed_alloc_l2(s, l1i, l2_offset);
+    qed_grow_file(s);
+    qed_wait_resize(s, l2_offset + bytes);
+    ret = bdrv_co_pwrite_zeroes(s->bs->file, l2_offset, bytes, 0);
+    QLIST_REMOVE(&m, next);
+    qemu_co_queue_restart_all(&s->making_waiters);
+    if (ret < 0) {
+        /* The space leaks (the check reclaims it); nothing points at it */
+        return ret;
+    }
+
+    /* Fresh file space reads as zeros: the whole table is known */
+    *e = qed_l2_cache_insert(c, l2_offset, qed_table_new(bytes), true);
+    (*e)->fresh = true;
+    (*e)->space_ok = true;
+    /*
+     * Sectors of a new table that were never written read as zeros, so
+     * only dirty ones are written back; the last one is written too (it
+     * costs one sector per table), so that the file holds the whole table
+     * wherever the zeroing left its end.
+     */
+    qed_l2_cache_mark_dirty(c, *e, c->nsectors - 1, 1);
+    qed_screen_new_table(s, l2_offset);
+    s->l1_table->offsets[l1i] = l2_offset;
+    qed_l2_starts_add(s, l2_offset);
+    qed_l1_mark_dirty(s, l1i / QED_ENTRIES_PER_SECTOR, 1);
+    return 0;
+}
+
+static bool qed_table_making(BDRVQEDState *s, unsigned int l1i)
+{
+    QEDTableMaking *m;
+
+    QLIST_FOREACH(m, &s->tables_making, next) {
+        if (m->l1_index == l1i) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/*
  * Set the entries of clusters [start, start + n clusters), which lie in
  * one L2 table, to value, value + step, ... in memory, making the table
- * in memory if there is none (unsetting entries of a table that does not
- * exist is a no-op).  The caller holds the clusters (qed_claim) and has
- * written the data the entries point at (crash ordering 1); writeback
- * passes take them to disk.
+ * if there is none (unsetting entries of a table that does not exist is a
+ * no-op).  The caller holds the clusters (qed_claim) and has written the
+ * data the entries point at (crash ordering 1); writeback passes take
+ * them to disk.
  */
 static int coroutine_fn qed_set_entries(BDRVQEDState *s, uint64_t start,
                                         unsigned int n, uint64_t value,
@@ -1392,40 +1579,35 @@ static int coroutine_fn qed_set_entries(BDRVQEDState *s, uint64_t start,
     L2TableCache *c = &s->l2_cache;
     unsigned int l1i = qed_l1_index(s, start);
     unsigned int first = qed_l2_index(s, start);
-    uint64_t l2_offset = s->l1_table->offsets[l1i];
-    bool new_table = false;
+    uint64_t l2_offset;
     CachedL2Table *e;
     int ret;
 
     assert(n > 0 && first + n <= s->table_nelems);
+    while (qed_table_making(s, l1i)) {
+        qemu_co_queue_wait(&s->making_waiters, NULL);
+    }
+    l2_offset = s->l1_table->offsets[l1i];
     if (l2_offset == 0) {
         if (value == QED_L2_UNALLOCATED) {
             return 0;
         }
-        /* Fresh file space reads as zeros: the whole table is known */
-        l2_offset = qed_reserve(s, qed_table_bytes(s));
-        trace_qed_alloc_l2(s, l1i, l2_offset);
-        e = qed_l2_cache_insert(c, l2_offset,
-                                qed_table_new(qed_table_bytes(s)), true);
-        e->fresh = true;
-        /*
-         * The file must hold the whole table before the L1 entry points
-         * at it (one that runs past the end of the file is corrupt), and
-         * the grow-ahead's size change is not ordered with table writes:
-         * the table's last sector is written with its first writeback.
-         */
-        qed_l2_cache_mark_dirty(c, e, c->nsectors - 1, 1);
-        qed_screen_new_table(s, l2_offset);
-        s->l1_table->offsets[l1i] = l2_offset;
-        qed_l2_starts_add(s, l2_offset);
-        qed_l1_mark_dirty(s, l1i / QED_ENTRIES_PER_SECTOR, 1);
-        new_table = true;
+        ret = qed_make_table(s, l1i, &e);
+        if (ret < 0) {
+            return ret;
+        }
+        l2_offset = e->offset;
     } else {
         ret = qed_get_l2_table(s, l2_offset, &e);
         if (ret < 0) {
             return ret;
         }
         ret = qed_l2_ensure(s, e, first, first + n);
+        if (ret == 0) {
+            ret = qed_secure_space(s, e->offset, qed_table_bytes(s),
+                                   &e->space_ok, &e->space_busy,
+                                   &e->wb_inflight);
+        }
         if (ret < 0) {
             qed_l2_cache_unref(c, e);
             return ret;
@@ -1441,10 +1623,6 @@ static int coroutine_fn qed_set_entries(BDRVQEDState *s, uint64_t start,
                             first / QED_ENTRIES_PER_SECTOR);
     qed_l2_cache_unref(c, e);
     s->l2_gen++;
-
-    if (new_table) {
-        qed_grow_file(s);
-    }
     return 0;
 }
 
@@ -1848,7 +2026,13 @@ static int coroutine_fn qed_co_block_status(BlockDriverState *bs,
     case QED_EXTENT_DATA:
         *map = ext.file_offset;
         *file = bs->file->bs;
-        return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID;
+        /*
+         * Clusters allocated but never written (preallocation=metadata, or
+         * the grow-ahead's space) read as zeros: the file below says where
+         * (map, measure and convert ask with want_zero)
+         */
+        return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID |
+               (want_zero ? BDRV_BLOCK_RECURSE : 0);
     case QED_EXTENT_ZERO:
         return BDRV_BLOCK_ZERO;
     default:
@@ -2053,6 +2237,83 @@ out:
     return ret;
 }
 
+/*
+ * Empty the image, after a commit into its backing file: every cluster
+ * becomes unallocated and the file shrinks to the header and the L1 table.
+ *
+ * Crash ordering 9: the backing file is flushed first, so the data that
+ * this image held is durable there.  Then NEED_CHECK is set and flushed,
+ * a zeroed L1 table is written and flushed, the file is cut to header and
+ * L1 table, and the bit is cleared (ordering 5).  A crash at any point
+ * leaves, per L1 sector, the old entries or none: where none, the backing
+ * file shows the same data through; the tables and clusters that nothing
+ * references any more are leaks, which the check that NEED_CHECK asks for
+ * cuts off.
+ */
+static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
+{
+    uint64_t bytes = qed_table_bytes(s);
+    QEDTable *zero;
+    int ret;
+
+    /* Nothing may be in flight (the caller drained): settle the tables */
+    while (qed_allocs_in_flight(s)) {
+        qemu_co_queue_wait(&s->idle_waiters, NULL);
+    }
+    ret = qed_writeback(s);
+    if (ret < 0) {
+        return ret;
+    }
+    if (s->bs->backing) {
+        ret = bdrv_co_flush(s->bs->backing->bs);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+
+    qemu_co_mutex_lock(&s->wb_lock);
+    ret = qed_raise_need_check(s);
+    if (ret == 0) {
+        zero = qed_table_new(bytes);
+        ret = qed_write_l1_table(s, zero, 0, s->table_nelems);
+        qed_table_free(zero, bytes);
+    }
+    if (ret == 0) {
+        ret = bdrv_co_flush(s->bs->file->bs);
+    }
+    if (ret == 0) {
+        /* The disk names no table now: neither may memory */
+        memset(s->l1_table->offsets, 0, bytes);
+        bitmap_zero(s->l1_dirty, s->l2_cache.nsectors);
+        s->l1_ndirty = 0;
+        qed_l2_cache_clear(&s->l2_cache);
+        qed_l2_starts_rebuild(s);
+        s->l2_gen++;
+        s->file_end = MAX((uint64_t)s->header.header_size *
+                          s->header.cluster_size,
+                          s->header.l1_table_offset + bytes);
+        qed_screen_reset(s);
+    }
+    qemu_co_mutex_unlock(&s->wb_lock);
+    if (ret < 0) {
+        return ret;
+    }
+
+    /* Cuts the file to file_end, then clears the bit */
+    return qed_clear_need_check(s);
+}
+
+static int qed_make_empty(BlockDriverState *bs)
+{
+    BDRVQEDState *s = bs->opaque;
+    int ret;
+
+    bdrv_drained_begin(bs);
+    ret = qed_call_in_coroutine(s, qed_co_make_empty, NULL);
+    bdrv_drained_end(bs);
+    return ret;
+}
+
 static int qed_change_backing_file(BlockDriverState *bs,
                                    const char *backing_file,
                                    const char *backing_fmt)
@@ -2070,6 +2331,12 @@ static int coroutine_fn qed_co_check(BlockDriverState *bs,
 {
     BDRVQEDState *s = bs->opaque;
     int ret;
+
+    if (s->header.features & QED_F_NEED_CHECK) {
+        /* What a crash leaves (leaks, a tail) is no surprise then */
+        fprintf(stderr, "The image was not closed cleanly (NEED_CHECK is "
+                "set)\n");
+    }
 
     /*
      * The check reads the tables from disk: the entries of every
@@ -2092,6 +2359,24 @@ static int coroutine_fn qed_co_check(BlockDriverState *bs,
 }
 
 /* ---- create ------------------------------------------------------------- */
+
+/*
+ * The original QEMU driver refuses to open some valid QED images (found by
+ * trying every geometry on it; it even creates the first kind itself):
+ * - table_size 1 ("QED table offset is invalid");
+ * - a non-empty image whose largest size, cluster_size * (table_size *
+ *   cluster_size / 8)^2, does not fit in 64 bits, i.e. 3 * log2(cluster_size)
+ *   + 2 * log2(table_size) >= 70 ("QED image size is invalid").
+ */
+static bool qed_original_can_open(uint64_t cluster_size, uint32_t table_size,
+                                  uint64_t image_size)
+{
+    if (table_size == 1) {
+        return false;
+    }
+    return image_size == 0 ||
+           3 * ctz64(cluster_size) + 2 * ctz32(table_size) < 70;
+}
 
 /* Check every create option before anything is written anywhere */
 static int qed_validate_create(BlockdevCreateOptionsQed *o, Error **errp)
@@ -2328,6 +2613,11 @@ static int coroutine_fn qed_co_create(BlockdevCreateOptions *opts,
         }
     }
     ret = 0;
+    if (!qed_original_can_open(cluster_size, table_size, o->size)) {
+        warn_report("the original QEMU QED driver cannot open an image with "
+                    "cluster_size=%" PRIu32 " and table_size=%" PRIu32,
+                    cluster_size, table_size);
+    }
 
 out:
     g_free(buf);
@@ -2383,12 +2673,13 @@ static QemuOptsList qed_amend_opts = {
         {
             .name = BLOCK_OPT_BACKING_FILE,
             .type = QEMU_OPT_STRING,
-            .help = "File name of a base image"
+            .help = "File name of the base image (only the current one: "
+                    "use rebase to change it)"
         },
         {
             .name = BLOCK_OPT_BACKING_FMT,
             .type = QEMU_OPT_STRING,
-            .help = "Image format of the base image"
+            .help = "Image format of the base image (only the current one)"
         },
         { /* end of list */ }
     }
@@ -2463,53 +2754,69 @@ static int coroutine_fn qed_co_create_opts(BlockDriver *drv,
     ret = qed_co_create(create_options, errp);
 
 fail:
+    if (ret < 0) {
+        /*
+         * As qcow2 does, a failed create (e.g. preallocation on a full file
+         * system) leaves no half-made image behind.  @bs is set only once
+         * bdrv_create_file() has made or emptied the file; every option is
+         * checked before that, so a bad one never deletes a file it did
+         * not touch.
+         */
+        bdrv_co_delete_file_noerr(bs);
+    }
     qobject_unref(qdict);
     bdrv_unref(bs);
     qapi_free_BlockdevCreateOptions(create_options);
     return ret;
 }
 
-/* qemu-img amend -o backing_file=...,backing_fmt=... */
+/*
+ * Whether amend's backing_file and backing_fmt (NULL when not given) say
+ * what the image has now.  The header records the format only as "raw"
+ * (QED_F_BACKING_FORMAT_NO_PROBE) or "probe": for a probed one, the format
+ * the backing file was opened with is the current one.
+ */
+static bool qed_amend_backing_is_current(BlockDriverState *bs,
+                                         const char *file, const char *fmt)
+{
+    BDRVQEDState *s = bs->opaque;
+    bool has_backing = s->header.features & QED_F_BACKING_FILE;
+
+    if (file && strcmp(file, has_backing ? bs->backing_file : "")) {
+        return false;
+    }
+    if (!fmt) {
+        return true;
+    }
+    if (!has_backing) {
+        return false;
+    }
+    if (s->header.features & QED_F_BACKING_FORMAT_NO_PROBE) {
+        return !strcmp(fmt, "raw");
+    }
+    return bs->backing && bs->backing->bs->drv &&
+           !strcmp(fmt, bs->backing->bs->drv->format_name);
+}
+
+/*
+ * qemu-img amend: nothing of a QED image changes in place.  Geometry and
+ * size are create's and resize's; a new backing file is rebase's job,
+ * which checks the data it shows through (amend never did), as for qcow2.
+ * Restating the current backing file and format is accepted, and writes
+ * nothing.
+ */
 static int qed_amend_options(BlockDriverState *bs, QemuOpts *opts,
                              BlockDriverAmendStatusCB *status_cb,
                              void *cb_opaque, bool force, Error **errp)
 {
-    BDRVQEDState *s = bs->opaque;
     const char *file = qemu_opt_get(opts, BLOCK_OPT_BACKING_FILE);
     const char *fmt = qemu_opt_get(opts, BLOCK_OPT_BACKING_FMT);
-    int ret;
 
-    if (!file && !fmt) {
-        return 0;
-    }
-    if (!file) {
-        if (!(s->header.features & QED_F_BACKING_FILE)) {
-            error_setg(errp, "backing_fmt needs a backing_file");
-            return -EINVAL;
-        }
-        file = bs->backing_file;
-    }
-    if (fmt && !bdrv_find_format(fmt)) {
-        error_setg(errp, "Unknown backing_fmt '%s'", fmt);
+    if (!qed_amend_backing_is_current(bs, file, fmt)) {
+        error_setg(errp, "Cannot amend the backing file");
+        error_append_hint(errp, "You can use 'qemu-img rebase' instead.\n");
         return -EINVAL;
     }
-    if (strlen(file) > (uint64_t)s->header.header_size *
-                       s->header.cluster_size - sizeof(QEDHeader)) {
-        error_setg(errp, "Backing file name too long: %zu bytes, a %" PRIu64
-                   "-byte header holds at most %" PRIu64, strlen(file),
-                   (uint64_t)s->header.header_size * s->header.cluster_size,
-                   (uint64_t)s->header.header_size * s->header.cluster_size -
-                   sizeof(QEDHeader));
-        return -EINVAL;
-    }
-
-    ret = qed_change_backing_file(bs, *file ? file : NULL, fmt);
-    if (ret < 0) {
-        error_setg_errno(errp, -ret, "Could not change the backing file");
-        return ret;
-    }
-    pstrcpy(bs->backing_file, sizeof(bs->backing_file), file);
-    pstrcpy(bs->backing_format, sizeof(bs->backing_format), fmt ?: "");
     return 0;
 }
 
@@ -2660,6 +2967,7 @@ static BlockDriver bdrv_qed = {
     .bdrv_get_info              = qed_get_info,
     .bdrv_refresh_limits        = qed_refresh_limits,
     .bdrv_change_backing_file   = qed_change_backing_file,
+    .bdrv_make_empty            = qed_make_empty,
     .bdrv_co_invalidate_cache   = qed_co_invalidate_cache,
     .bdrv_inactivate            = qed_inactivate,
     .bdrv_co_check              = qed_co_check,

@@ -110,6 +110,10 @@ typedef struct CachedL2Table {
     int ref;                /* users; never freed while > 0 */
     bool dropped;           /* no longer in the cache, freed at last unref */
     bool fresh;             /* new table, not written to disk yet */
+    /* the file holds the whole table, no hole (qed_secure_space) */
+    bool space_ok;
+    bool space_busy;        /* being secured: wait on making_waiters */
+    unsigned int wb_inflight;   /* writes of its sectors in flight */
     unsigned long *loaded;  /* chunks of table that hold the disk's entries */
     unsigned long *dirty;   /* sectors that differ from the disk */
     unsigned int ndirty;    /* bits set in dirty */
@@ -146,6 +150,11 @@ typedef struct QEDExtent {
     uint64_t bytes;             /* contiguous bytes from pos in this state */
 } QEDExtent;
 
+typedef struct QEDTableMaking {
+    unsigned int l1_index;
+    QLIST_ENTRY(QEDTableMaking) next;
+} QEDTableMaking;
+
 typedef struct BDRVQEDState {
     BlockDriverState *bs;
     QEDHeader header;           /* CPU order, equal to the disk */
@@ -180,6 +189,19 @@ typedef struct BDRVQEDState {
     uint64_t resize_target;
     CoQueue resize_waiters;
 
+    /*
+     * New L2 tables whose file space is being allocated, by L1 index: a
+     * request that needs one of them waits (the table is not in memory
+     * until its space is secured, so no write can be acknowledged through
+     * it before that)
+     */
+    QLIST_HEAD(, QEDTableMaking) tables_making;
+    CoQueue making_waiters;
+    /* The file holds the whole L1 table, no hole (qed_secure_space) */
+    bool l1_space_ok;
+    bool l1_space_busy;
+    unsigned int l1_wb_inflight;        /* writes of L1 sectors in flight */
+
     /* Allocations in flight, to keep two writes off one cluster */
     QLIST_HEAD(, QEDAllocation) allocs;
     CoQueue alloc_waiters;
@@ -195,7 +217,12 @@ typedef struct BDRVQEDState {
 
     /* NEED_CHECK handling */
     CoMutex header_lock;
-    bool need_check_ready;      /* NEED_CHECK is on disk and may be relied on */
+    /*
+     * NEED_CHECK is on disk and may be relied on: for the tables of an
+     * image without backing file (crash ordering 4), and for a grow-ahead
+     * tail, with or without backing file (ordering 8)
+     */
+    bool need_check_ready;
     QEMUTimer *need_check_timer;
     bool timer_running;         /* the clearing coroutine has been started */
 

@@ -10,6 +10,12 @@
 # cluster or zeroed area in the image, depth 0), "backing data" (depth 1),
 # "backing zero" ... and "unallocated" (reads as zeros, nothing anywhere).
 #
+# With --mapping: the extents with their file offsets, one JSON object per
+# line, without the "zero" flag of data extents (our driver asks the file
+# below whether an allocated cluster was ever written; the original driver
+# does not), neighbours that map contiguously merged: two drivers' maps
+# that say the same about where the data lives compare equal.
+#
 # This work is licensed under the terms of the GNU GPL, version 2 or later.
 # See the COPYING file in the top-level directory.
 
@@ -25,6 +31,29 @@ def kind(e):
         return prefix + 'data'
     return prefix + 'zero'
 
+
+def mapping(extents):
+    out = []
+    for e in extents:
+        if e['data']:
+            e.pop('zero')
+        p = out[-1] if out else None
+        if p and p['start'] + p['length'] == e['start'] and \
+                all(p.get(k) == e.get(k) for k in set(p) | set(e)
+                    if k not in ('start', 'length', 'offset')) and \
+                ('offset' in p) == ('offset' in e) and \
+                ('offset' not in e or
+                 p['offset'] + p['length'] == e['offset']):
+            p['length'] += e['length']
+        else:
+            out.append(e)
+    for e in out:
+        print(json.dumps(e, sort_keys=True))
+
+
+if sys.argv[1:] == ['--mapping']:
+    mapping(json.load(sys.stdin))
+    sys.exit(0)
 
 out = []
 for e in json.load(sys.stdin):
