@@ -6,13 +6,14 @@
  * cluster of the file (so its size follows the file, not the virtual
  * disk).  An entry that cannot be right (misaligned, inside the header or
  * the L1 table, past the end of the file, or naming a cluster that is
- * already referenced) is a corruption; a cluster that holds data in the
- * file but that nothing references is a leak.
+ * already referenced) is a corruption; a cluster of the file that nothing
+ * references is a leak, whether the file holds data for it or a hole.
  *
  * Repair zeroes bad entries, which is what a crash during an allocating
  * write needs: the entry that landed before its data did becomes
- * unallocated again.  Leaked clusters are returned to the host: trailing
- * ones by truncating the file, inner ones by discarding them.
+ * unallocated again.  Trailing leaked clusters are cut off; inner ones
+ * cannot go without moving clusters in use: they are discarded (their
+ * space goes back to the host) and stay counted.
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
@@ -474,7 +475,7 @@ static int64_t coroutine_fn qed_check_held(QEDCheck *check, uint64_t first,
 }
 
 /*
- * Find leaked clusters: unreferenced clusters that the file still holds.
+ * Find leaked clusters: clusters of the file that nothing references.
  * Reclaim them if asked and if the metadata could be trusted: while
  * corruptions remain or a table could not be read, a cluster that looks
  * unreferenced may still be what some bad entry points to.

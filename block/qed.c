@@ -283,7 +283,8 @@ static int coroutine_fn qed_set_need_check(BDRVQEDState *s)
  * no table sector is dirty, and after a flush, so every table write before
  * it is on disk.  An allocation that starts meanwhile, or a writeback
  * pass, finds need_check_ready false and waits for header_lock before it
- * writes anything, then sets the bit again.
+ * writes anything, then sets the bit again (over a backing file: only an
+ * allocation that grows the file, ordering 8).
  *
  * Crash ordering 8: the grow-ahead tail goes first, and that flush also
  * puts the new length on disk before the bit is cleared, so that no tail
@@ -997,7 +998,9 @@ static void qed_release(BDRVQEDState *s, QEDAllocation *a)
 }
 
 /*
- * Take @bytes of new file space; never reused while the image is open.
+ * Take @bytes of new file space; never reused while the image is open
+ * (but after a check's repair or make_empty, which cut the file back to
+ * what the disk references).
  * It lies past everything the file held at open and past every earlier
  * allocation, so it reads as zeros until written.
  */
@@ -1405,7 +1408,10 @@ static void coroutine_fn qed_wb_background_entry(void *opaque)
 {
     BDRVQEDState *s = opaque;
 
-    /* A failure leaves the sectors dirty; the next flush reports it */
+    /*
+     * A failure leaves the sectors dirty: the next pass writes them again,
+     * and a flush fails if that fails too
+     */
     qed_writeback(s);
     s->wb_background = false;
     bdrv_dec_in_flight(s->bs);

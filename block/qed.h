@@ -173,8 +173,10 @@ typedef struct BDRVQEDState {
     uint32_t l2_mask;
 
     /*
-     * First byte past the last allocated cluster; only ever grows (but for
-     * a repair by the check).  Every write to the file lies below it.
+     * First byte past the last allocated cluster; only ever grows, but for
+     * a repair by the check and qed_co_make_empty(), which first remove
+     * from the disk every entry past the new end.  Every write to the
+     * file lies below it.
      */
     uint64_t file_end;
     /* The file's length: it grows ahead of file_end, in steps */
