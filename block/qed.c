@@ -1441,6 +1441,45 @@ static void coroutine_fn qed_wb_throttle(BDRVQEDState *s)
 }
 
 /*
+ * Write zeros over [@offset, @offset + @bytes) as data, so that the file
+ * really allocates the space (ENOSPC shows now) and keeps it as data: a
+ * zeroing fallocate (what write-zeroes becomes on most file systems) waits
+ * for every direct I/O in flight on the file, a stall per table under
+ * load, and leaves unwritten extents that seek-hole reports as holes again
+ * on the next open.
+ */
+static int coroutine_fn qed_write_zero_data(BDRVQEDState *s, uint64_t offset,
+                                            uint64_t bytes)
+{
+    size_t chunk = MIN(bytes, 1 * MiB);
+    QEMUIOVector qiov;
+    void *zeros;
+    int ret = 0;
+
+    zeros = qemu_try_blockalign0(s->bs->file->bs, chunk);
+    if (!zeros) {
+        return -ENOMEM;
+    }
+    while (bytes > 0) {
+        uint64_t n = MIN(bytes, 16 * MiB);
+
+        qemu_iovec_init(&qiov, DIV_ROUND_UP(n, chunk));
+        for (uint64_t done = 0; done < n; done += chunk) {
+            qemu_iovec_add(&qiov, zeros, MIN(chunk, n - done));
+        }
+        ret = bdrv_co_pwritev(s->bs->file, offset, n, &qiov, 0);
+        qemu_iovec_destroy(&qiov);
+        if (ret < 0) {
+            break;
+        }
+        offset += n;
+        bytes -= n;
+    }
+    qemu_vfree(zeros);
+    return ret;
+}
+
+/*
  * Before this open first changes an entry of a table on disk (an L2 table
  * or the L1 table), the file must hold the whole table, no hole: a table
  * copied sparse (cp --sparse, rsync -S), created sparse, or never written
@@ -1484,7 +1523,7 @@ static int coroutine_fn qed_secure_space(BDRVQEDState *s, uint64_t pos,
             break;
         }
         if (!(ret & BDRV_BLOCK_DATA)) {
-            ret = bdrv_co_pwrite_zeroes(s->bs->file, pos, pnum, 0);
+            ret = qed_write_zero_data(s, pos, pnum);
             if (ret < 0) {
                 break;
             }
@@ -1502,7 +1541,7 @@ static int coroutine_fn qed_secure_space(BDRVQEDState *s, uint64_t pos,
  * Make the L2 table of L1 entry @l1i: reserve its space, allocate it in
  * the file, and only then put the table in memory, for qed_set_entries().
  *
- * The space is really allocated (zeroed in the file, not left a hole of
+ * The space is really allocated (zeros written in the file, not a hole of
  * the grow-ahead) before any entry goes into the table, so before any
  * write through it is acknowledged: on a full disk the write that needs
  * the table fails with ENOSPC, instead of the table's first writeback
@@ -1532,7 +1571,7 @@ static int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
     trace_qed_alloc_l2(s, l1i, l2_offset);
     qed_grow_file(s);
     qed_wait_resize(s, l2_offset + bytes);
-    ret = bdrv_co_pwrite_zeroes(s->bs->file, l2_offset, bytes, 0);
+    ret = qed_write_zero_data(s, l2_offset, bytes);
     QLIST_REMOVE(&m, next);
     qemu_co_queue_restart_all(&s->making_waiters);
     if (ret < 0) {
