@@ -1554,7 +1554,7 @@ static int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
     L2TableCache *c = &s->l2_cache;
     uint64_t bytes = qed_table_bytes(s);
     QEDTableMaking m = { .l1_index = l1i };
-    uint64_t l2_offset;
+    uint64_t l2_offset = 0;
     int ret;
 
     QLIST_INSERT_HEAD(&s->tables_making, &m, next);
@@ -1562,20 +1562,17 @@ static int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
     ret = qed_secure_space(s, s->header.l1_table_offset, bytes,
                            &s->l1_space_ok, &s->l1_space_busy,
                            &s->l1_wb_inflight);
-    if (ret < 0) {
-        QLIST_REMOVE(&m, next);
-        qemu_co_queue_restart_all(&s->making_waiters);
-        return ret;
+    if (ret == 0) {
+        l2_offset = qed_reserve(s, bytes);
+        trace_qed_alloc_l2(s, l1i, l2_offset);
+        qed_grow_file(s);
+        qed_wait_resize(s, l2_offset + bytes);
+        ret = qed_write_zero_data(s, l2_offset, bytes);
     }
-    l2_offset = qed_reserve(s, bytes);
-    trace_qed_alloc_l2(s, l1i, l2_offset);
-    qed_grow_file(s);
-    qed_wait_resize(s, l2_offset + bytes);
-    ret = qed_write_zero_data(s, l2_offset, bytes);
     QLIST_REMOVE(&m, next);
     qemu_co_queue_restart_all(&s->making_waiters);
     if (ret < 0) {
-        /* The space leaks (the check reclaims it); nothing points at it */
+        /* Reserved space leaks (the check reclaims it); nothing points at it */
         return ret;
     }
 
