@@ -134,23 +134,12 @@ static int qed_check_l2_by_index(const void *a, const void *b)
 /* Does the cluster at @offset belong to one of the (sorted) L2 tables? */
 static bool qed_check_in_table(QEDCheck *check, uint64_t offset)
 {
-    uint64_t table_bytes = qed_table_bytes(check->s);
-    size_t lo = 0, hi = check->n_tables;
-
+    /* The table list's search wants each element to start with the offset */
+    QEMU_BUILD_BUG_ON(offsetof(QEDCheckL2, offset) != 0);
     assert(check->tables_by_offset);
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        QEDCheckL2 *t = &check->tables[mid];
-
-        if (offset < t->offset) {
-            hi = mid;
-        } else if (offset - t->offset >= table_bytes) {
-            lo = mid + 1;
-        } else {
-            return true;
-        }
-    }
-    return false;
+    return qed_in_table_list(check->tables, check->n_tables,
+                             sizeof(QEDCheckL2), qed_table_bytes(check->s),
+                             offset);
 }
 
 /* Classify and mark one L1 entry; NULL if it is good */
@@ -191,7 +180,7 @@ static void coroutine_fn qed_check_l1(QEDCheck *check)
     int ret;
 
     for (unsigned int i = 0; i < s->table_nelems; i++) {
-        uint64_t offset = s->l1_table->offsets[i];
+        uint64_t offset = s->l1.table->offsets[i];
         const char *problem;
 
         if (offset == 0) {
@@ -205,8 +194,8 @@ static void coroutine_fn qed_check_l1(QEDCheck *check)
             result->corruptions++;
             if (check->fix & BDRV_FIX_ERRORS) {
                 if (!fixed) {
-                    fixed = qed_alloc_table(s);
-                    memcpy(fixed, s->l1_table, table_bytes);
+                    fixed = qed_table_buf_new(s);
+                    memcpy(fixed, s->l1.table, table_bytes);
                     first_fixed = i;
                 }
                 fixed->offsets[i] = 0;
@@ -239,14 +228,14 @@ static void coroutine_fn qed_check_l1(QEDCheck *check)
         result->check_errors++;
     } else {
         for (unsigned int i = first_fixed; i <= last_fixed; i++) {
-            s->l1_table->offsets[i] = fixed->offsets[i];
+            s->l1.table->offsets[i] = fixed->offsets[i];
         }
         /* The space of dropped tables may become data once reclaimed */
         qed_l2_starts_rebuild(s);
         result->corruptions -= n_fixed;
         result->corruptions_fixed += n_fixed;
     }
-    qemu_vfree(fixed);
+    qed_table_buf_free(fixed);
 }
 
 /* Check the entries of one L2 table, repairing them in @table if asked */
@@ -309,7 +298,7 @@ static void coroutine_fn qed_check_l2(QEDCheck *check, QEDCheckL2 *t,
      * Even a failed write may have changed the disk, so the cached copy
      * may no longer equal it either way.
      */
-    qed_l2_cache_drop(&s->l2_cache, t->offset);
+    qed_l2_cache_drop(s->l2_cache, t->offset);
 
     if (ret < 0) {
         fprintf(stderr, "ERROR: could not write L2 table 0x%" PRIx64 ": %s\n",
@@ -354,7 +343,7 @@ static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
             n++;
         }
         for (; n_bufs < n; n_bufs++) {
-            bufs[n_bufs] = qed_alloc_table(s);
+            bufs[n_bufs] = qed_table_buf_new(s);
         }
 
         BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
@@ -391,7 +380,7 @@ static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
     }
 
     for (unsigned int j = 0; j < n_bufs; j++) {
-        qemu_vfree(bufs[j]);
+        qed_table_buf_free(bufs[j]);
     }
 }
 
@@ -475,41 +464,21 @@ static int64_t coroutine_fn qed_check_held(QEDCheck *check, uint64_t first,
 }
 
 /*
- * Find leaked clusters: clusters of the file that nothing references.
- * Reclaim them if asked and if the metadata could be trusted: while
- * corruptions remain or a table could not be read, a cluster that looks
- * unreferenced may still be what some bad entry points to.
+ * Inner runs of unreferenced clusters, below @used_end.  Every one is a
+ * leak, held or a hole, as the original driver counts them.  Nothing is
+ * moved, so the file cannot lose them: repairing (@reclaim) gives their
+ * space back to the file system, and they stay counted.
  */
-static void coroutine_fn qed_check_leaks(QEDCheck *check)
+static void coroutine_fn qed_check_inner_leaks(QEDCheck *check,
+                                               uint64_t used_end,
+                                               bool reclaim)
 {
     BDRVQEDState *s = check->s;
     BdrvCheckResult *result = check->result;
     uint64_t cluster_size = s->header.cluster_size;
-    uint64_t file_clusters = check->file_end / cluster_size;
-    uint64_t last_used = find_last_bit(check->used, check->nclusters);
-    uint64_t used_end = last_used + 1;
-    bool reclaim = (check->fix & BDRV_FIX_LEAKS) &&
-                   result->corruptions == 0 && result->check_errors == 0;
     uint64_t a = 0;
     int ret;
 
-    /* The header is always marked, so there is a last used cluster */
-    assert(last_used < check->nclusters);
-
-    if (check->unread_tables) {
-        /* What the unread tables reference is unknown, and so are leaks */
-        fprintf(stderr, "Leaked clusters not counted: %u L2 tables could "
-                "not be read\n", check->unread_tables);
-        result->image_end_offset = check->file_size;
-        return;
-    }
-
-    /*
-     * Inner runs of unreferenced clusters.  Every one is a leak, held or a
-     * hole, as the original driver counts them.  Nothing is moved, so the
-     * file cannot lose them: repairing gives their space back to the file
-     * system, and they stay counted.
-     */
     while ((a = find_next_zero_bit(check->used, used_end, a)) < used_end) {
         uint64_t b = find_next_bit(check->used, used_end, a);
         uint64_t first, last;
@@ -544,6 +513,38 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
         }
         a = b;
     }
+}
+
+/*
+ * Find leaked clusters: clusters of the file that nothing references.
+ * Reclaim them if asked and if the metadata could be trusted: while
+ * corruptions remain or a table could not be read, a cluster that looks
+ * unreferenced may still be what some bad entry points to.
+ */
+static void coroutine_fn qed_check_leaks(QEDCheck *check)
+{
+    BDRVQEDState *s = check->s;
+    BdrvCheckResult *result = check->result;
+    uint64_t cluster_size = s->header.cluster_size;
+    uint64_t file_clusters = check->file_end / cluster_size;
+    uint64_t last_used = find_last_bit(check->used, check->nclusters);
+    uint64_t used_end = last_used + 1;
+    bool reclaim = (check->fix & BDRV_FIX_LEAKS) &&
+                   result->corruptions == 0 && result->check_errors == 0;
+    int ret;
+
+    /* The header is always marked, so there is a last used cluster */
+    assert(last_used < check->nclusters);
+
+    if (check->unread_tables) {
+        /* What the unread tables reference is unknown, and so are leaks */
+        fprintf(stderr, "Leaked clusters not counted: %u L2 tables could "
+                "not be read\n", check->unread_tables);
+        result->image_end_offset = check->file_size;
+        return;
+    }
+
+    qed_check_inner_leaks(check, used_end, reclaim);
 
     /*
      * Trailing clusters that nothing references: a leak whether they hold
@@ -644,7 +645,7 @@ int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
      * lookup.  Repairs are rare: start the cache afresh.
      */
     if (result->corruptions_fixed || result->leaks_fixed) {
-        qed_l2_cache_clear(&s->l2_cache);
+        qed_l2_cache_clear(s->l2_cache);
     }
 
     /*

@@ -21,25 +21,23 @@
  * the cache empty and qed_l2_ensure() reads the chunks that are used.
  */
 int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
-                                  CachedL2Table **entry)
+                                  QEDCachedTable **entry)
 {
-    CachedL2Table *e;
-    QEDTable *table;
+    QEDCachedTable *e;
 
-    if (!qed_check_offset(s, l2_offset, qed_table_bytes(s))) {
+    if (!qed_offset_valid(s, l2_offset, qed_table_bytes(s))) {
         qed_report_corruption(s, "L2 table offset 0x%" PRIx64 " is invalid",
                               l2_offset);
         return -EIO;
     }
 
-    e = qed_l2_cache_find(&s->l2_cache, l2_offset);
+    e = qed_l2_cache_find(s->l2_cache, l2_offset);
     if (e) {
         *entry = e;
         return 0;
     }
 
-    table = qed_table_new(qed_table_bytes(s));
-    *entry = qed_l2_cache_insert(&s->l2_cache, l2_offset, table, false);
+    *entry = qed_l2_cache_insert(s->l2_cache, l2_offset, false);
     return 0;
 }
 
@@ -77,7 +75,7 @@ static unsigned long *qed_screen_chunks(BDRVQEDState *s, uint64_t l2_offset)
     unsigned long *read = g_hash_table_lookup(s->chunks_read, &l2_offset);
 
     if (!read) {
-        read = bitmap_new(s->l2_cache.nchunks);
+        read = bitmap_new(s->table_nchunks);
         g_hash_table_insert(s->chunks_read, g_memdup2(&l2_offset,
                                                       sizeof(l2_offset)),
                             read);
@@ -91,7 +89,7 @@ void qed_screen_new_table(BDRVQEDState *s, uint64_t l2_offset)
     if (s->entries_checked) {
         return;
     }
-    bitmap_set(qed_screen_chunks(s, l2_offset), 0, s->l2_cache.nchunks);
+    bitmap_set(qed_screen_chunks(s, l2_offset), 0, s->table_nchunks);
 }
 
 /*
@@ -104,11 +102,11 @@ void qed_screen_new_table(BDRVQEDState *s, uint64_t l2_offset)
  * cleared in memory, as the check's repair would, and written back with
  * the next pass.
  */
-static void qed_l2_screen(BDRVQEDState *s, CachedL2Table *e, unsigned long c,
+static void qed_l2_screen(BDRVQEDState *s, QEDCachedTable *e, unsigned long c,
                           unsigned long end)
 {
-    unsigned long *read = qed_screen_chunks(s, e->offset);
-    unsigned int ce = s->l2_cache.chunk_entries;
+    unsigned long *read = qed_screen_chunks(s, e->t.offset);
+    unsigned int ce = s->chunk_entries;
     bool writable = !bdrv_is_read_only(s->bs) &&
                     !(s->bs->open_flags & BDRV_O_INACTIVE);
 
@@ -121,8 +119,8 @@ static void qed_l2_screen(BDRVQEDState *s, CachedL2Table *e, unsigned long c,
             continue;
         }
         for (unsigned int i = c * ce; i < (c + 1) * ce; i++) {
-            uint64_t entry = e->table->offsets[i];
-            uint64_t where = e->offset + i * sizeof(uint64_t);
+            uint64_t entry = e->t.table->offsets[i];
+            uint64_t where = e->t.offset + i * sizeof(uint64_t);
 
             if (qed_is_data_offset(entry) && entry >= s->open_end) {
                 trace_qed_bad_entry(s, where, entry);
@@ -130,8 +128,8 @@ static void qed_l2_screen(BDRVQEDState *s, CachedL2Table *e, unsigned long c,
                                     g_memdup2(&where, sizeof(where)),
                                     g_memdup2(&entry, sizeof(entry)));
                 if (writable && entry < s->file_end) {
-                    e->table->offsets[i] = QED_L2_UNALLOCATED;
-                    qed_l2_cache_mark_dirty(&s->l2_cache, e,
+                    e->t.table->offsets[i] = QED_L2_UNALLOCATED;
+                    qed_l2_cache_mark_dirty(s->l2_cache, e,
                                             i / QED_ENTRIES_PER_SECTOR, 1);
                     s->l2_gen++;
                 }
@@ -144,10 +142,10 @@ static void qed_l2_screen(BDRVQEDState *s, CachedL2Table *e, unsigned long c,
  * Entry @i of @e if it is one of the bad ones (whatever it says now: it
  * may have been cleared in memory): the offset it named, else NULL
  */
-static const uint64_t *qed_entry_is_bad(BDRVQEDState *s, CachedL2Table *e,
+static const uint64_t *qed_entry_is_bad(BDRVQEDState *s, QEDCachedTable *e,
                                         unsigned int i)
 {
-    uint64_t where = e->offset + i * sizeof(uint64_t);
+    uint64_t where = e->t.offset + i * sizeof(uint64_t);
 
     if (!g_hash_table_size(s->bad_entries)) {
         return NULL;
@@ -203,11 +201,11 @@ uint64_t qed_screen_skip(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
  * writeback never writes a sector of a chunk that is being read.
  */
 static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
-                                           CachedL2Table *e,
+                                           QEDCachedTable *e,
                                            unsigned int first,
                                            unsigned int end)
 {
-    unsigned int ce = s->l2_cache.chunk_entries;
+    unsigned int ce = s->chunk_entries;
     unsigned long c = first / ce;
     unsigned long last = (end - 1) / ce;
 
@@ -215,18 +213,18 @@ static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
         unsigned long run_end;
         int ret;
 
-        c = find_next_zero_bit(e->loaded, last + 1, c);
+        c = find_next_zero_bit(e->t.loaded, last + 1, c);
         if (c > last) {
             break;
         }
-        run_end = find_next_bit(e->loaded, last + 1, c);
+        run_end = find_next_bit(e->t.loaded, last + 1, c);
         BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
-        ret = qed_read_table_entries(s, e->offset, c * ce, (run_end - c) * ce,
-                                     &e->table->offsets[c * ce]);
+        ret = qed_read_table_entries(s, e->t.offset, c * ce, (run_end - c) * ce,
+                                     &e->t.table->offsets[c * ce]);
         if (ret < 0) {
             return ret;
         }
-        bitmap_set(e->loaded, c, run_end - c);
+        qed_l2_cache_loaded(s->l2_cache, e, c, run_end - c);
         qed_l2_screen(s, e, c, run_end);
         c = run_end;
     }
@@ -234,15 +232,15 @@ static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
 }
 
 /* The same, taking the lock only when something must be read */
-int coroutine_fn qed_l2_ensure(BDRVQEDState *s, CachedL2Table *e,
+int coroutine_fn qed_l2_ensure(BDRVQEDState *s, QEDCachedTable *e,
                                unsigned int first, unsigned int end)
 {
-    unsigned int ce = s->l2_cache.chunk_entries;
+    unsigned int ce = s->chunk_entries;
     unsigned long c = first / ce;
     unsigned long last = (end - 1) / ce;
     int ret;
 
-    if (find_next_zero_bit(e->loaded, last + 1, c) > last) {
+    if (find_next_zero_bit(e->t.loaded, last + 1, c) > last) {
         return 0;
     }
     qemu_co_mutex_lock(&e->lock);
@@ -284,9 +282,9 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
 
     while (cur < end) {
         unsigned int l1i = qed_l1_index(s, cur);
-        uint64_t l2_offset = s->l1_table->offsets[l1i];
+        uint64_t l2_offset = s->l1.table->offsets[l1i];
         uint64_t table_end = (uint64_t)(l1i + 1) << s->l1_shift;
-        CachedL2Table *e;
+        QEDCachedTable *e;
         int ret;
 
         if (l2_offset == 0) {
@@ -299,7 +297,7 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
             continue;
         }
 
-        if (!first && !qed_check_offset(s, l2_offset, qed_table_bytes(s))) {
+        if (!first && !qed_offset_valid(s, l2_offset, qed_table_bytes(s))) {
             /* Reported when a lookup starts there */
             break;
         }
@@ -312,7 +310,7 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
 
             ret = qed_l2_ensure(s, e, i0, MIN(iend, s->table_nelems));
             if (ret < 0) {
-                qed_l2_cache_unref(&s->l2_cache, e);
+                qed_l2_cache_unref(s->l2_cache, e);
             }
         }
         if (ret < 0) {
@@ -324,15 +322,15 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
 
         for (unsigned int i = qed_l2_index(s, cur);
              i < s->table_nelems && cur < end; i++, cur += cluster_size) {
-            uint64_t entry = e->table->offsets[i];
+            uint64_t entry = e->t.table->offsets[i];
             QEDExtentType type = qed_entry_type(entry);
             const uint64_t *bad = qed_entry_is_bad(s, e, i);
 
             if (bad || (type == QED_EXTENT_DATA &&
-                        !qed_check_data_offset(s, entry))) {
+                        !qed_data_offset_valid(s, entry))) {
                 if (first) {
                     entry = bad ? *bad : entry;
-                    qed_l2_cache_unref(&s->l2_cache, e);
+                    qed_l2_cache_unref(s->l2_cache, e);
                     qed_report_corruption(s, "data cluster offset 0x%" PRIx64
                                           " for guest offset 0x%" PRIx64
                                           " is invalid", entry, cur);
@@ -351,11 +349,11 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
             }
             next_data = entry + cluster_size;
         }
-        qed_l2_cache_unref(&s->l2_cache, e);
+        qed_l2_cache_unref(s->l2_cache, e);
         continue;
 
 done_unref:
-        qed_l2_cache_unref(&s->l2_cache, e);
+        qed_l2_cache_unref(s->l2_cache, e);
         break;
     }
 

@@ -3,12 +3,19 @@
  *
  * Every request looks up its offsets in L2 tables, so the tables are kept
  * in memory.  The cache is writeback: the driver changes entries in the
- * cached copy and marks their sectors dirty here; qed.c writes dirty
- * sectors back in batches (qed_writeback) in the order the crash rules
- * ask for.  A dirty table is pinned by a reference of its own until it is
- * clean.  Entries are reference counted so that a table in use is never
- * freed; unused ones are evicted least recently used first.  This file
- * knows nothing of I/O.
+ * cached copy and marks their sectors dirty here; qed-writeback.c writes
+ * dirty sectors back in passes, in the order the crash rules ask for.  A
+ * dirty table is pinned by a reference of its own until it is clean.
+ * Entries are reference counted so that a table in use is never freed.
+ *
+ * Memory: a table's buffer is mapped whole (qed_table_new) but only the
+ * chunks that were read from disk or changed take memory ("resident").
+ * The cache counts resident chunks against its limit, l2-cache-size: past
+ * it, the least recently used tables give their memory back, a whole
+ * table when nobody uses it, or only its clean chunks when its one user is
+ * the pin of its dirty sectors.  What is dirty stays until a writeback
+ * pass has written it (qed_l2_cache_over_limit() tells the driver to run
+ * one).  This file knows nothing of I/O.
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
@@ -16,91 +23,186 @@
 
 #include "qemu/osdep.h"
 #include "qemu/bitmap.h"
-#include "qemu/memalign.h"
+#include "qemu/madvise.h"
 #include "trace.h"
 #include "qed.h"
 
-void qed_l2_cache_init(L2TableCache *c, unsigned int max_entries,
-                       size_t table_bytes)
+/* At most this many tables, whatever the limit: each costs address space */
+#define QED_L2_CACHE_MAX_TABLES 65536
+
+struct QEDL2Cache {
+    GHashTable *by_offset;              /* uint64_t offset -> table */
+    QTAILQ_HEAD(, QEDCachedTable) lru;  /* least recently used at the tail */
+    QTAILQ_HEAD(, QEDCachedTable) dirty_list;  /* pinned, to write back */
+    unsigned int n_tables;
+    unsigned int max_tables;
+    uint64_t max_bytes;                 /* l2-cache-size */
+    uint64_t resident_bytes;            /* resident chunks, all tables */
+    size_t table_bytes;
+    size_t chunk_bytes;
+    unsigned int chunk_entries;         /* entries in one chunk */
+    unsigned int nchunks;               /* chunks in one table */
+    unsigned int nsectors;              /* sectors in one table */
+    unsigned int sectors_per_chunk;
+    bool can_release_chunks;            /* a chunk is whole host pages */
+    unsigned int dirty_tables;
+    uint64_t dirty_sectors;             /* in all tables */
+    /*
+     * The last shrink found nothing more to give back: no need to walk
+     * the tables again until a table is unused or clean again
+     */
+    bool shrink_futile;
+};
+
+static void qed_l2_cache_shrink(QEDL2Cache *c);
+
+QEDL2Cache *qed_l2_cache_new(uint64_t max_bytes, size_t table_bytes)
 {
+    QEDL2Cache *c = g_new0(QEDL2Cache, 1);
+
     c->by_offset = g_hash_table_new(g_int64_hash, g_int64_equal);
     QTAILQ_INIT(&c->lru);
-    c->n_entries = 0;
-    c->max_entries = MAX(max_entries, 1);
-    c->table_bytes = table_bytes;
-    c->chunk_entries = MIN(table_bytes, QED_L2_CHUNK_BYTES) /
-                       sizeof(uint64_t);
-    c->nchunks = table_bytes / sizeof(uint64_t) / c->chunk_entries;
-    c->nsectors = table_bytes / BDRV_SECTOR_SIZE;
     QTAILQ_INIT(&c->dirty_list);
-    c->dirty_tables = 0;
-    c->dirty_sectors = 0;
+    c->table_bytes = table_bytes;
+    c->chunk_bytes = MIN(table_bytes, QED_L2_CHUNK_BYTES);
+    c->chunk_entries = c->chunk_bytes / sizeof(uint64_t);
+    c->nchunks = table_bytes / c->chunk_bytes;
+    c->nsectors = table_bytes / BDRV_SECTOR_SIZE;
+    c->sectors_per_chunk = c->chunk_bytes / BDRV_SECTOR_SIZE;
+    c->can_release_chunks = c->chunk_bytes % qemu_real_host_page_size() == 0;
+    qed_l2_cache_set_max(c, max_bytes);
+    return c;
 }
 
-static void qed_l2_cache_free_entry(L2TableCache *c, CachedL2Table *e)
+static void qed_l2_cache_free_table(QEDL2Cache *c, QEDCachedTable *e)
 {
     assert(!e->on_dirty_list);
-    qed_table_free(e->table, c->table_bytes);
-    g_free(e->loaded);
-    g_free(e->dirty);
+    qed_table_free(e->t.table, c->table_bytes);
+    g_free(e->t.loaded);
+    g_free(e->t.dirty);
+    g_free(e->resident);
     g_free(e);
 }
 
-/* Take @e out of the cache; it is freed now or by its last user */
-static void qed_l2_cache_remove(L2TableCache *c, CachedL2Table *e)
+static void qed_l2_cache_set_resident(QEDL2Cache *c, QEDCachedTable *e,
+                                      unsigned long first, unsigned long n)
+{
+    for (unsigned long i = first; i < first + n; i++) {
+        if (!test_and_set_bit(i, e->resident)) {
+            e->nresident++;
+            c->resident_bytes += c->chunk_bytes;
+        }
+    }
+}
+
+/* Take @e out of the cache; its memory goes now or with its last user */
+static void qed_l2_cache_remove(QEDL2Cache *c, QEDCachedTable *e)
 {
     assert(!e->dropped);
-    g_hash_table_remove(c->by_offset, &e->offset);
+    g_hash_table_remove(c->by_offset, &e->t.offset);
     QTAILQ_REMOVE(&c->lru, e, lru);
-    c->n_entries--;
+    c->n_tables--;
+    c->resident_bytes -= (uint64_t)e->nresident * c->chunk_bytes;
+    e->nresident = 0;
     e->dropped = true;
     if (e->ref == 0) {
-        qed_l2_cache_free_entry(c, e);
+        qed_l2_cache_free_table(c, e);
     }
 }
 
-/* Evict unused tables, oldest first, until the cache fits its limit */
-static void qed_l2_cache_shrink(L2TableCache *c)
+/* Does chunk @i of @e hold a dirty sector? */
+static bool qed_l2_chunk_dirty(QEDL2Cache *c, QEDCachedTable *e,
+                               unsigned long i)
 {
-    CachedL2Table *e, *prev;
+    unsigned long first = i * c->sectors_per_chunk;
 
+    return e->t.ndirty &&
+           find_next_bit(e->t.dirty, first + c->sectors_per_chunk, first) <
+           first + c->sectors_per_chunk;
+}
+
+/*
+ * Give back the memory of the clean chunks of @e, a table whose only user
+ * is the pin of its dirty sectors: they are read again if used (their
+ * entries are on disk, since they are clean).
+ */
+static void qed_l2_cache_release_clean(QEDL2Cache *c, QEDCachedTable *e)
+{
+    unsigned long i;
+
+    for (i = find_first_bit(e->resident, c->nchunks); i < c->nchunks;
+         i = find_next_bit(e->resident, c->nchunks, i + 1)) {
+        if (qed_l2_chunk_dirty(c, e, i)) {
+            continue;
+        }
+        qemu_madvise((uint8_t *)e->t.table + i * c->chunk_bytes,
+                     c->chunk_bytes, QEMU_MADV_DONTNEED);
+        clear_bit(i, e->resident);
+        clear_bit(i, e->t.loaded);
+        e->nresident--;
+        c->resident_bytes -= c->chunk_bytes;
+    }
+}
+
+/*
+ * Give memory back, oldest tables first, until the resident chunks fit
+ * the limit: unused tables go whole, pinned ones that nobody else uses
+ * keep only their dirty chunks.
+ */
+static void qed_l2_cache_shrink(QEDL2Cache *c)
+{
+    QEDCachedTable *e, *prev;
+
+    if (c->shrink_futile) {
+        return;
+    }
     QTAILQ_FOREACH_REVERSE_SAFE(e, &c->lru, lru, prev) {
-        if (c->n_entries <= c->max_entries) {
-            break;
+        if (c->resident_bytes <= c->max_bytes &&
+            c->n_tables <= c->max_tables) {
+            return;
         }
         if (e->ref == 0) {
-            trace_qed_l2_cache_evict(c, e->offset);
+            trace_qed_l2_cache_evict(c, e->t.offset);
             qed_l2_cache_remove(c, e);
+        } else if (e->ref == 1 && e->on_dirty_list &&
+                   c->can_release_chunks &&
+                   e->nresident * c->sectors_per_chunk > e->t.ndirty) {
+            qed_l2_cache_release_clean(c, e);
         }
     }
+    c->shrink_futile = c->resident_bytes > c->max_bytes ||
+                       c->n_tables > c->max_tables;
 }
 
-void qed_l2_cache_clear(L2TableCache *c)
+void qed_l2_cache_clear(QEDL2Cache *c)
 {
-    CachedL2Table *e, *next;
+    QEDCachedTable *e, *next;
 
     QTAILQ_FOREACH_SAFE(e, &c->lru, lru, next) {
         qed_l2_cache_remove(c, e);
     }
 }
 
-void qed_l2_cache_destroy(L2TableCache *c)
+void qed_l2_cache_free(QEDL2Cache *c)
 {
-    CachedL2Table *e;
+    QEDCachedTable *e;
 
+    if (!c) {
+        return;
+    }
     /* Nobody may hold a table now */
     QTAILQ_FOREACH(e, &c->lru, lru) {
         assert(e->ref == 0);
     }
     qed_l2_cache_clear(c);
     g_hash_table_destroy(c->by_offset);
-    c->by_offset = NULL;
+    g_free(c);
 }
 
 /* Return the table at @offset with a reference taken, or NULL */
-CachedL2Table *qed_l2_cache_find(L2TableCache *c, uint64_t offset)
+QEDCachedTable *qed_l2_cache_find(QEDL2Cache *c, uint64_t offset)
 {
-    CachedL2Table *e = g_hash_table_lookup(c->by_offset, &offset);
+    QEDCachedTable *e = g_hash_table_lookup(c->by_offset, &offset);
 
     if (!e) {
         trace_qed_l2_cache_miss(c, offset);
@@ -116,57 +218,73 @@ CachedL2Table *qed_l2_cache_find(L2TableCache *c, uint64_t offset)
 }
 
 /*
- * Add @table, the table at @offset, taking ownership of it, and return the
- * entry with a reference taken.  @loaded says whether @table holds all of
- * the disk's entries already; if not, its chunks are read as needed.  If
- * the cache has the table already, @table is freed and that entry returned.
+ * Add the table at @offset and return it with a reference taken.  A
+ * @fresh table is new: its entries are all zero (so all of them are
+ * known); otherwise its chunks are read as they are used
+ * (qed_l2_cache_loaded).  If the cache has the table already, that entry
+ * is returned.
  */
-CachedL2Table *qed_l2_cache_insert(L2TableCache *c, uint64_t offset,
-                                   QEDTable *table, bool loaded)
+QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
+                                    bool fresh)
 {
-    CachedL2Table *e = qed_l2_cache_find(c, offset);
+    QEDCachedTable *e = qed_l2_cache_find(c, offset);
 
     if (e) {
-        qed_table_free(table, c->table_bytes);
         return e;
     }
 
-    e = g_new0(CachedL2Table, 1);
-    e->table = table;
-    e->offset = offset;
+    e = g_new0(QEDCachedTable, 1);
+    e->t.table = qed_table_new(c->table_bytes);
+    e->t.offset = offset;
+    e->t.loaded = bitmap_new(c->nchunks);
+    e->t.dirty = bitmap_new(c->nsectors);
+    e->resident = bitmap_new(c->nchunks);
     e->ref = 1;
-    e->loaded = bitmap_new(c->nchunks);
-    if (loaded) {
-        bitmap_set(e->loaded, 0, c->nchunks);
+    e->fresh = fresh;
+    if (fresh) {
+        bitmap_set(e->t.loaded, 0, c->nchunks);
     }
     qemu_co_mutex_init(&e->lock);
-    g_hash_table_insert(c->by_offset, &e->offset, e);
+    g_hash_table_insert(c->by_offset, &e->t.offset, e);
     QTAILQ_INSERT_HEAD(&c->lru, e, lru);
-    c->n_entries++;
+    c->n_tables++;
     qed_l2_cache_shrink(c);
     return e;
 }
 
-void qed_l2_cache_unref(L2TableCache *c, CachedL2Table *e)
+/* Chunks [first, first + n) of @e were read from disk */
+void qed_l2_cache_loaded(QEDL2Cache *c, QEDCachedTable *e,
+                         unsigned long first, unsigned long n)
+{
+    assert(first + n <= c->nchunks);
+    bitmap_set(e->t.loaded, first, n);
+    qed_l2_cache_set_resident(c, e, first, n);
+    qed_l2_cache_shrink(c);
+}
+
+void qed_l2_cache_unref(QEDL2Cache *c, QEDCachedTable *e)
 {
     assert(e->ref > 0);
-    if (--e->ref > 0) {
+    if (--e->ref > 1) {
         return;
     }
-    if (e->dropped) {
-        qed_l2_cache_free_entry(c, e);
-    } else if (c->n_entries > c->max_entries) {
+    /* Unused, or used only by its pin: it may give memory back now */
+    c->shrink_futile = false;
+    if (e->ref == 0 && e->dropped) {
+        qed_l2_cache_free_table(c, e);
+    } else if (c->resident_bytes > c->max_bytes ||
+               c->n_tables > c->max_tables) {
         qed_l2_cache_shrink(c);
     }
 }
 
 /* Take @e off the dirty list, dropping the pin, whatever it holds */
-static void qed_l2_cache_unpin(L2TableCache *c, CachedL2Table *e)
+static void qed_l2_cache_unpin(QEDL2Cache *c, QEDCachedTable *e)
 {
-    c->dirty_sectors -= e->ndirty;
-    if (e->ndirty) {
-        bitmap_zero(e->dirty, c->nsectors);
-        e->ndirty = 0;
+    c->dirty_sectors -= e->t.ndirty;
+    if (e->t.ndirty) {
+        bitmap_zero(e->t.dirty, c->nsectors);
+        e->t.ndirty = 0;
     }
     QTAILQ_REMOVE(&c->dirty_list, e, dirty_next);
     c->dirty_tables--;
@@ -178,9 +296,9 @@ static void qed_l2_cache_unpin(L2TableCache *c, CachedL2Table *e)
  * Forget the table at @offset: the disk changed under it (the check
  * repaired it).  Its unwritten changes, if any, go too.
  */
-void qed_l2_cache_drop(L2TableCache *c, uint64_t offset)
+void qed_l2_cache_drop(QEDL2Cache *c, uint64_t offset)
 {
-    CachedL2Table *e = g_hash_table_lookup(c->by_offset, &offset);
+    QEDCachedTable *e = g_hash_table_lookup(c->by_offset, &offset);
 
     if (e) {
         e->ref++;
@@ -193,19 +311,17 @@ void qed_l2_cache_drop(L2TableCache *c, uint64_t offset)
 }
 
 /* Sectors [first, first + n) of @e changed in memory */
-void qed_l2_cache_mark_dirty(L2TableCache *c, CachedL2Table *e,
+void qed_l2_cache_mark_dirty(QEDL2Cache *c, QEDCachedTable *e,
                              unsigned int first, unsigned int n)
 {
+    unsigned int added;
+
     assert(!e->dropped && first + n <= c->nsectors);
-    if (!e->dirty) {
-        e->dirty = bitmap_new(c->nsectors);
-    }
-    for (unsigned int i = first; i < first + n; i++) {
-        if (!test_and_set_bit(i, e->dirty)) {
-            e->ndirty++;
-            c->dirty_sectors++;
-        }
-    }
+    added = qed_dirty_set(&e->t, first, n);
+    c->dirty_sectors += added;
+    qed_l2_cache_set_resident(c, e, first / c->sectors_per_chunk,
+                              (first + n - 1) / c->sectors_per_chunk -
+                              first / c->sectors_per_chunk + 1);
     if (!e->on_dirty_list) {
         /* Pinned: a dirty table is never evicted */
         e->ref++;
@@ -216,45 +332,91 @@ void qed_l2_cache_mark_dirty(L2TableCache *c, CachedL2Table *e,
 }
 
 /* Sectors [first, first + n) of @e are being written back */
-void qed_l2_cache_clear_dirty(L2TableCache *c, CachedL2Table *e,
+void qed_l2_cache_clear_dirty(QEDL2Cache *c, QEDCachedTable *e,
                               unsigned int first, unsigned int n)
 {
-    for (unsigned int i = first; i < first + n; i++) {
-        if (test_and_clear_bit(i, e->dirty)) {
-            e->ndirty--;
-            c->dirty_sectors--;
-        }
-    }
+    c->dirty_sectors -= qed_dirty_clear(&e->t, first, n);
+    c->shrink_futile = false;
 }
 
 /* After a writeback: a table that is clean now leaves the dirty list */
-void qed_l2_cache_settle(L2TableCache *c, CachedL2Table *e)
+void qed_l2_cache_settle(QEDL2Cache *c, QEDCachedTable *e)
 {
-    if (e->on_dirty_list && e->ndirty == 0) {
+    if (e->on_dirty_list && e->t.ndirty == 0) {
         qed_l2_cache_unpin(c, e);
     }
+}
+
+/*
+ * The tables that are dirty now, each with a reference taken, in the
+ * order they became dirty: the writeback's list of work.
+ */
+GPtrArray *qed_l2_cache_dirty_tables(QEDL2Cache *c)
+{
+    GPtrArray *a = g_ptr_array_sized_new(c->dirty_tables);
+    QEDCachedTable *e;
+
+    QTAILQ_FOREACH(e, &c->dirty_list, dirty_next) {
+        e->ref++;
+        g_ptr_array_add(a, e);
+    }
+    return a;
 }
 
 /*
  * Drop every pin, for a close whose writeback failed: returns how many
  * tables had changes that never reached the disk.
  */
-unsigned int qed_l2_cache_forget_dirty(L2TableCache *c)
+unsigned int qed_l2_cache_forget_dirty(QEDL2Cache *c)
 {
     unsigned int n = 0;
 
     while (!QTAILQ_EMPTY(&c->dirty_list)) {
-        CachedL2Table *e = QTAILQ_FIRST(&c->dirty_list);
+        QEDCachedTable *e = QTAILQ_FIRST(&c->dirty_list);
 
-        n += e->ndirty > 0;
+        n += e->t.ndirty > 0;
         qed_l2_cache_unpin(c, e);
     }
     return n;
 }
 
-/* Change the limit; tables beyond it that are not in use go now */
-void qed_l2_cache_set_max(L2TableCache *c, unsigned int max_entries)
+/* Change the limit; memory beyond it that is not in use goes now */
+void qed_l2_cache_set_max(QEDL2Cache *c, uint64_t max_bytes)
 {
-    c->max_entries = MAX(max_entries, 1);
+    c->max_bytes = MAX(max_bytes, c->chunk_bytes);
+    c->max_tables = MIN(MAX(max_bytes / c->chunk_bytes, 1),
+                        QED_L2_CACHE_MAX_TABLES);
+    c->shrink_futile = false;
     qed_l2_cache_shrink(c);
+}
+
+unsigned int qed_l2_cache_dirty_count(QEDL2Cache *c)
+{
+    return c->dirty_tables;
+}
+
+uint64_t qed_l2_cache_dirty_sectors(QEDL2Cache *c)
+{
+    return c->dirty_sectors;
+}
+
+uint64_t qed_l2_cache_resident(QEDL2Cache *c)
+{
+    return c->resident_bytes;
+}
+
+/*
+ * How far the memory held is past the limit, once everything that can go
+ * has gone: what only a writeback pass can free (dirty chunks), and what
+ * tables in use hold.
+ */
+uint64_t qed_l2_cache_over_limit(QEDL2Cache *c)
+{
+    return c->resident_bytes > c->max_bytes ?
+           c->resident_bytes - c->max_bytes : 0;
+}
+
+uint64_t qed_l2_cache_max(QEDL2Cache *c)
+{
+    return c->max_bytes;
 }

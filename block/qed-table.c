@@ -2,8 +2,10 @@
  * QED: reading and writing L1 and L2 tables
  *
  * Tables are little-endian on disk and CPU order in memory; this file is
- * the only place that converts.  A table update writes only the sectors
- * that hold the changed entries.
+ * the only place that converts their entries (create's preallocation too
+ * goes through qed_table_snapshot(); the header's fields are converted in
+ * qed-header.c).  A table update writes only the sectors that hold the
+ * changed entries.
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
@@ -16,16 +18,26 @@
 #include "trace.h"
 #include "qed.h"
 
-QEDTable *qed_alloc_table(BDRVQEDState *s)
+/*
+ * A table-sized I/O buffer, for tables read or written once (the check):
+ * aligned so that O_DIRECT reads and writes need no bounce buffer.  Free
+ * it with qed_table_buf_free().
+ */
+QEDTable *qed_table_buf_new(BDRVQEDState *s)
 {
-    /* Aligned so that O_DIRECT reads and writes need no bounce buffer */
     return qemu_blockalign(s->bs, qed_table_bytes(s));
+}
+
+void qed_table_buf_free(QEDTable *buf)
+{
+    qemu_vfree(buf);
 }
 
 /*
  * Tables that live long (the L1 table, cached L2 tables) come straight
  * from mmap: zeroed, page aligned for O_DIRECT, and only the pages used
  * (the chunks a lookup loaded) take memory.  A new table needs no memset.
+ * Free it with qed_table_free().
  */
 QEDTable *qed_table_new(size_t bytes)
 {
@@ -115,19 +127,16 @@ int coroutine_fn qed_read_table(BDRVQEDState *s, uint64_t offset,
 }
 
 /*
- * A copy of @n entries in disk byte order, to be written later by
- * qed_write_table_snapshot(): later changes in memory do not touch it.
- * Free it with qemu_vfree().
+ * A copy of @n entries in disk byte order in @dest (which may be
+ * @entries), to be written later by qed_write_table_snapshot(): later
+ * changes in memory do not touch it.
  */
-uint64_t *qed_table_snapshot(BDRVQEDState *s, const uint64_t *entries,
-                             unsigned int n)
+void qed_table_snapshot(const uint64_t *entries, unsigned int n,
+                        uint64_t *dest)
 {
-    uint64_t *buf = qemu_blockalign(s->bs->file->bs, n * sizeof(uint64_t));
-
     for (unsigned int i = 0; i < n; i++) {
-        buf[i] = cpu_to_le64(entries[i]);
+        dest[i] = cpu_to_le64(entries[i]);
     }
-    return buf;
 }
 
 /*
@@ -156,9 +165,10 @@ static int coroutine_fn qed_write_table_sectors(BDRVQEDState *s,
                                                 unsigned int n,
                                                 const uint64_t *entries)
 {
-    uint64_t *buf = qed_table_snapshot(s, entries, n);
+    uint64_t *buf = qemu_blockalign(s->bs->file->bs, n * sizeof(uint64_t));
     int ret;
 
+    qed_table_snapshot(entries, n, buf);
     ret = qed_write_table_snapshot(s, table_offset, first, n, buf);
     qemu_vfree(buf);
     return ret;
@@ -180,7 +190,7 @@ int coroutine_fn qed_write_table(BDRVQEDState *s, uint64_t offset,
 
 int coroutine_fn qed_read_l1_table(BDRVQEDState *s)
 {
-    return qed_read_table(s, s->header.l1_table_offset, s->l1_table);
+    return qed_read_table(s, s->header.l1_table_offset, s->l1.table);
 }
 
 static int qed_u64_cmp(const void *a, const void *b)
@@ -209,9 +219,9 @@ void qed_l2_starts_rebuild(BDRVQEDState *s)
 {
     s->n_l2_starts = 0;
     for (unsigned int i = 0; i < s->table_nelems; i++) {
-        uint64_t offset = s->l1_table->offsets[i];
+        uint64_t offset = s->l1.table->offsets[i];
 
-        if (offset == 0 || !qed_check_offset(s, offset, qed_table_bytes(s))) {
+        if (offset == 0 || !qed_offset_valid(s, offset, qed_table_bytes(s))) {
             continue;
         }
         qed_l2_starts_reserve(s);
@@ -223,14 +233,22 @@ void qed_l2_starts_rebuild(BDRVQEDState *s)
 }
 
 /* Index of the first start greater than @offset */
-static size_t qed_l2_starts_upper(BDRVQEDState *s, uint64_t offset)
+/*
+ * Lists of tables sorted by file offset: @n elements of @stride bytes,
+ * each starting with its table's offset (uint64_t).  The first element
+ * whose table starts after @offset.
+ */
+static size_t qed_table_list_upper(const void *list, size_t n, size_t stride,
+                                   uint64_t offset)
 {
-    size_t lo = 0, hi = s->n_l2_starts;
+    size_t lo = 0, hi = n;
 
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
+        const uint64_t *start = (const uint64_t *)((const char *)list +
+                                                   mid * stride);
 
-        if (s->l2_starts[mid] <= offset) {
+        if (*start <= offset) {
             lo = mid + 1;
         } else {
             hi = mid;
@@ -239,13 +257,28 @@ static size_t qed_l2_starts_upper(BDRVQEDState *s, uint64_t offset)
     return lo;
 }
 
+/* Does @offset lie inside one of the tables of such a list? */
+bool qed_in_table_list(const void *list, size_t n, size_t stride,
+                       uint64_t table_bytes, uint64_t offset)
+{
+    size_t i = qed_table_list_upper(list, n, stride, offset);
+    const uint64_t *start;
+
+    if (i == 0) {
+        return false;
+    }
+    start = (const uint64_t *)((const char *)list + (i - 1) * stride);
+    return offset - *start < table_bytes;
+}
+
 void qed_l2_starts_add(BDRVQEDState *s, uint64_t offset)
 {
     size_t i;
 
     qed_l2_starts_reserve(s);
     /* New tables come from the end of the file: usually the last */
-    i = qed_l2_starts_upper(s, offset);
+    i = qed_table_list_upper(s->l2_starts, s->n_l2_starts, sizeof(uint64_t),
+                             offset);
     memmove(&s->l2_starts[i + 1], &s->l2_starts[i],
             (s->n_l2_starts - i) * sizeof(uint64_t));
     s->l2_starts[i] = offset;
@@ -254,9 +287,8 @@ void qed_l2_starts_add(BDRVQEDState *s, uint64_t offset)
 
 bool qed_in_l2_table(BDRVQEDState *s, uint64_t offset)
 {
-    size_t i = qed_l2_starts_upper(s, offset);
-
-    return i > 0 && offset - s->l2_starts[i - 1] < qed_table_bytes(s);
+    return qed_in_table_list(s->l2_starts, s->n_l2_starts, sizeof(uint64_t),
+                             qed_table_bytes(s), offset);
 }
 
 int coroutine_fn qed_write_l1_table(BDRVQEDState *s, QEDTable *l1,

@@ -3,8 +3,48 @@
  *
  * The on-disk layout, the in-memory state of an open image and the
  * prototypes that the driver's files share.  See docs/interop/qed_spec.txt
- * for the format and its crash orderings, README.md for how the driver
- * works.
+ * for the format and its crash orderings (cited as "crash ordering N"),
+ * docs/qed-design.md for the driver's design: its files, request flow,
+ * locking, writeback and file growth.
+ *
+ * The driver's files, one job each:
+ *   qed.c            the BlockDriver, open/close/reopen, request entry
+ *                    points, NEED_CHECK and its timer
+ *   qed-header.c     the header: byte order, validation, its one writer,
+ *                    backing file name changes
+ *   qed-alloc.c      cluster claims, new file space, the file's size
+ *                    (grow-ahead, every resize), new L2 tables, the
+ *                    allocating write
+ *   qed-writeback.c  entries in memory, dirty sectors, writeback passes
+ *   qed-l2-cache.c   the L2 table cache and its memory bound
+ *   qed-cluster.c    offset lookup, entries past the end of the file
+ *   qed-table.c      table I/O and byte order
+ *   qed-check.c      the consistency check and repair
+ *   qed-create.c     create, preallocate, measure, amend
+ *
+ * Locks and waits.  Requests run in coroutines of the node's AioContext:
+ * state changes only between yields, and what must stay consistent across
+ * a yield is guarded by one of these (what it guards, then who waits):
+ *   wb_lock          one writeback pass at a time (CoMutex)
+ *   header_lock      the header on disk and s->header; NEED_CHECK's state
+ *                    (CoMutex)
+ *   a claim          an allocation on s->allocs: the entries of a range of
+ *                    guest clusters (waiters: alloc_waiters)
+ *   e->lock          loading chunks of one cached L2 table (CoMutex)
+ *   resizing         one change of the file's length at a time, and writes
+ *                    past its target wait (resize_waiters)
+ *   tables_making,   a new L2 table's space, a table's holes being
+ *   space_busy       allocated (making_waiters)
+ *   allocating_writes == 0   idle, for the timer (idle_waiters)
+ * Order in which they may be taken, one inside the other:
+ *   wb_lock -> header_lock -> resizing
+ *   a claim -> header_lock -> resizing
+ *   a claim -> e->lock, tables_making, space_busy
+ *   wb_lock -> resizing, space_busy (a pass's table writes wait for them)
+ * Never: wb_lock inside a claim (writers release their claim before they
+ * throttle, qed_wb_throttle), a claim inside wb_lock, wb_lock inside
+ * header_lock (NEED_CHECK's clear and a backing change run the writeback
+ * first, then take header_lock).
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
@@ -99,43 +139,43 @@ typedef struct QEDTable {
 #define QED_ENTRIES_PER_SECTOR (BDRV_SECTOR_SIZE / sizeof(uint64_t))
 
 /*
- * One L2 table held by the cache.  The cache is writeback: entries change
- * in memory and their sectors are marked dirty; qed.c writes dirty
- * sectors back in batches.  A dirty table is pinned (holds a reference)
- * until it is clean again.
+ * A table whose changes are written back sector by sector: the L1 table,
+ * or an L2 table in the cache (QEDCachedTable).  Entries change in memory
+ * and their sectors are marked dirty; qed-writeback.c writes dirty
+ * sectors back in passes.
  */
-typedef struct CachedL2Table {
+typedef struct QEDDirtyTable {
     QEDTable *table;
     uint64_t offset;        /* file offset of the table */
-    int ref;                /* users; never freed while > 0 */
-    bool dropped;           /* no longer in the cache, freed at last unref */
-    bool fresh;             /* new table, not written to disk yet */
+    unsigned long *dirty;   /* sectors that differ from the disk */
+    unsigned int ndirty;    /* bits set in dirty */
+    /* chunks that hold the disk's entries; NULL: all (the L1 table) */
+    unsigned long *loaded;
     /* the file holds the whole table, no hole (qed_secure_space) */
     bool space_ok;
     bool space_busy;        /* being secured: wait on making_waiters */
     unsigned int wb_inflight;   /* writes of its sectors in flight */
-    unsigned long *loaded;  /* chunks of table that hold the disk's entries */
-    unsigned long *dirty;   /* sectors that differ from the disk */
-    unsigned int ndirty;    /* bits set in dirty */
-    bool on_dirty_list;
-    CoMutex lock;           /* held to load chunks */
-    QTAILQ_ENTRY(CachedL2Table) lru;    /* least recently used at the tail */
-    QTAILQ_ENTRY(CachedL2Table) dirty_next;
-} CachedL2Table;
+} QEDDirtyTable;
 
-typedef struct L2TableCache {
-    GHashTable *by_offset;              /* uint64_t offset -> CachedL2Table */
-    QTAILQ_HEAD(, CachedL2Table) lru;
-    QTAILQ_HEAD(, CachedL2Table) dirty_list;    /* pinned, to write back */
-    unsigned int n_entries;
-    unsigned int max_entries;
-    size_t table_bytes;
-    unsigned int chunk_entries;         /* entries in one chunk */
-    unsigned int nchunks;               /* chunks in one table */
-    unsigned int nsectors;              /* sectors in one table */
-    unsigned int dirty_tables;
-    uint64_t dirty_sectors;             /* in all tables */
-} L2TableCache;
+/*
+ * One L2 table held by the cache (qed-l2-cache.c).  A dirty table is
+ * pinned (holds a reference) until it is clean again.
+ */
+typedef struct QEDCachedTable {
+    QEDDirtyTable t;
+    int ref;                /* users; never freed while > 0 */
+    bool dropped;           /* no longer in the cache, freed at last unref */
+    bool fresh;             /* new table, not written to disk yet */
+    bool on_dirty_list;
+    unsigned long *resident;    /* chunks that take memory */
+    unsigned int nresident;
+    CoMutex lock;           /* held to load chunks */
+    QTAILQ_ENTRY(QEDCachedTable) lru;
+    QTAILQ_ENTRY(QEDCachedTable) dirty_next;
+} QEDCachedTable;
+
+/* The L2 table cache; private to qed-l2-cache.c */
+typedef struct QEDL2Cache QEDL2Cache;
 
 /* What a range of the virtual disk maps to */
 typedef enum QEDExtentType {
@@ -150,6 +190,24 @@ typedef struct QEDExtent {
     uint64_t bytes;             /* contiguous bytes from pos in this state */
 } QEDExtent;
 
+/*
+ * A range of whole clusters (guest offsets) whose table entries are
+ * changing: new data is being written for them, or markers set.  While it
+ * is on s->allocs no other request may change the same entries.
+ */
+typedef struct QEDAllocation {
+    uint64_t start;
+    uint64_t end;
+    uint64_t file_offset;
+    QLIST_ENTRY(QEDAllocation) next;
+} QEDAllocation;
+
+/* A change of the backing file (qed_co_change_backing) */
+typedef struct QEDBackingChange {
+    const char *file;
+    const char *fmt;
+} QEDBackingChange;
+
 typedef struct QEDTableMaking {
     unsigned int l1_index;
     QLIST_ENTRY(QEDTableMaking) next;
@@ -159,15 +217,16 @@ typedef struct BDRVQEDState {
     BlockDriverState *bs;
     QEDHeader header;           /* CPU order, equal to the disk */
 
-    QEDTable *l1_table;         /* CPU order; dirty sectors in l1_dirty */
-    unsigned long *l1_dirty;
-    unsigned int l1_ndirty;
+    QEDDirtyTable l1;           /* the L1 table, CPU order */
     /* The L2 tables the L1 names, by offset: no data cluster may be in one */
     uint64_t *l2_starts;
     size_t n_l2_starts;
     size_t l2_starts_size;
-    L2TableCache l2_cache;      /* writeback */
+    QEDL2Cache *l2_cache;       /* writeback */
     uint32_t table_nelems;
+    uint32_t table_nsectors;    /* 512-byte sectors in one table */
+    uint32_t chunk_entries;     /* entries in one chunk of an L2 table */
+    uint32_t table_nchunks;
     uint32_t l1_shift;
     uint32_t l2_shift;
     uint32_t l2_mask;
@@ -199,10 +258,7 @@ typedef struct BDRVQEDState {
      */
     QLIST_HEAD(, QEDTableMaking) tables_making;
     CoQueue making_waiters;
-    /* The file holds the whole L1 table, no hole (qed_secure_space) */
-    bool l1_space_ok;
-    bool l1_space_busy;
-    unsigned int l1_wb_inflight;        /* writes of L1 sectors in flight */
+    void *zero_buf;             /* zeros for qed_write_zero_data() */
 
     /* Allocations in flight, to keep two writes off one cluster */
     QLIST_HEAD(, QEDAllocation) allocs;
@@ -290,7 +346,7 @@ static inline unsigned int qed_l2_index(BDRVQEDState *s, uint64_t pos)
  * need @bytes to fit.  (A corrupt entry into the L1 table would have guest
  * writes land on the table on disk, under its copy in memory.)
  */
-static inline bool qed_check_offset(BDRVQEDState *s, uint64_t offset,
+static inline bool qed_offset_valid(BDRVQEDState *s, uint64_t offset,
                                     uint64_t bytes)
 {
     uint64_t header_end = (uint64_t)s->header.header_size *
@@ -304,15 +360,17 @@ static inline bool qed_check_offset(BDRVQEDState *s, uint64_t offset,
             offset >= l1_start + qed_table_bytes(s));
 }
 
+bool qed_in_table_list(const void *list, size_t n, size_t stride,
+                       uint64_t table_bytes, uint64_t offset);
 bool qed_in_l2_table(BDRVQEDState *s, uint64_t offset);
 
 /*
  * A plausible data cluster is also clear of every L2 table: a guest write
  * there would land on the table on disk, under its copy in the cache.
  */
-static inline bool qed_check_data_offset(BDRVQEDState *s, uint64_t offset)
+static inline bool qed_data_offset_valid(BDRVQEDState *s, uint64_t offset)
 {
-    return qed_check_offset(s, offset, s->header.cluster_size) &&
+    return qed_offset_valid(s, offset, s->header.cluster_size) &&
            !qed_in_l2_table(s, offset);
 }
 
@@ -321,17 +379,78 @@ static inline bool qed_is_data_offset(uint64_t entry)
     return entry > QED_L2_ZERO;
 }
 
-/* qed.c */
+/* qed.c: the driver, NEED_CHECK and its timer */
 void qed_report_corruption(BDRVQEDState *s, const char *fmt, ...)
     G_GNUC_PRINTF(2, 3);
-int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size);
+bool qed_has_backing_file(BDRVQEDState *s);
+int coroutine_fn qed_raise_need_check(BDRVQEDState *s);
+int coroutine_fn qed_set_need_check(BDRVQEDState *s);
+int coroutine_fn qed_clear_need_check(BDRVQEDState *s);
+void qed_arm_timer(BDRVQEDState *s);
+void qed_cancel_timer(BDRVQEDState *s);
+int coroutine_fn qed_read_backing(BDRVQEDState *s, uint64_t pos,
+                                  uint64_t bytes, QEMUIOVector *qiov,
+                                  size_t qiov_offset);
 
-/* qed-table.c: byte order is converted here and nowhere else */
-QEDTable *qed_alloc_table(BDRVQEDState *s);
+/* qed-header.c: the header, its validation and its one writer */
+void qed_header_le_to_cpu(const QEDHeader *le, QEDHeader *cpu);
+void qed_header_cpu_to_le(const QEDHeader *cpu, QEDHeader *le);
+int qed_validate_geometry(uint64_t cluster_size, int64_t table_size,
+                       Error **errp);
+int qed_validate_image_size(uint64_t size, uint64_t cluster_size,
+                         uint64_t table_size, Error **errp);
+int qed_validate_header(QEDHeader *h, int64_t file_size, Error **errp);
+bool qed_backing_name_fits(uint64_t header_bytes, uint64_t len, Error **errp);
+int coroutine_fn qed_update_header(BDRVQEDState *s, const QEDHeader *h);
+int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque);
+
+/* qed-alloc.c: claims, file space and the file's size */
+bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
+                            uint64_t start, uint64_t end, uint64_t gen);
+void qed_release(BDRVQEDState *s, QEDAllocation *a);
+void coroutine_fn qed_wait_resize(BDRVQEDState *s, uint64_t end);
+int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size);
+void coroutine_fn qed_grow_file(BDRVQEDState *s);
+int coroutine_fn qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t);
+int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
+                                QEDCachedTable **e);
+bool qed_table_making(BDRVQEDState *s, unsigned int l1i);
+int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s, uint64_t pos,
+                                          uint64_t bytes, QEDExtentType type,
+                                          QEMUIOVector *qiov,
+                                          size_t qiov_offset, uint64_t gen);
+
+/* qed-writeback.c: entries in memory and their writeback */
+unsigned int qed_dirty_set(QEDDirtyTable *t, unsigned int first,
+                           unsigned int n);
+unsigned int qed_dirty_clear(QEDDirtyTable *t, unsigned int first,
+                             unsigned int n);
+bool qed_tables_dirty(BDRVQEDState *s);
+int coroutine_fn qed_set_entries(BDRVQEDState *s, uint64_t start,
+                                 unsigned int n, uint64_t value,
+                                 uint64_t step);
+int coroutine_fn qed_writeback(BDRVQEDState *s);
+void coroutine_fn qed_wb_throttle(BDRVQEDState *s);
+
+/* qed-create.c: create, measure, amend */
+extern QemuOptsList qed_create_opts;
+extern QemuOptsList qed_amend_opts;
+int coroutine_fn qed_co_create(BlockdevCreateOptions *opts, Error **errp);
+int coroutine_fn qed_co_create_opts(BlockDriver *drv, const char *filename,
+                                    QemuOpts *opts, Error **errp);
+int qed_amend_options(BlockDriverState *bs, QemuOpts *opts,
+                      BlockDriverAmendStatusCB *status_cb, void *cb_opaque,
+                      bool force, Error **errp);
+BlockMeasureInfo *qed_measure(QemuOpts *opts, BlockDriverState *in_bs,
+                              Error **errp);
+
+/* qed-table.c: table I/O; table entries change byte order only here */
+QEDTable *qed_table_buf_new(BDRVQEDState *s);
+void qed_table_buf_free(QEDTable *buf);
 QEDTable *qed_table_new(size_t bytes);
 void qed_table_free(QEDTable *table, size_t bytes);
-uint64_t *qed_table_snapshot(BDRVQEDState *s, const uint64_t *entries,
-                             unsigned int n);
+void qed_table_snapshot(const uint64_t *entries, unsigned int n,
+                        uint64_t *dest);
 int coroutine_fn qed_write_table_snapshot(BDRVQEDState *s,
                                           uint64_t table_offset,
                                           unsigned int first, unsigned int n,
@@ -354,22 +473,29 @@ int coroutine_fn qed_read_tables(BDRVQEDState *s, uint64_t offset,
                                  unsigned int n, QEDTable **tables);
 
 /* qed-l2-cache.c: pure memory */
-void qed_l2_cache_init(L2TableCache *c, unsigned int max_entries,
-                       size_t table_bytes);
-void qed_l2_cache_destroy(L2TableCache *c);
-CachedL2Table *qed_l2_cache_find(L2TableCache *c, uint64_t offset);
-CachedL2Table *qed_l2_cache_insert(L2TableCache *c, uint64_t offset,
-                                   QEDTable *table, bool loaded);
-void qed_l2_cache_unref(L2TableCache *c, CachedL2Table *entry);
-void qed_l2_cache_drop(L2TableCache *c, uint64_t offset);
-void qed_l2_cache_clear(L2TableCache *c);
-void qed_l2_cache_set_max(L2TableCache *c, unsigned int max_entries);
-void qed_l2_cache_mark_dirty(L2TableCache *c, CachedL2Table *e,
+QEDL2Cache *qed_l2_cache_new(uint64_t max_bytes, size_t table_bytes);
+void qed_l2_cache_free(QEDL2Cache *c);
+QEDCachedTable *qed_l2_cache_find(QEDL2Cache *c, uint64_t offset);
+QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
+                                    bool fresh);
+void qed_l2_cache_loaded(QEDL2Cache *c, QEDCachedTable *e,
+                         unsigned long first, unsigned long n);
+void qed_l2_cache_unref(QEDL2Cache *c, QEDCachedTable *e);
+void qed_l2_cache_drop(QEDL2Cache *c, uint64_t offset);
+void qed_l2_cache_clear(QEDL2Cache *c);
+void qed_l2_cache_set_max(QEDL2Cache *c, uint64_t max_bytes);
+void qed_l2_cache_mark_dirty(QEDL2Cache *c, QEDCachedTable *e,
                              unsigned int first_sector, unsigned int n);
-void qed_l2_cache_clear_dirty(L2TableCache *c, CachedL2Table *e,
+void qed_l2_cache_clear_dirty(QEDL2Cache *c, QEDCachedTable *e,
                               unsigned int first_sector, unsigned int n);
-void qed_l2_cache_settle(L2TableCache *c, CachedL2Table *e);
-unsigned int qed_l2_cache_forget_dirty(L2TableCache *c);
+void qed_l2_cache_settle(QEDL2Cache *c, QEDCachedTable *e);
+GPtrArray *qed_l2_cache_dirty_tables(QEDL2Cache *c);
+unsigned int qed_l2_cache_forget_dirty(QEDL2Cache *c);
+unsigned int qed_l2_cache_dirty_count(QEDL2Cache *c);
+uint64_t qed_l2_cache_dirty_sectors(QEDL2Cache *c);
+uint64_t qed_l2_cache_resident(QEDL2Cache *c);
+uint64_t qed_l2_cache_over_limit(QEDL2Cache *c);
+uint64_t qed_l2_cache_max(QEDL2Cache *c);
 
 /* qed-cluster.c */
 void qed_screen_init(BDRVQEDState *s);
@@ -380,8 +506,8 @@ void qed_screen_forget(BDRVQEDState *s, uint64_t l2_offset,
                        unsigned int first, unsigned int n);
 uint64_t qed_screen_skip(BDRVQEDState *s, uint64_t offset, uint64_t bytes);
 int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
-                                  CachedL2Table **entry);
-int coroutine_fn qed_l2_ensure(BDRVQEDState *s, CachedL2Table *e,
+                                  QEDCachedTable **entry);
+int coroutine_fn qed_l2_ensure(BDRVQEDState *s, QEDCachedTable *e,
                                unsigned int first, unsigned int end);
 int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
                                  uint64_t bytes, QEDExtent *ext);
