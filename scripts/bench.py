@@ -40,6 +40,12 @@ WORKLOADS = [
      "8,192 4 KiB writes on a fresh 64 GiB image, step 2 GiB - 64 KiB, depth 32"),
     ("bigscatter", "3 big scatter d32",
      "65,536 4 KiB writes on a fresh 1 TiB image, step 2 GiB - 448 KiB, depth 32"),
+    ("bigscatter-32m", "3 big scatter d32, l2-cache-size=32M",
+     "big scatter again, ours opened as production opens it with a 32 MiB "
+     "L2 cache: `--image-opts driver=qed,file.filename=IMG,file.aio=native,"
+     "file.cache.direct=on,l2-cache-size=32M` (no `-t`/`-i`); peer QED, "
+     "qcow2 (its default L2 cache, capped at 32 MiB) and raw run it as in "
+     "big scatter"),
     ("rewrite", "4 rewrite d32",
      "1 GiB of 64 KiB writes over allocated clusters, depth 32"),
     ("read", "5 read d32",
@@ -56,8 +62,10 @@ WORKLOADS = [
      "`qemu-img convert` of a 2 GiB raw image, alternating 64 MiB data / "
      "64 MiB hole, to the contender's format"),
 ]
+# Shorter x labels for the chart, where the table's would crowd the next.
+CHART_LABELS = {"bigscatter-32m": "big scatter d32, L2 32M"}
 BENCH_WLS = {"seqalloc-d1", "seqalloc-d32", "scatter-d1", "scatter-d32",
-             "bigscatter", "rewrite", "read", "cow"}
+             "bigscatter", "bigscatter-32m", "rewrite", "read", "cow"}
 CONTENDERS = [("ours", "ours QED"), ("peer", "peer QED"),
               ("qcow2", "qcow2"), ("raw", "raw")]
 OTHERS = ["peer", "qcow2", "raw"]
@@ -152,19 +160,31 @@ def is_dirty(fmt, path):
 # ---------------------------------------------------------------- report
 
 def read_results(path):
-    res = {}      # (wl, c) -> {"secs": [...], "wall": [...], "modes": set, "fails": [...]}
+    # (wl, c) -> {"secs": [...], "wall": [...], "rss": [KiB...], "modes": set,
+    #             "fails": [...]}
+    res = {}
     with open(path) as f:
-        next(f)
+        head = next(f).rstrip("\n").split("\t")
+        has_rss = "rss_kib" in head   # results written before RSS was recorded
         for line in f:
-            wl, c, rep, secs, wall, mode = line.rstrip("\n").split("\t", 5)
-            r = res.setdefault((wl, c), {"secs": [], "wall": [], "modes": set(),
-                                         "fails": []})
+            if has_rss:
+                wl, c, rep, secs, wall, rss, mode = \
+                    line.rstrip("\n").split("\t", 6)
+            else:
+                wl, c, rep, secs, wall, mode = line.rstrip("\n").split("\t", 5)
+                rss = ""
+            r = res.setdefault((wl, c), {"secs": [], "wall": [], "rss": [],
+                                         "modes": set(), "fails": []})
             if secs == "FAIL":
                 r["fails"].append("rep %s: %s" % (rep, mode))
                 continue
             r["secs"].append(float(secs))
             try:
                 r["wall"].append(float(wall))
+            except ValueError:
+                pass
+            try:
+                r["rss"].append(int(rss))
             except ValueError:
                 pass
             r["modes"].add(mode.split(";")[0])
@@ -190,6 +210,16 @@ def cell(r, mode, wall=False):
     s = fmt_s(statistics.median(xs))
     if len(xs) > 1:
         s += " (%s-%s)" % (fmt_s(min(xs)), fmt_s(max(xs)))
+    if r["modes"] - {mode}:
+        s += " †"
+    return s
+
+
+def rss_cell(r, mode):
+    """Median peak RSS in MiB."""
+    if not r or not r["rss"]:
+        return "FAIL" if r and r["fails"] and not r["secs"] else "-"
+    s = "%.1f" % (statistics.median(r["rss"]) / 1024)
     if r["modes"] - {mode}:
         s += " †"
     return s
@@ -260,9 +290,9 @@ def git_rev(root):
     return out.strip() or "?"
 
 
-def table(res, mode, rows, wall=False):
+def table(res, mode, rows, wall=False, rss=False):
     head = ["workload"] + [n for _, n in CONTENDERS]
-    if not wall:
+    if not wall and not rss:
         head += ["ours/peer", "ours/qcow2", "ours/raw"]
     out = []
     for wl, label, _ in WORKLOADS:
@@ -270,8 +300,13 @@ def table(res, mode, rows, wall=False):
             continue
         if not any((wl, c) in res for c, _ in CONTENDERS):
             continue
-        row = [label] + [cell(res.get((wl, c)), mode, wall) for c, _ in CONTENDERS]
-        if not wall:
+        if rss:
+            row = [label] + [rss_cell(res.get((wl, c)), mode)
+                             for c, _ in CONTENDERS]
+        else:
+            row = [label] + [cell(res.get((wl, c)), mode, wall)
+                             for c, _ in CONTENDERS]
+        if not wall and not rss:
             for o in OTHERS:
                 r = ratio(res, wl, o)
                 row.append("-" if r is None else "%.2f" % r)
@@ -333,7 +368,8 @@ def chart(res, png):
                     continue
                 ts = [limits.get((wl, o)) if r is not None else None
                       for o, r in zip(OTHERS, rs)]
-                f.write('%d "%s" %s %s\n' % (n, label[2:], " ".join(
+                f.write('%d "%s" %s %s\n' % (
+                    n, CHART_LABELS.get(wl, label[2:]), " ".join(
                     "-" if r is None else "%.4f" % r for r in rs), " ".join(
                     "-" if t is None else "%.4f" % t for t in ts)))
                 n += 1
@@ -399,6 +435,8 @@ def report(a):
     head = table(res, mode, rows)
     wrows = []
     whead = table(res, mode, wrows, wall=True)
+    mrows = []
+    mhead = table(res, mode, mrows, rss=True)
     fails = [(wl, c, f) for (wl, c), r in res.items() for f in r["fails"]]
     fallbacks = sorted({(wl, c) for (wl, c), r in res.items()
                         if r["modes"] - {mode}})
@@ -408,6 +446,9 @@ def report(a):
     print("Median seconds (min-max) of the run; ratios are of medians, "
           "below 1 = ours faster")
     print(text_table(head, rows))
+    print()
+    print("Peak RSS, MiB (median; /usr/bin/time %M of the whole process)")
+    print(text_table(mhead, mrows))
     for wl, c in fallbacks:
         print("† %s %s: ran with -t writeback (failed under O_DIRECT)" % (wl, c))
     for wl, c, f in fails:
@@ -453,8 +494,8 @@ def report(a):
         "; check `-T none`, dirty open `qemu-io -t none -i native`, "
         "convert `-t none -T none`" if mode == "none/native" else ""))
     md.append("- repetitions: %d, alternating the contenders within each "
-              "(ours, peer, qcow2, raw, ours, ...); big scatter, check and dirty "
-              "open: %d (the slowest)%s" % (a.reps, a.slow_reps,
+              "(ours, peer, qcow2, raw, ours, ...); both big scatter rows, "
+              "check and dirty open: %d (the slowest)%s" % (a.reps, a.slow_reps,
               "; asked for %d and %d, the time budget of %d s (BENCH_BUDGET) "
               "cut the run short" % (a.planned_reps, a.planned_slow_reps, a.budget)
               if cut(a) else ""))
@@ -482,12 +523,23 @@ def report(a):
               "line; check, dirty open and convert by `/usr/bin/time` "
               "(wall clock of the whole command); check and dirty open run "
               "several times per repetition (they take about a second), "
-              "alternating the contenders.\n")
+              "alternating the contenders. Every run also goes through "
+              "`/usr/bin/time` for its peak RSS (see below).\n")
     md.append("## Times\n")
     md.append("Median seconds of the run, (min-max) over the repetitions; "
               "ratios are of medians, below 1 = ours faster. `-` = does not "
               "apply.\n")
     md.append(md_table(head, rows))
+    md.append("\n### Peak RSS\n")
+    md.append("Peak resident set size of the whole process (`qemu-img` or "
+              "`qemu-io`, from open to exit) in MiB, median over the same runs "
+              "as the times above: `/usr/bin/time`'s `%M`, the most memory the "
+              "process ever had in RAM at once (code and libraries it touched, "
+              "heap such as the L2 table caches and the request buffers, "
+              "stacks); the kernel's page cache is not counted (with O_DIRECT "
+              "there is none anyway). `-` = not recorded or does not "
+              "apply.\n")
+    md.append(md_table(mhead, mrows))
     for wl, c in fallbacks:
         md.append("\n† %s, %s: ran with `-t writeback` after failing under "
                   "O_DIRECT (see below); its ratio compares different cache "

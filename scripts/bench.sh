@@ -11,13 +11,26 @@
 #
 # qemu-img bench workloads are timed by the bench's own "Run completed in X
 # seconds" line; check, dirty open and convert by /usr/bin/time (wall clock).
-# The results go to $BENCH_DIR/results.tsv; scripts/bench.py turns them into
-# the table, docs/benchmarks.md and docs/benchmarks.png.
+# Every timed command runs under /usr/bin/time, which also gives its peak RSS
+# (%M: the maximum resident set of the whole process, in KiB).
+# The results go to $BENCH_DIR/results.tsv (workload, contender, rep, seconds,
+# wall, rss_kib, mode); scripts/bench.py turns them into the tables of times
+# and of peak RSS (median MiB), docs/benchmarks.md and docs/benchmarks.png.
+#
+# Workload ids (for BENCH_ONLY): seqalloc-d1 seqalloc-d32 scatter-d1
+# scatter-d32 bigscatter bigscatter-32m rewrite read cow check dirty-open
+# convert. bigscatter-32m is big scatter again with ours opened as production
+# opens it plus a 32 MiB L2 cache, `--image-opts driver=qed,
+# file.filename=IMG,file.aio=native,file.cache.direct=on,l2-cache-size=32M`
+# (no -t/-i: the cache and AIO are in the options); peer, qcow2 (its default
+# cache, capped at 32 MiB) and raw run it as in big scatter. check and
+# dirty-open run on the bigscatter images, so they run bigscatter too.
 #
 # Environment:
 #   BENCH_REPS       repetitions (default 3)
-#   BENCH_SLOW_REPS  repetitions of big scatter and its check/dirty open
-#                    (default 2, at most BENCH_REPS): they are the slowest
+#   BENCH_SLOW_REPS  repetitions of big scatter (both rows) and its
+#                    check/dirty open (default 2, at most BENCH_REPS): they are
+#                    the slowest
 #   BENCH_DIR        work folder (default bench-out/ in the repo, git-ignored);
 #                    must be on a real disk, not tmpfs
 #   BENCH_REF        peer (default) | ours: whose qemu-img runs qcow2 and raw
@@ -26,7 +39,7 @@
 #                    the report says how many ran (a loaded machine gets fewer)
 #   BENCH_CHECK_RUNS runs of check and of dirty open per repetition (default
 #                    3: they take about a second each)
-#   BENCH_ONLY       run only these workloads (space separated ids, see below)
+#   BENCH_ONLY       run only these workloads (space separated ids, see above)
 #   BENCH_NO_DOCS=1  print the table but do not write docs/benchmarks.*
 #   BENCH_DOCS       where benchmarks.md and .png go (default docs/)
 #   BENCH_KEEP=1     keep the images of the last repetition
@@ -73,7 +86,7 @@ RESULTS=$BENCH_DIR/results.tsv
 LOG=$BENCH_DIR/bench.log
 rm -f "$RUN"/* "$RESULTS"
 : > "$LOG"
-printf 'workload\tcontender\trep\tseconds\twall\tmode\n' > "$RESULTS"
+printf 'workload\tcontender\trep\tseconds\twall\trss_kib\tmode\n' > "$RESULTS"
 
 FSTYPE=$(df -T "$BENCH_DIR" | awk 'NR==2 {print $2}')
 if [ "$FSTYPE" = tmpfs ]; then
@@ -83,7 +96,8 @@ fi
 
 log() { echo "[$(( $(date +%s) - T_START ))s] $*" >> "$LOG"; }
 wants() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
-wants bigscatter || wants check || wants dirty-open || SLOW_REPS=0
+wants bigscatter || wants bigscatter-32m || wants check || wants dirty-open ||
+    SLOW_REPS=0
 
 # --- cache mode: O_DIRECT with native AIO, or writeback where it is refused ---
 DIRECT=1
@@ -95,15 +109,22 @@ fi
 rm -f "$RUN/probe"
 # Per contender+workload override after a failure under O_DIRECT (see run_bench).
 declare -A FORCE_WB=()
+# Workloads that share another's override: bigscatter-32m runs the same writes
+# as bigscatter (a contender that failed one would fail the other).
+declare -A WB_AS=([bigscatter-32m]=bigscatter)
 
 bench_mode()   { if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$1]:-}" ]; then echo "-t none -i native"; else echo "-t writeback"; fi; }
 mode_name()    { if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$1]:-}" ]; then echo "none/native"; else echo "writeback"; fi; }
 io_mode()      { if [ "$DIRECT" = 1 ]; then echo "-t none -i native"; else echo "-t writeback"; fi; }
 check_mode()   { if [ "$DIRECT" = 1 ]; then echo "-T none"; else echo "-T writeback"; fi; }
 convert_mode() { if [ "$DIRECT" = 1 ]; then echo "-t none -T none"; else echo "-t writeback -T writeback"; fi; }
+# With --image-opts the cache and AIO go in the options string (production's
+# cache=none, io=native), not in -t/-i.
+opts_mode()    { if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$1]:-}" ]; then echo ""; else echo "-t writeback"; fi; }
+opts_cache()   { if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$1]:-}" ]; then echo ",file.aio=native,file.cache.direct=on"; fi; }
 GLOBAL_MODE=$([ "$DIRECT" = 1 ] && echo "none/native" || echo "writeback")
 
-echo "bench: dir $BENCH_DIR ($FSTYPE), $REPS repetitions ($SLOW_REPS for big scatter, check, dirty open)"
+echo "bench: dir $BENCH_DIR ($FSTYPE), $REPS repetitions ($SLOW_REPS for big scatter (both rows), check, dirty open)"
 echo "bench: qcow2 and raw run with $([ "$BENCH_REF" = ours ] && echo "our build" || echo "the peer ($PEER_IMG)")"
 if [ "$DIRECT" = 1 ]; then
     echo "bench: cache mode -t none -i native (O_DIRECT)"
@@ -111,21 +132,30 @@ else
     echo "bench: O_DIRECT refused here: falling back to -t writeback for every workload"
 fi
 
-record() { # workload contender rep seconds wall mode
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >> "$RESULTS"
+record() { # workload contender rep seconds wall rss_kib mode
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >> "$RESULTS"
 }
 
-# timed CMD...: runs CMD under /usr/bin/time; sets OUT (its output), WALL, RC.
+# show WL CONTENDER REP SECONDS: the progress line, with the peak RSS in MiB.
+show() {
+    printf '  %-14s %-6s rep %-5s %8.3f s %8s MiB\n' "$1" "$2" "$3:" "$4" \
+        "$(awk -v k="$RSS" 'BEGIN { if (k ~ /^[0-9]+$/) printf "%.1f", k / 1024; else print "?" }')"
+}
+
+# timed CMD...: runs CMD under /usr/bin/time; sets OUT (its output), WALL,
+# RSS (peak resident set of the process, KiB; /usr/bin/time's %M) and RC.
 timed() {
     local tf; tf=$(mktemp)
     log "sync"
     sync
     log "start"
-    OUT=$(/usr/bin/time -f '%e' -o "$tf" "$@" 2>&1)
+    OUT=$(/usr/bin/time -f '%e %M' -o "$tf" "$@" 2>&1)
     RC=$?
-    WALL=$(tail -n 1 "$tf")
+    # The last line: time puts "Command exited with ..." before it.
+    read -r WALL RSS < <(tail -n 1 "$tf")
+    WALL=${WALL:-?} RSS=${RSS:-?}
     rm -f "$tf"
-    log "\$ $*"; log "$OUT"; log "rc=$RC wall=$WALL"
+    log "\$ $*"; log "$OUT"; log "rc=$RC wall=$WALL rss=${RSS}KiB"
 }
 
 # Deleting images is not free (a file system mounted with `discard` may take
@@ -143,38 +173,49 @@ fresh_image() {
     "$(img_of "$c")" create -q -f "$(fmt_of "$c")" "$@" "$path" $size >>"$LOG" 2>&1
 }
 
-# run_bench WL CONTENDER REP SIZE "CREATE ARGS" "PREP ARGS" BENCH ARGS...
+# run_bench WL CONTENDER REP SIZE "CREATE ARGS" "PREP ARGS" "OPEN OPTS" BENCH ARGS...
 # A fresh image; PREP ARGS (if any) is an untimed qemu-img bench run first; then
-# the timed bench. If the contender fails under O_DIRECT, the failure is logged
-# and the workload runs again (and in later repetitions) with -t writeback.
+# the timed bench. With OPEN OPTS (e.g. l2-cache-size=32M) the image is opened
+# with --image-opts driver=FMT,file.filename=IMG,<cache and AIO>,OPEN OPTS
+# instead of -f FMT -t ... -i .... If the contender fails under O_DIRECT, the
+# failure is logged and the workload runs again (and in later repetitions)
+# with -t writeback.
 run_bench() {
-    local wl=$1 c=$2 rep=$3 size=$4 cargs=$5 prep=$6; shift 6
+    local wl=$1 c=$2 rep=$3 size=$4 cargs=$5 prep=$6 oopts=$7; shift 7
     local img; img=$(img_of "$c")
     local fmt; fmt=$(fmt_of "$c")
     local path=$RUN/$wl.$c.$fmt
-    local key=$c:$wl attempt
+    local key=$c:${WB_AS[$wl]:-$wl} attempt
+    local mode open
     for attempt in 1 2; do
+        if [ -n "$oopts" ]; then
+            mode=$(opts_mode "$key")
+            open=(--image-opts "driver=$fmt,file.filename=$path$(opts_cache "$key"),$oopts")
+        else
+            mode=$(bench_mode "$key")
+            open=(-f "$fmt" "$path")
+        fi
         log "create $path"
         # shellcheck disable=SC2086
         fresh_image "$c" "$path" "$size" $cargs
         if [ -n "$prep" ]; then
             log "fill $path"
             # shellcheck disable=SC2086
-            "$img" bench -q -w $(bench_mode "$key") -f "$fmt" $prep "$path" >>"$LOG" 2>&1
+            "$img" bench -q -w $mode $prep "${open[@]}" >>"$LOG" 2>&1
         fi
-        # shellcheck disable=SC2046
-        timed "$img" bench $(bench_mode "$key") -f "$fmt" "$@" "$path"
+        # shellcheck disable=SC2086
+        timed "$img" bench $mode "$@" "${open[@]}"
         local secs
         secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$OUT")
         if [ "$RC" = 0 ] && [ -n "$secs" ]; then
-            record "$wl" "$c" "$rep" "$secs" "$WALL" "$(mode_name "$key")"
-            printf '  %-14s %-6s rep %s: %8.3f s\n' "$wl" "$c" "$rep" "$secs"
+            record "$wl" "$c" "$rep" "$secs" "$WALL" "$RSS" "$(mode_name "$key")"
+            show "$wl" "$c" "$rep" "$secs"
             return 0
         fi
         local why; why=$(grep -v '^Sending' <<<"$OUT" | tail -n 1)
         echo "  $wl $c rep $rep: FAILED ($(mode_name "$key")): $why"
-        echo "    command: $img bench $(bench_mode "$key") -f $fmt $* $path"
-        record "$wl" "$c" "$rep" "FAIL" "$WALL" "$(mode_name "$key"): ${why//$'\t'/ }"
+        echo "    command: $img bench $mode $* ${open[*]}"
+        record "$wl" "$c" "$rep" "FAIL" "$WALL" "$RSS" "$(mode_name "$key"): ${why//$'\t'/ }"
         if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$key]:-}" ]; then
             FORCE_WB[$key]=1
             echo "    retrying with -t writeback (and in later repetitions)"
@@ -197,8 +238,9 @@ fi
 
 G=$((1024 * 1024 * 1024))
 
-# Seconds the last repetition spent outside / inside the slow block (big
-# scatter, check, dirty open): the estimate of the next one, for the budget.
+# Seconds the last repetition spent outside / inside the slow block (both big
+# scatter rows, check, dirty open): the estimate of the next one, for the
+# budget.
 FAST_SECS=0 SLOW_SECS=0 DONE_REPS=0 DONE_SLOW=0
 for rep in $(seq 1 "$REPS"); do
     do_slow=0
@@ -208,7 +250,7 @@ for rep in $(seq 1 "$REPS"); do
     if [ "$rep" -gt 1 ]; then
         elapsed=$(( $(date +%s) - T_START ))
         if [ "$do_slow" = 1 ] && [ $((elapsed + FAST_SECS + SLOW_SECS)) -gt "$BUDGET" ]; then
-            echo "== time budget (${BUDGET} s, BENCH_BUDGET): no more big scatter, check, dirty open"
+            echo "== time budget (${BUDGET} s, BENCH_BUDGET): no more big scatter (both rows), check, dirty open"
             do_slow=0
         fi
         if [ $((elapsed + FAST_SECS)) -gt "$BUDGET" ]; then
@@ -224,7 +266,7 @@ for rep in $(seq 1 "$REPS"); do
     for d in 1 32; do
         wants seqalloc-d$d || continue
         for c in $CONTENDERS; do
-            run_bench seqalloc-d$d "$c" "$rep" 4G "" "" -w -c 16384 -s 65536 -d $d
+            run_bench seqalloc-d$d "$c" "$rep" 4G "" "" "" -w -c 16384 -s 65536 -d $d
             cleanup
         done
     done
@@ -233,18 +275,24 @@ for rep in $(seq 1 "$REPS"); do
     for d in 1 32; do
         wants scatter-d$d || continue
         for c in $CONTENDERS; do
-            run_bench scatter-d$d "$c" "$rep" 64G "" "" -w -c 8192 -s 4096 -S $((2 * G - 65536)) -d $d
+            run_bench scatter-d$d "$c" "$rep" 64G "" "" "" -w -c 8192 -s 4096 -S $((2 * G - 65536)) -d $d
             cleanup
         done
     done
 
     # 3. big scatter: 65,536 4 KiB writes on a fresh 1 TiB image,
-    #    step 2 GiB - 448 KiB, depth 32; then 7. check and dirty open of it.
+    #    step 2 GiB - 448 KiB, depth 32; then 7. check and dirty open of it;
+    #    then big scatter again with ours opened with --image-opts and
+    #    l2-cache-size=32M (the others as before).
+    BIG="-w -c 65536 -s 4096 -S $((2 * G - 458752)) -d 32"
     if [ "$do_slow" = 1 ]; then
         t0=$(date +%s)
+        if wants bigscatter || wants check || wants dirty-open; then
         for c in $CONTENDERS; do
-            run_bench bigscatter "$c" "$rep" 1T "" "" -w -c 65536 -s 4096 -S $((2 * G - 458752)) -d 32
+            # shellcheck disable=SC2086
+            run_bench bigscatter "$c" "$rep" 1T "" "" "" $BIG
         done
+        fi
         # These take about a second: CHECK_RUNS runs each per repetition,
         # alternating (ours peer qcow2 ours ...), recorded as rep.run.
         if wants check; then
@@ -256,8 +304,8 @@ for rep in $(seq 1 "$REPS"); do
                 timed "$(img_of "$c")" check $(check_mode) -f "$f" "$p"
                 note=$GLOBAL_MODE
                 [ "$RC" = 0 ] || { note="$note; exit $RC"; echo "  check $c: exit $RC (see $LOG)"; }
-                record check "$c" "$rep.$run" "$WALL" "$WALL" "$note"
-                printf '  %-14s %-6s rep %s: %8.3f s\n' check "$c" "$rep.$run" "$WALL"
+                record check "$c" "$rep.$run" "$WALL" "$WALL" "$RSS" "$note"
+                show check "$c" "$rep.$run" "$WALL"
             done
             done
         fi
@@ -277,12 +325,21 @@ for rep in $(seq 1 "$REPS"); do
                     note="$note; still marked dirty after close"
                     echo "  dirty-open $c: image still marked dirty after close"
                 fi
-                record dirty-open "$c" "$rep.$run" "$WALL" "$WALL" "$note"
-                printf '  %-14s %-6s rep %s: %8.3f s\n' dirty-open "$c" "$rep.$run" "$WALL"
+                record dirty-open "$c" "$rep.$run" "$WALL" "$WALL" "$RSS" "$note"
+                show dirty-open "$c" "$rep.$run" "$WALL"
             done
             done
         fi
         cleanup
+        if wants bigscatter-32m; then
+            for c in $CONTENDERS; do
+                oo=""
+                [ "$c" = ours ] && oo="l2-cache-size=32M"
+                # shellcheck disable=SC2086
+                run_bench bigscatter-32m "$c" "$rep" 1T "" "" "$oo" $BIG
+                cleanup
+            done
+        fi
         t_slow=$(( $(date +%s) - t0 ))
         SLOW_SECS=$t_slow
         DONE_SLOW=$((DONE_SLOW + 1))
@@ -294,7 +351,7 @@ for rep in $(seq 1 "$REPS"); do
     FILL="-c 1024 -s 1048576 -d 32"
     if wants rewrite; then
         for c in $CONTENDERS; do
-            run_bench rewrite "$c" "$rep" 4G "" "$FILL" -w -c 16384 -s 65536 -d 32
+            run_bench rewrite "$c" "$rep" 4G "" "$FILL" "" -w -c 16384 -s 65536 -d 32
             cleanup
         done
     fi
@@ -302,7 +359,7 @@ for rep in $(seq 1 "$REPS"); do
     # 5. read: 1 GiB of 4 KiB reads over allocated clusters, depth 32
     if wants read; then
         for c in $CONTENDERS; do
-            run_bench read "$c" "$rep" 4G "" "$FILL" -c 262144 -s 4096 -d 32
+            run_bench read "$c" "$rep" 4G "" "$FILL" "" -c 262144 -s 4096 -d 32
             cleanup
         done
     fi
@@ -311,7 +368,7 @@ for rep in $(seq 1 "$REPS"); do
     #    backing file full of data, depth 32 (raw has no overlay)
     if wants cow; then
         for c in ours peer qcow2; do
-            run_bench cow "$c" "$rep" "" "-b $BACKING -F raw" "" -w -c 16384 -s 4096 -S 65536 -d 32
+            run_bench cow "$c" "$rep" "" "-b $BACKING -F raw" "" "" -w -c 16384 -s 4096 -S 65536 -d 32
             cleanup
         done
     fi
@@ -326,10 +383,10 @@ for rep in $(seq 1 "$REPS"); do
             note=$GLOBAL_MODE
             if [ "$RC" != 0 ]; then
                 echo "  convert $c: FAILED: $(tail -n 1 <<<"$OUT")"
-                record convert "$c" "$rep" FAIL "$WALL" "$note: $(tail -n 1 <<<"$OUT")"
+                record convert "$c" "$rep" FAIL "$WALL" "$RSS" "$note: $(tail -n 1 <<<"$OUT" | tr '\t' ' ')"
             else
-                record convert "$c" "$rep" "$WALL" "$WALL" "$note"
-                printf '  %-14s %-6s rep %s: %8.3f s\n' convert "$c" "$rep" "$WALL"
+                record convert "$c" "$rep" "$WALL" "$WALL" "$RSS" "$note"
+                show convert "$c" "$rep" "$WALL"
             fi
             cleanup
         done
