@@ -2,7 +2,8 @@
 #
 #   make            install build deps, prepare the base once, build
 #   make demo       build, then show QED working
-#   make check      build, then run the iotests over QED (see README.md)
+#   make check      build, then run our unit tests and the iotests over QED
+#                   (see README.md)
 #   make check-long the crash test's long run (240 kills)
 #   make check-crash 10000 power-cut states rebuilt from write logs
 #   make check-sim  1000000 operations of seeded schedules and power cuts
@@ -17,6 +18,8 @@ BUILD     := $(BASE)/build
 BINARIES  := qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon \
              qemu-system-x86_64
 PATCHES   := $(wildcard patches/*.patch)
+# Our unit tests (tests/unit/test-*.c), built in the base's tests/unit/
+UNIT_TESTS := $(patsubst %.c,%,$(wildcard tests/unit/test-*.c))
 
 .PHONY: all deps base build demo check check-quick check-crash check-sim \
         bench clean distclean
@@ -38,7 +41,8 @@ base: deps $(STAMP)
 # Concurrent builds in one tree would trip over each other: take a lock.
 build: base
 	@./scripts/link-ours.sh
-	@flock .base/build.lock ninja -C $(BUILD) $(BINARIES) tests/qed-sim/qed-sim
+	@flock .base/build.lock ninja -C $(BUILD) $(BINARIES) tests/qed-sim/qed-sim \
+	    $(UNIT_TESTS)
 
 demo: build
 	@./scripts/demo.sh
@@ -68,7 +72,7 @@ check-sim: build
 	@$(BUILD)/tests/qed-sim/qed-sim --ops-total $(SIM_OPS) \
 	    --start $(SIM_START) --timing
 
-# Only our own iotests, for a fast edit-test loop.
+# Only our unit tests and our own iotests, for a fast edit-test loop.
 check-quick: build
 	@./scripts/run-iotests.sh --ours
 

@@ -27,6 +27,13 @@ for d in qed-fuzz qed-sim; do
     done
 done
 
+# Our unit tests, beside the base's (patches/0007-qed-unit-tests.sh adds
+# them to the base's tests/unit/meson.build)
+for f in "$TOP"/tests/unit/*.c; do
+    [ -e "$f" ] || continue
+    ln -sfn "$f" "$SRC/tests/unit/$(basename "$f")"
+done
+
 # Scripted changes to the base (idempotent; they touch files only on change)
 for p in "$TOP"/patches/*.sh; do
     [ -e "$p" ] || continue

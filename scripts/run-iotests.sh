@@ -10,11 +10,13 @@
 #                                       qed-header); options starting with
 #                                       '-' go to the base's ./check (-d, -j 4)
 #
+# Without test names, our unit tests (scripts/run-unit-tests.sh) run first.
 # A base test that fails is run once more; one that passes then counts as
 # passed and is named on a line "flaky (failed, then passed on retry): ..."
 # (our own qed-* tests are never retried).  Ends with one line
-# "iotests: N passed, M failed[, K skipped]" and exits non-zero if any test
-# failed (or the list names a test the base lacks).
+# "iotests: N passed, M failed[, K skipped]", after the unit tests' line
+# "unit tests: ..." when they ran, and exits non-zero if any test failed
+# (or the list names a test the base lacks).
 set -uo pipefail
 
 TOP=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,7 +34,7 @@ only=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --ours) ours_only=1 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -j|-o|-c|-i) check_opts+=("$1" "$2"); shift ;;
         -*) check_opts+=("$1") ;;
         *) only+=("$1") ;;
@@ -55,6 +57,19 @@ done
 # Our tests are linked into the base by `make`; link again so that a test
 # added since the last build is found too.
 "$TOP/scripts/link-ours.sh" || die "linking our files into the base failed"
+
+# Our unit tests first, when all the tests run (make check, check-quick):
+# their summary line is repeated above the iotests' at the end.
+unit_summary=""
+unit_failed=0
+if [ ${#only[@]} = 0 ]; then
+    unit_out=$(mktemp)
+    "$TOP/scripts/run-unit-tests.sh" | tee "$unit_out"
+    [ "${PIPESTATUS[0]}" = 0 ] || unit_failed=1
+    unit_summary=$(grep '^unit tests:' "$unit_out" | tail -n 1)
+    [ -n "$unit_summary" ] || unit_summary="unit tests: did not finish"
+    rm -f "$unit_out"
+fi
 
 # The test names: the base's list, then ours.
 tests=()
@@ -268,5 +283,6 @@ fi
     echo "flaky (failed, then passed on retry): ${flaky[*]}"
 summary="iotests: $passed passed, $failed failed"
 [ "$skipped" -gt 0 ] && summary="$summary, $skipped skipped"
+[ -n "$unit_summary" ] && echo "$unit_summary"
 echo "$summary"
-[ "$failed" = 0 ]
+[ "$failed" = 0 ] && [ "$unit_failed" = 0 ]

@@ -1,0 +1,704 @@
+/*
+ * Unit tests of our QED driver's L2 table cache (block/qed-l2-cache.c) and
+ * of the dirty-sector bookkeeping of its writeback (qed_dirty_set and
+ * qed_dirty_clear in block/qed-writeback.c).
+ *
+ * The cache is pure memory: these tests drive it as the driver does
+ * (insert, load chunks, mark sectors dirty, write back, settle) without an
+ * image, and check its counts, its eviction order and what it does to the
+ * tables' memory.  Every table is 64 KiB (16 chunks of 4 KiB, 128
+ * sectors); table i sits at file offset (i + 1) * 64 KiB.  Linked into the
+ * base's tests/unit/ by scripts/link-ours.sh, built through
+ * patches/0007-qed-unit-tests.sh, run by `make check`.
+ *
+ * This work is licensed under the terms of the GNU LGPL, version 2 or later.
+ * See the COPYING.LIB file in the top-level directory.
+ */
+
+#include "qemu/osdep.h"
+#include <sys/mman.h>
+#include "qemu/bitmap.h"
+#include "qemu/units.h"
+#include "block/qed.h"
+
+#define CHUNK               QED_L2_CHUNK_BYTES
+#define TABLE_BYTES         (64 * KiB)
+#define NCHUNKS             (TABLE_BYTES / CHUNK)
+#define NSECTORS            (TABLE_BYTES / BDRV_SECTOR_SIZE)
+#define SECTORS_PER_CHUNK   (CHUNK / BDRV_SECTOR_SIZE)
+#define ENTRIES_PER_CHUNK   (CHUNK / sizeof(uint64_t))
+
+static uint64_t off(unsigned int i)
+{
+    return (uint64_t)(i + 1) * TABLE_BYTES;
+}
+
+/* Table @i with chunks [first, first + n) read, returned with a reference */
+static QEDCachedTable *load(QEDL2Cache *c, unsigned int i,
+                            unsigned long first, unsigned long n)
+{
+    QEDCachedTable *e = qed_l2_cache_insert(c, off(i), false);
+
+    qed_l2_cache_loaded(c, e, first, n);
+    return e;
+}
+
+/* The same, used and let go at once; returns where its table is mapped */
+static QEDTable *load_unref(QEDL2Cache *c, unsigned int i,
+                            unsigned long first, unsigned long n)
+{
+    QEDCachedTable *e = load(c, i, first, n);
+    QEDTable *t = e->t.table;
+
+    qed_l2_cache_unref(c, e);
+    return t;
+}
+
+/* Is table @i in the cache?  (A lookup: it becomes the most recent.) */
+static bool cached(QEDL2Cache *c, unsigned int i)
+{
+    QEDCachedTable *e = qed_l2_cache_find(c, off(i));
+
+    if (e) {
+        qed_l2_cache_unref(c, e);
+    }
+    return e != NULL;
+}
+
+/*
+ * Is @p mapped?  Freeing a table unmaps it.  (Checked right after the
+ * free, before anything maps memory again, which could reuse the address.
+ * Read from /proc: probing the address with a system call would be an
+ * error under valgrind.)
+ */
+static bool mapped(void *p)
+{
+    uintptr_t a = (uintptr_t)p;
+    g_autofree char *maps = NULL;
+    g_auto(GStrv) lines = NULL;
+    bool found = false;
+
+    g_assert_true(g_file_get_contents("/proc/self/maps", &maps, NULL, NULL));
+    lines = g_strsplit(maps, "\n", -1);
+    for (char **l = lines; *l && !found; l++) {
+        unsigned long start, end;
+
+        found = sscanf(*l, "%lx-%lx", &start, &end) == 2 &&
+                a >= start && a < end;
+    }
+    return found;
+}
+
+/* Does the host page at @p take memory? */
+static bool in_core(void *p)
+{
+    unsigned char v;
+
+    g_assert_cmpint(mincore(p, qemu_real_host_page_size(), &v), ==, 0);
+    return v & 1;
+}
+
+/*
+ * A lookup makes a table the most recent; eviction takes the least
+ * recently used table first, skipping tables in use.
+ */
+static void test_lru_order(void)
+{
+    QEDL2Cache *c = qed_l2_cache_new(4 * CHUNK, TABLE_BYTES);
+    QEDCachedTable *busy;
+    QEDTable *t2, *t3;
+
+    /* Room for 4 chunks (and so 4 tables); table 0 stays in use */
+    busy = load(c, 0, 0, 1);
+    load_unref(c, 1, 0, 1);
+    t2 = load_unref(c, 2, 0, 1);
+    t3 = load_unref(c, 3, 0, 1);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
+
+    /* Most recent first: 3 2 1 0; a lookup of 1 makes it 1 3 2 0 */
+    g_assert_true(cached(c, 1));
+
+    /* A fifth table: 0 is the oldest but in use, so 2 goes */
+    load_unref(c, 4, 0, 1);
+    g_assert_false(mapped(t2));
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
+    /* 4 1 3 0: the next one to go is 3, not 1 */
+    load_unref(c, 5, 0, 1);
+    g_assert_false(mapped(t3));
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
+
+    g_assert_false(cached(c, 2));
+    g_assert_false(cached(c, 3));
+    g_assert_true(cached(c, 1));
+    g_assert_true(cached(c, 4));
+    g_assert_true(cached(c, 5));
+    g_assert_false(busy->dropped);
+    g_assert_true(qed_l2_cache_find(c, off(0)) == busy);
+    g_assert_cmpint(busy->ref, ==, 2);
+    qed_l2_cache_unref(c, busy);
+    qed_l2_cache_unref(c, busy);
+    g_assert_cmpint(busy->ref, ==, 0);
+    qed_l2_cache_free(c);
+}
+
+/*
+ * A dirty table is pinned: it survives any pressure and stays findable.
+ * Once written back (clear_dirty) and settled, it is a table like any
+ * other and goes when it is the oldest.
+ */
+static void test_pin(void)
+{
+    QEDL2Cache *c = qed_l2_cache_new(2 * CHUNK, TABLE_BYTES);
+    QEDCachedTable *e;
+
+    e = load(c, 0, 0, 2);
+    qed_l2_cache_mark_dirty(c, e, 3, 1);
+    g_assert_cmpint(e->ref, ==, 2);
+    qed_l2_cache_unref(c, e);
+    g_assert_cmpint(e->ref, ==, 1);         /* the pin */
+    g_assert_true(e->on_dirty_list);
+    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 1);
+
+    /* Room for 2 chunks and 2 tables: each new table pushes one out */
+    for (unsigned int i = 1; i <= 8; i++) {
+        load_unref(c, i, 0, 1);
+        g_assert_cmpuint(qed_l2_cache_resident(c), <=, 2 * CHUNK);
+    }
+    g_assert_false(cached(c, 7));
+    g_assert_false(e->dropped);
+    g_assert_true(qed_l2_cache_find(c, off(0)) == e);
+    g_assert_cmpuint(e->t.ndirty, ==, 1);
+    g_assert_true(test_bit(3, e->t.dirty));
+    qed_l2_cache_unref(c, e);
+
+    /* Written back, but not settled yet: still pinned */
+    qed_l2_cache_clear_dirty(c, e, 3, 1);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 0);
+    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 1);
+    g_assert_cmpint(e->ref, ==, 1);
+    g_assert_true(e->on_dirty_list);
+
+    qed_l2_cache_settle(c, e);
+    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 0);
+    g_assert_false(e->on_dirty_list);
+    g_assert_cmpint(e->ref, ==, 0);
+
+    /* 0 (looked up last) and 8 are cached; two new tables push both out */
+    load_unref(c, 9, 0, 1);
+    load_unref(c, 10, 0, 1);
+    g_assert_false(cached(c, 0));
+    g_assert_false(cached(c, 8));
+    qed_l2_cache_free(c);
+}
+
+/*
+ * Many tables' chunks through a small cache: once nothing is in use the
+ * memory fits the limit.  What is in use or dirty cannot go, and
+ * over_limit says how much that is.
+ */
+static void test_pressure(void)
+{
+    QEDL2Cache *c = qed_l2_cache_new(8 * CHUNK, TABLE_BYTES);
+    QEDCachedTable *big, *d;
+
+    for (unsigned int i = 0; i < 40; i++) {
+        QEDCachedTable *e = load(c, i, i % (NCHUNKS - 2), 3);
+
+        g_assert_cmpuint(e->nresident, ==, 3);
+        qed_l2_cache_unref(c, e);
+        g_assert_cmpuint(qed_l2_cache_resident(c), <=, 8 * CHUNK);
+        g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, 0);
+        /* The most recent table is the last to go */
+        g_assert_true(cached(c, i));
+    }
+
+    /* A table in use with all its 16 chunks: everything else goes */
+    big = load(c, 100, 0, NCHUNKS);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, NCHUNKS * CHUNK);
+    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, (NCHUNKS - 8) * CHUNK);
+    g_assert_false(cached(c, 39));
+
+    /* A new table dirty in every sector, pinned once its user is done */
+    d = qed_l2_cache_insert(c, off(101), true);
+    qed_l2_cache_mark_dirty(c, d, 0, NSECTORS);
+    qed_l2_cache_unref(c, d);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 2 * NCHUNKS * CHUNK);
+    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==,
+                     (2 * NCHUNKS - 8) * CHUNK);
+
+    /* The big table unused: it goes; the dirty chunks stay */
+    qed_l2_cache_unref(c, big);
+    g_assert_false(cached(c, 100));
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, NCHUNKS * CHUNK);
+    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, (NCHUNKS - 8) * CHUNK);
+
+    /* Written back and settled: nothing holds it, it goes whole */
+    qed_l2_cache_clear_dirty(c, d, 0, NSECTORS);
+    qed_l2_cache_settle(c, d);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, 0);
+    g_assert_false(cached(c, 101));
+    qed_l2_cache_free(c);
+}
+
+/*
+ * A read table is loaded chunk by chunk and counts only what was loaded,
+ * each chunk once; a fresh table is known whole (all zero) and takes
+ * memory only where a sector is dirtied.
+ */
+static void test_chunks(void)
+{
+    QEDL2Cache *c = qed_l2_cache_new(64 * CHUNK, TABLE_BYTES);
+    QEDCachedTable *e, *f;
+
+    e = qed_l2_cache_insert(c, off(0), false);
+    g_assert_false(e->fresh);
+    g_assert_cmpuint(find_first_bit(e->t.loaded, NCHUNKS), ==, NCHUNKS);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+
+    qed_l2_cache_loaded(c, e, 2, 3);
+    g_assert_cmpuint(find_first_bit(e->t.loaded, NCHUNKS), ==, 2);
+    g_assert_cmpuint(find_next_zero_bit(e->t.loaded, NCHUNKS, 2), ==, 5);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 3 * CHUNK);
+
+    /* Again: counted once */
+    qed_l2_cache_loaded(c, e, 3, 1);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 3 * CHUNK);
+    /* Overlapping: only chunk 5 is new */
+    qed_l2_cache_loaded(c, e, 4, 2);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
+    qed_l2_cache_loaded(c, e, NCHUNKS - 1, 1);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 5 * CHUNK);
+    g_assert_cmpuint(e->nresident, ==, 5);
+    g_assert_true(test_bit(NCHUNKS - 1, e->t.loaded));
+    g_assert_false(test_bit(NCHUNKS - 2, e->t.loaded));
+
+    f = qed_l2_cache_insert(c, off(1), true);
+    g_assert_true(f->fresh);
+    g_assert_cmpuint(find_first_zero_bit(f->t.loaded, NCHUNKS), ==, NCHUNKS);
+    g_assert_cmpuint(f->nresident, ==, 0);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 5 * CHUNK);
+
+    /* Sector 9 lies in chunk 1; sector 10 too */
+    qed_l2_cache_mark_dirty(c, f, 9, 1);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 6 * CHUNK);
+    g_assert_true(test_bit(1, f->resident));
+    qed_l2_cache_mark_dirty(c, f, 10, 1);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 6 * CHUNK);
+    /* Sectors 7 and 8 straddle chunks 0 and 1 */
+    qed_l2_cache_mark_dirty(c, f, SECTORS_PER_CHUNK - 1, 2);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 7 * CHUNK);
+    /* Sectors 16..32: chunks 2, 3 and 4 */
+    qed_l2_cache_mark_dirty(c, f, 2 * SECTORS_PER_CHUNK,
+                            2 * SECTORS_PER_CHUNK + 1);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 10 * CHUNK);
+    g_assert_cmpuint(f->nresident, ==, 5);
+    g_assert_false(test_bit(5, f->resident));
+
+    /* Inserting a table the cache has returns that entry */
+    g_assert_true(qed_l2_cache_insert(c, off(1), false) == f);
+    g_assert_true(f->fresh);
+    g_assert_cmpint(f->ref, ==, 3);     /* two users and the pin */
+    qed_l2_cache_unref(c, f);
+
+    qed_l2_cache_unref(c, f);
+    qed_l2_cache_unref(c, e);
+    g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 1);
+    qed_l2_cache_free(c);
+}
+
+/*
+ * Under pressure a table whose only user is its pin gives back its clean
+ * chunks (they are on disk) and keeps its dirty ones; a table in use
+ * keeps all.
+ */
+static void test_release_clean(void)
+{
+    QEDL2Cache *c;
+    QEDCachedTable *p;
+    uint64_t *ent;
+    const unsigned int changed = (SECTORS_PER_CHUNK + 2) *
+                                 QED_ENTRIES_PER_SECTOR;
+
+    if (qemu_real_host_page_size() > CHUNK) {
+        g_test_skip("host pages are larger than a chunk");
+        return;
+    }
+    c = qed_l2_cache_new(16 * CHUNK, TABLE_BYTES);
+    p = qed_l2_cache_insert(c, off(0), false);
+    ent = p->t.table->offsets;
+    /* As if chunks 0-3 were read from disk */
+    for (unsigned int i = 0; i < 4 * ENTRIES_PER_CHUNK; i++) {
+        ent[i] = (i + 1) * 0x10000ULL;
+    }
+    qed_l2_cache_loaded(c, p, 0, 4);
+    /* An entry of chunk 1 changes */
+    ent[changed] = 0xabc0000ULL;
+    qed_l2_cache_mark_dirty(c, p, SECTORS_PER_CHUNK + 2, 1);
+
+    /* In use: nothing is given back */
+    qed_l2_cache_set_max(c, 2 * CHUNK);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
+    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, 2 * CHUNK);
+    g_assert_cmpuint(find_first_zero_bit(p->t.loaded, NCHUNKS), ==, 4);
+
+    /* Only the pin left: the clean chunks 0, 2 and 3 go */
+    qed_l2_cache_unref(c, p);
+    g_assert_cmpint(p->ref, ==, 1);
+    g_assert_false(p->dropped);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, CHUNK);
+    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, 0);
+    g_assert_cmpuint(p->nresident, ==, 1);
+    g_assert_true(test_bit(1, p->t.loaded));
+    g_assert_true(test_bit(1, p->resident));
+    for (unsigned int i = 0; i < 4; i++) {
+        if (i != 1) {
+            g_assert_false(test_bit(i, p->t.loaded));
+            g_assert_false(test_bit(i, p->resident));
+        }
+    }
+    /* The host has the memory back (asked before reading it again) */
+    g_assert_false(in_core(&ent[0]));
+    g_assert_false(in_core(&ent[2 * ENTRIES_PER_CHUNK]));
+    g_assert_true(in_core(&ent[ENTRIES_PER_CHUNK]));
+
+    /* Released chunks read as zero; the dirty chunk is intact */
+    for (unsigned int i = 0; i < 4 * ENTRIES_PER_CHUNK; i++) {
+        if (i / ENTRIES_PER_CHUNK != 1) {
+            g_assert_cmphex(ent[i], ==, 0);
+        } else if (i == changed) {
+            g_assert_cmphex(ent[i], ==, 0xabc0000ULL);
+        } else {
+            g_assert_cmphex(ent[i], ==, (i + 1) * 0x10000ULL);
+        }
+    }
+    g_assert_true(qed_l2_cache_find(c, off(0)) == p);
+    qed_l2_cache_unref(c, p);
+
+    qed_l2_cache_clear_dirty(c, p, 0, NSECTORS);
+    qed_l2_cache_settle(c, p);
+    g_assert_cmpint(p->ref, ==, 0);
+    qed_l2_cache_free(c);
+}
+
+/*
+ * Overlapping dirty ranges count each sector once; clearing a range
+ * subtracts only its dirty sectors.  The cache's total follows the
+ * tables' own counts.
+ */
+static void test_dirty_merge_clear(void)
+{
+    QEDL2Cache *c = qed_l2_cache_new(1 * MiB, TABLE_BYTES);
+    QEDCachedTable *e = qed_l2_cache_insert(c, off(0), true);
+    QEDCachedTable *f = qed_l2_cache_insert(c, off(1), true);
+
+    qed_l2_cache_mark_dirty(c, e, 0, 10);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 10);
+    qed_l2_cache_mark_dirty(c, e, 5, 10);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 15);
+    qed_l2_cache_mark_dirty(c, e, 0, 15);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 15);
+    qed_l2_cache_mark_dirty(c, e, 100, 4);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 19);
+    g_assert_cmpuint(e->t.ndirty, ==, 19);
+    qed_l2_cache_mark_dirty(c, f, 0, 3);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 22);
+    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 2);
+
+    /* 8..27: of those, 8..14 are dirty */
+    qed_l2_cache_clear_dirty(c, e, 8, 20);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 15);
+    g_assert_cmpuint(e->t.ndirty, ==, 12);
+    qed_l2_cache_clear_dirty(c, e, 8, 20);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 15);
+    /* 102..127: 102 and 103 */
+    qed_l2_cache_clear_dirty(c, e, 102, NSECTORS - 102);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 13);
+    g_assert_cmpuint(e->t.ndirty, ==, 10);
+    g_assert_true(test_bit(7, e->t.dirty));
+    g_assert_false(test_bit(8, e->t.dirty));
+    g_assert_true(test_bit(101, e->t.dirty));
+    g_assert_false(test_bit(102, e->t.dirty));
+    g_assert_cmpuint(f->t.ndirty, ==, 3);
+
+    qed_l2_cache_unref(c, e);
+    qed_l2_cache_unref(c, f);
+    g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 2);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 0);
+    qed_l2_cache_free(c);
+}
+
+/* qed_dirty_set/qed_dirty_clear return how many bits changed */
+static void test_dirty_set_clear(void)
+{
+    QEDDirtyTable t = { .dirty = bitmap_new(256) };
+
+    g_assert_cmpuint(qed_dirty_set(&t, 0, 64), ==, 64);
+    g_assert_cmpuint(t.ndirty, ==, 64);
+    g_assert_cmpuint(qed_dirty_set(&t, 32, 64), ==, 32);
+    g_assert_cmpuint(t.ndirty, ==, 96);
+    g_assert_cmpuint(qed_dirty_set(&t, 10, 0), ==, 0);
+    g_assert_cmpuint(qed_dirty_set(&t, 10, 1), ==, 0);
+    g_assert_cmpuint(t.ndirty, ==, 96);
+
+    g_assert_cmpuint(qed_dirty_clear(&t, 90, 20), ==, 6);
+    g_assert_cmpuint(t.ndirty, ==, 90);
+    g_assert_true(test_bit(89, t.dirty));
+    g_assert_false(test_bit(90, t.dirty));
+    g_assert_cmpuint(qed_dirty_clear(&t, 200, 10), ==, 0);
+    g_assert_cmpuint(qed_dirty_clear(&t, 90, 20), ==, 0);
+    g_assert_cmpuint(t.ndirty, ==, 90);
+
+    g_assert_cmpuint(qed_dirty_set(&t, 255, 1), ==, 1);
+    g_assert_cmpuint(t.ndirty, ==, 91);
+    g_assert_cmpuint(bitmap_count_one(t.dirty, 256), ==, 91);
+    g_assert_cmpuint(qed_dirty_clear(&t, 0, 256), ==, 91);
+    g_assert_cmpuint(t.ndirty, ==, 0);
+    g_assert_cmpuint(find_first_bit(t.dirty, 256), ==, 256);
+    g_free(t.dirty);
+}
+
+/*
+ * dirty_tables lists the dirty tables in the order they first became
+ * dirty, each with a reference: a table settled meanwhile stays alive
+ * until the list lets go.
+ */
+static void test_dirty_tables(void)
+{
+    QEDL2Cache *c = qed_l2_cache_new(1 * MiB, TABLE_BYTES);
+    QEDCachedTable *a = qed_l2_cache_insert(c, off(0), true);
+    QEDCachedTable *b = qed_l2_cache_insert(c, off(1), true);
+    QEDCachedTable *d = qed_l2_cache_insert(c, off(2), true);
+    QEDCachedTable *clean = qed_l2_cache_insert(c, off(3), true);
+    GPtrArray *arr;
+
+    qed_l2_cache_mark_dirty(c, b, 0, 1);
+    qed_l2_cache_mark_dirty(c, a, 5, 1);
+    qed_l2_cache_mark_dirty(c, d, 9, 2);
+    qed_l2_cache_mark_dirty(c, b, 3, 1);    /* b stays first */
+    qed_l2_cache_unref(c, a);
+    qed_l2_cache_unref(c, b);
+    qed_l2_cache_unref(c, d);
+    qed_l2_cache_unref(c, clean);
+
+    arr = qed_l2_cache_dirty_tables(c);
+    g_assert_cmpuint(arr->len, ==, 3);
+    g_assert_true(g_ptr_array_index(arr, 0) == b);
+    g_assert_true(g_ptr_array_index(arr, 1) == a);
+    g_assert_true(g_ptr_array_index(arr, 2) == d);
+    g_assert_cmpint(a->ref, ==, 2);
+    g_assert_cmpint(b->ref, ==, 2);
+    g_assert_cmpint(d->ref, ==, 2);
+    g_assert_cmpint(clean->ref, ==, 0);
+
+    /* a written back and settled: unpinned, alive through the list */
+    qed_l2_cache_clear_dirty(c, a, 5, 1);
+    qed_l2_cache_settle(c, a);
+    g_assert_cmpint(a->ref, ==, 1);
+    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 2);
+    for (unsigned int i = 0; i < arr->len; i++) {
+        qed_l2_cache_unref(c, g_ptr_array_index(arr, i));
+    }
+    g_ptr_array_free(arr, true);
+    g_assert_cmpint(a->ref, ==, 0);
+    g_assert_cmpint(b->ref, ==, 1);
+    g_assert_cmpint(d->ref, ==, 1);
+
+    arr = qed_l2_cache_dirty_tables(c);
+    g_assert_cmpuint(arr->len, ==, 2);
+    g_assert_true(g_ptr_array_index(arr, 0) == b);
+    g_assert_true(g_ptr_array_index(arr, 1) == d);
+    for (unsigned int i = 0; i < arr->len; i++) {
+        qed_l2_cache_unref(c, g_ptr_array_index(arr, i));
+    }
+    g_ptr_array_free(arr, true);
+
+    g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 2);
+    arr = qed_l2_cache_dirty_tables(c);
+    g_assert_cmpuint(arr->len, ==, 0);
+    g_ptr_array_free(arr, true);
+    qed_l2_cache_free(c);
+}
+
+/*
+ * forget_dirty unpins every table and counts those that still had
+ * changes; the tables stay cached, clean.
+ */
+static void test_forget_dirty(void)
+{
+    QEDL2Cache *c = qed_l2_cache_new(1 * MiB, TABLE_BYTES);
+    QEDCachedTable *e[3];
+
+    for (unsigned int i = 0; i < 3; i++) {
+        e[i] = load(c, i, 0, 1);
+    }
+    qed_l2_cache_mark_dirty(c, e[0], 0, 4);
+    qed_l2_cache_mark_dirty(c, e[1], 8, 1);
+    qed_l2_cache_mark_dirty(c, e[2], 16, 1);
+    /* e[2] written back but not settled: pinned, with nothing to lose */
+    qed_l2_cache_clear_dirty(c, e[2], 16, 1);
+    for (unsigned int i = 0; i < 3; i++) {
+        qed_l2_cache_unref(c, e[i]);
+    }
+    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 3);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 5);
+
+    g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 2);
+    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 0);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 0);
+    for (unsigned int i = 0; i < 3; i++) {
+        g_assert_cmpint(e[i]->ref, ==, 0);
+        g_assert_false(e[i]->on_dirty_list);
+        g_assert_cmpuint(e[i]->t.ndirty, ==, 0);
+        g_assert_cmpuint(find_first_bit(e[i]->t.dirty, NSECTORS), ==,
+                         NSECTORS);
+        g_assert_true(cached(c, i));
+    }
+    g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 0);
+    qed_l2_cache_free(c);
+}
+
+/*
+ * drop forgets a table, dirty or not: its pin, its dirty sectors and its
+ * memory go; a user still holding it keeps it until the last unref.
+ */
+static void test_drop(void)
+{
+    QEDL2Cache *c = qed_l2_cache_new(1 * MiB, TABLE_BYTES);
+    QEDCachedTable *a, *b, *n;
+    QEDTable *ta, *tb;
+
+    a = load(c, 0, 0, 2);
+    qed_l2_cache_mark_dirty(c, a, 0, SECTORS_PER_CHUNK);
+    qed_l2_cache_mark_dirty(c, a, 3 * SECTORS_PER_CHUNK, 1);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 3 * CHUNK);
+    qed_l2_cache_unref(c, a);
+    ta = a->t.table;
+
+    qed_l2_cache_drop(c, off(0));
+    g_assert_false(mapped(ta));
+    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 0);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 0);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+    g_assert_false(cached(c, 0));
+    /* Dropping what is not cached changes nothing */
+    qed_l2_cache_drop(c, off(0));
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+
+    /* Dirty and in use */
+    b = load(c, 1, 0, 1);
+    b->t.table->offsets[0] = 42;
+    qed_l2_cache_mark_dirty(c, b, 0, 1);
+    g_assert_cmpint(b->ref, ==, 2);
+    qed_l2_cache_drop(c, off(1));
+    g_assert_true(b->dropped);
+    g_assert_false(b->on_dirty_list);
+    g_assert_cmpint(b->ref, ==, 1);
+    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 0);
+    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 0);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+    g_assert_null(qed_l2_cache_find(c, off(1)));
+    /* Its user still reads it */
+    g_assert_cmphex(b->t.table->offsets[0], ==, 42);
+
+    /* The offset may be cached anew meanwhile: another entry */
+    n = qed_l2_cache_insert(c, off(1), false);
+    g_assert_true(n != b);
+    g_assert_cmpuint(find_first_bit(n->t.loaded, NCHUNKS), ==, NCHUNKS);
+    qed_l2_cache_unref(c, n);
+
+    tb = b->t.table;
+    g_assert_true(mapped(tb));
+    qed_l2_cache_unref(c, b);
+    g_assert_false(mapped(tb));
+    qed_l2_cache_free(c);
+}
+
+/* set_max takes effect at once: the oldest unused tables go */
+static void test_set_max(void)
+{
+    QEDL2Cache *c = qed_l2_cache_new(16 * CHUNK, TABLE_BYTES);
+    QEDTable *t[8];
+
+    for (unsigned int i = 0; i < 8; i++) {
+        t[i] = load_unref(c, i, 2 * i % NCHUNKS, 2);
+    }
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 16 * CHUNK);
+    g_assert_cmpuint(qed_l2_cache_max(c), ==, 16 * CHUNK);
+
+    qed_l2_cache_set_max(c, 4 * CHUNK);
+    g_assert_cmpuint(qed_l2_cache_max(c), ==, 4 * CHUNK);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
+    for (unsigned int i = 0; i < 8; i++) {
+        g_assert_true(mapped(t[i]) == (i >= 6));
+    }
+    g_assert_true(cached(c, 6));
+    g_assert_true(cached(c, 7));
+
+    /* Never below one chunk */
+    qed_l2_cache_set_max(c, 0);
+    g_assert_cmpuint(qed_l2_cache_max(c), ==, CHUNK);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+    g_assert_false(mapped(t[6]));
+    g_assert_false(mapped(t[7]));
+
+    qed_l2_cache_set_max(c, 1 * GiB);
+    g_assert_cmpuint(qed_l2_cache_max(c), ==, 1 * GiB);
+    qed_l2_cache_free(c);
+}
+
+/* free with nothing in use releases every table, whatever its state */
+static void test_free(void)
+{
+    QEDL2Cache *c = qed_l2_cache_new(8 * CHUNK, TABLE_BYTES);
+    QEDCachedTable *e;
+    QEDTable *t[5];
+
+    t[0] = load_unref(c, 0, 0, 2);
+    t[1] = load_unref(c, 1, 5, 2);
+    /* fresh, never touched */
+    e = qed_l2_cache_insert(c, off(2), true);
+    t[2] = e->t.table;
+    qed_l2_cache_unref(c, e);
+    /* dirty, then written back and settled */
+    e = qed_l2_cache_insert(c, off(3), true);
+    t[3] = e->t.table;
+    qed_l2_cache_mark_dirty(c, e, 0, 1);
+    qed_l2_cache_clear_dirty(c, e, 0, 1);
+    qed_l2_cache_settle(c, e);
+    qed_l2_cache_unref(c, e);
+    /* dirty, forgotten */
+    e = load(c, 4, 0, 1);
+    t[4] = e->t.table;
+    qed_l2_cache_mark_dirty(c, e, 0, 1);
+    qed_l2_cache_unref(c, e);
+    g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 1);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 6 * CHUNK);
+
+    for (unsigned int i = 0; i < 5; i++) {
+        g_assert_true(mapped(t[i]));
+    }
+    qed_l2_cache_free(c);
+    for (unsigned int i = 0; i < 5; i++) {
+        g_assert_false(mapped(t[i]));
+    }
+    qed_l2_cache_free(NULL);
+}
+
+int main(int argc, char **argv)
+{
+    g_test_init(&argc, &argv, NULL);
+    g_test_add_func("/qed-l2-cache/lru/order", test_lru_order);
+    g_test_add_func("/qed-l2-cache/pin", test_pin);
+    g_test_add_func("/qed-l2-cache/pressure", test_pressure);
+    g_test_add_func("/qed-l2-cache/chunks/loaded", test_chunks);
+    g_test_add_func("/qed-l2-cache/chunks/release-clean", test_release_clean);
+    g_test_add_func("/qed-l2-cache/dirty/merge-clear", test_dirty_merge_clear);
+    g_test_add_func("/qed-l2-cache/dirty/tables", test_dirty_tables);
+    g_test_add_func("/qed-l2-cache/dirty/forget", test_forget_dirty);
+    g_test_add_func("/qed-l2-cache/drop", test_drop);
+    g_test_add_func("/qed-l2-cache/set-max", test_set_max);
+    g_test_add_func("/qed-l2-cache/free", test_free);
+    g_test_add_func("/qed-writeback/dirty-set-clear", test_dirty_set_clear);
+    return g_test_run();
+}
