@@ -128,6 +128,7 @@ static bool qed_l2_chunk_dirty(QEDL2Cache *c, QEDCachedTable *e,
  */
 static void qed_l2_cache_release_clean(QEDL2Cache *c, QEDCachedTable *e)
 {
+    unsigned int released = 0;
     unsigned long i;
 
     for (i = find_first_bit(e->resident, c->nchunks); i < c->nchunks;
@@ -141,6 +142,10 @@ static void qed_l2_cache_release_clean(QEDL2Cache *c, QEDCachedTable *e)
         clear_bit(i, e->t.loaded);
         e->nresident--;
         c->resident_bytes -= c->chunk_bytes;
+        released++;
+    }
+    if (released) {
+        trace_qed_l2_cache_release(c, e->t.offset, released);
     }
 }
 

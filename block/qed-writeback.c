@@ -505,6 +505,7 @@ void coroutine_fn qed_wb_throttle(BDRVQEDState *s)
     uint64_t slack = MIN(qed_l2_cache_max(c) / 8, QED_WB_MEMORY_SLACK);
 
     if (dirty > QED_WB_HARD_SECTORS || over > slack) {
+        trace_qed_writeback_wait(s, dirty, over);
         qed_writeback(s);
     } else if ((dirty > QED_WB_SOFT_SECTORS || over > 0) &&
                !s->wb_background) {

@@ -43,7 +43,7 @@
  * README.md for how it was chosen).  Tables are read in chunks as they
  * are used, so a miss costs a small read whatever the table size.
  */
-#define QED_DEFAULT_L2_CACHE_SIZE (32 * MiB)
+#define QED_DEFAULT_L2_CACHE_SIZE (128 * MiB)
 
 
 
