@@ -63,6 +63,26 @@
  * file one flush serves a whole pass.
  */
 
+/*
+ * A table of @bytes at file offset @offset that is in memory whole (the L1
+ * table): its entries (zero) and its dirty bitmap
+ */
+void qed_dirty_table_init(QEDDirtyTable *t, uint64_t offset, size_t bytes)
+{
+    *t = (QEDDirtyTable) {
+        .table = qed_table_new(bytes),
+        .offset = offset,
+        .dirty = bitmap_new(bytes / BDRV_SECTOR_SIZE),
+    };
+}
+
+void qed_dirty_table_destroy(QEDDirtyTable *t, size_t bytes)
+{
+    qed_table_free(t->table, bytes);
+    g_free(t->dirty);
+    *t = (QEDDirtyTable) {};
+}
+
 /* Mark sectors [first, first + n) of @t dirty; returns how many were not */
 unsigned int qed_dirty_set(QEDDirtyTable *t, unsigned int first,
                            unsigned int n)

@@ -22,7 +22,6 @@
 #include "qapi/qapi-visit-block-core.h"
 #include "qapi/qobject-input-visitor.h"
 #include "qapi/qmp/qdict.h"
-#include "qemu/bitmap.h"
 #include "qemu/bswap.h"
 #include "block/aio_task.h"
 #include "qemu/error-report.h"
@@ -425,11 +424,7 @@ static void qed_free_state(BDRVQEDState *s)
         qed_l2_cache_free(s->l2_cache);
         s->l2_cache = NULL;
     }
-    qed_table_free(s->l1.table, qed_table_bytes(s));
-    s->l1.table = NULL;
-    g_free(s->l1.dirty);
-    s->l1.dirty = NULL;
-    s->l1.ndirty = 0;
+    qed_dirty_table_destroy(&s->l1, qed_table_bytes(s));
     qemu_vfree(s->zero_buf);
     s->zero_buf = NULL;
     g_free(s->l2_starts);
@@ -589,9 +584,8 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     }
     s->l2_cache = qed_l2_cache_new(cache_size, qed_table_bytes(s));
 
-    s->l1.offset = s->header.l1_table_offset;
-    s->l1.table = qed_table_new(qed_table_bytes(s));
-    s->l1.dirty = bitmap_new(s->table_nsectors);
+    qed_dirty_table_init(&s->l1, s->header.l1_table_offset,
+                         qed_table_bytes(s));
     ret = qed_read_l1_table(s);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not read the L1 table");
@@ -1202,8 +1196,7 @@ static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
     if (ret == 0) {
         /* The disk names no table now: neither may memory */
         memset(s->l1.table->offsets, 0, bytes);
-        bitmap_zero(s->l1.dirty, s->table_nsectors);
-        s->l1.ndirty = 0;
+        qed_dirty_clear(&s->l1, 0, s->table_nsectors);
         qed_l2_cache_clear(s->l2_cache);
         qed_l2_starts_rebuild(s);
         s->l2_gen++;

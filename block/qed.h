@@ -421,6 +421,8 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s, uint64_t pos,
                                           size_t qiov_offset, uint64_t gen);
 
 /* qed-writeback.c: entries in memory and their writeback */
+void qed_dirty_table_init(QEDDirtyTable *t, uint64_t offset, size_t bytes);
+void qed_dirty_table_destroy(QEDDirtyTable *t, size_t bytes);
 unsigned int qed_dirty_set(QEDDirtyTable *t, unsigned int first,
                            unsigned int n);
 unsigned int qed_dirty_clear(QEDDirtyTable *t, unsigned int first,
