@@ -295,6 +295,21 @@ out:
     return ret;
 }
 
+/*
+ * The options that create and amend share (amend accepts only the current
+ * values of these: a change of backing file is rebase's)
+ */
+#define QED_OPT_DESC_BACKING_FILE {                                  \
+        .name = BLOCK_OPT_BACKING_FILE,                             \
+        .type = QEMU_OPT_STRING,                                    \
+        .help = "File name of a base image"                         \
+    }
+#define QED_OPT_DESC_BACKING_FMT {                                   \
+        .name = BLOCK_OPT_BACKING_FMT,                              \
+        .type = QEMU_OPT_STRING,                                    \
+        .help = "Image format of the base image"                    \
+    }
+
 QemuOptsList qed_create_opts = {
     .name = "qed-create-opts",
     .head = QTAILQ_HEAD_INITIALIZER(qed_create_opts.head),
@@ -304,16 +319,8 @@ QemuOptsList qed_create_opts = {
             .type = QEMU_OPT_SIZE,
             .help = "Virtual disk size"
         },
-        {
-            .name = BLOCK_OPT_BACKING_FILE,
-            .type = QEMU_OPT_STRING,
-            .help = "File name of a base image"
-        },
-        {
-            .name = BLOCK_OPT_BACKING_FMT,
-            .type = QEMU_OPT_STRING,
-            .help = "Image format of the base image"
-        },
+        QED_OPT_DESC_BACKING_FILE,
+        QED_OPT_DESC_BACKING_FMT,
         {
             .name = BLOCK_OPT_CLUSTER_SIZE,
             .type = QEMU_OPT_SIZE,
@@ -339,17 +346,8 @@ QemuOptsList qed_amend_opts = {
     .name = "qed-amend-opts",
     .head = QTAILQ_HEAD_INITIALIZER(qed_amend_opts.head),
     .desc = {
-        {
-            .name = BLOCK_OPT_BACKING_FILE,
-            .type = QEMU_OPT_STRING,
-            .help = "File name of the base image (only the current one: "
-                    "use rebase to change it)"
-        },
-        {
-            .name = BLOCK_OPT_BACKING_FMT,
-            .type = QEMU_OPT_STRING,
-            .help = "Image format of the base image (only the current one)"
-        },
+        QED_OPT_DESC_BACKING_FILE,
+        QED_OPT_DESC_BACKING_FMT,
         { /* end of list */ }
     }
 };
