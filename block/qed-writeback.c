@@ -143,12 +143,29 @@ typedef struct QEDWbArena {
     size_t align;
 } QEDWbArena;
 
-static void qed_wb_arena_init(BDRVQEDState *s, QEDWbArena *a, size_t size)
+/*
+ * @a over *@buf, a buffer of @size bytes made at the first pass and kept
+ * for the open (passes run one at a time): a pass allocates nothing
+ */
+static void qed_wb_arena_init(BDRVQEDState *s, QEDWbArena *a, void **buf,
+                              size_t size)
 {
-    a->buf = qemu_blockalign(s->bs->file->bs, size);
+    if (!*buf) {
+        *buf = qemu_blockalign(s->bs->file->bs, size);
+    }
+    a->buf = *buf;
     a->size = size;
     a->used = 0;
     a->align = MAX(bdrv_min_mem_align(s->bs->file->bs), BDRV_SECTOR_SIZE);
+}
+
+/* At close: the buffers of qed_wb_arena_init() */
+void qed_wb_free_buffers(BDRVQEDState *s)
+{
+    qemu_vfree(s->wb_l2_buf);
+    s->wb_l2_buf = NULL;
+    qemu_vfree(s->wb_l1_buf);
+    s->wb_l1_buf = NULL;
 }
 
 /* Whole sectors left in @a */
@@ -358,8 +375,8 @@ static int coroutine_fn qed_wb_flush(BDRVQEDState *s, uint64_t *gen)
 /*
  * Write the dirty sectors of @tables (cache entries, each with a
  * reference), in batches of at most QED_WB_SNAPSHOT_BYTES of snapshots
- * (one buffer, reused), so that a pass over many tables never copies them
- * all at once.
+ * (one buffer, reused by every batch and pass), so that a pass over many
+ * tables never copies them all at once.
  *
  * Crash orderings 1 and 3: with a backing file, the data of every entry
  * in a batch must be on disk before the batch is written.  The data was
@@ -378,7 +395,7 @@ static int coroutine_fn qed_wb_write_l2(BDRVQEDState *s, GPtrArray *tables)
     unsigned int i = 0;
     int ret = 0;
 
-    qed_wb_arena_init(s, &arena, QED_WB_SNAPSHOT_BYTES);
+    qed_wb_arena_init(s, &arena, &s->wb_l2_buf, QED_WB_SNAPSHOT_BYTES);
     while (ret == 0 && i < tables->len) {
         arena.used = 0;
         while (i < tables->len && qed_wb_arena_room(&arena) > 0) {
@@ -405,7 +422,6 @@ static int coroutine_fn qed_wb_write_l2(BDRVQEDState *s, GPtrArray *tables)
         qed_wb_finish(s, jobs);
     }
     g_array_free(jobs, true);
-    qemu_vfree(arena.buf);
     return ret;
 }
 
@@ -461,7 +477,7 @@ int coroutine_fn qed_writeback(BDRVQEDState *s)
      * more than QED_WB_MAX_GAP sectors apart, so the pass takes every
      * dirty L1 sector (a flush relies on it)
      */
-    qed_wb_arena_init(s, &l1_arena, qed_table_bytes(s) +
+    qed_wb_arena_init(s, &l1_arena, &s->wb_l1_buf, qed_table_bytes(s) +
                       (s->table_nsectors / QED_WB_MAX_GAP + 2) *
                       MAX(bdrv_min_mem_align(s->bs->file->bs),
                           BDRV_SECTOR_SIZE));
@@ -485,7 +501,6 @@ int coroutine_fn qed_writeback(BDRVQEDState *s)
     }
     qed_wb_finish(s, l1_jobs);
     g_array_free(l1_jobs, true);
-    qemu_vfree(l1_arena.buf);
 
     for (unsigned int i = 0; i < tables->len; i++) {
         qed_l2_cache_settle(s->l2_cache, g_ptr_array_index(tables, i));

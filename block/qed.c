@@ -427,6 +427,7 @@ static void qed_free_state(BDRVQEDState *s)
     qed_dirty_table_destroy(&s->l1, qed_table_bytes(s));
     qemu_vfree(s->zero_buf);
     s->zero_buf = NULL;
+    qed_wb_free_buffers(s);
     g_free(s->l2_starts);
     s->l2_starts = NULL;
     s->n_l2_starts = s->l2_starts_size = 0;

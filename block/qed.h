@@ -269,6 +269,8 @@ typedef struct BDRVQEDState {
 
     /* Writeback of dirty table sectors: one pass at a time */
     CoMutex wb_lock;
+    void *wb_l2_buf;            /* snapshots of a pass: L2 batches */
+    void *wb_l1_buf;            /* and the L1 table's */
     bool wb_background;         /* a background pass is running */
     /* L2 sectors were written and no flush has succeeded since */
     bool wb_tables_unflushed;
@@ -432,6 +434,7 @@ int coroutine_fn qed_set_entries(BDRVQEDState *s, uint64_t start,
                                  unsigned int n, uint64_t value,
                                  uint64_t step);
 int coroutine_fn qed_writeback(BDRVQEDState *s);
+void qed_wb_free_buffers(BDRVQEDState *s);
 void coroutine_fn qed_wb_throttle(BDRVQEDState *s);
 
 /* qed-create.c: create, measure, amend */

@@ -19,10 +19,16 @@ LOGS=$(mktemp -d /tmp/san-logs-XXXXXX)
 # Tests left out under the sanitizers, with the reason:
 #  qed-install: it checks that `make install` copies the main build's
 #               binaries; under check-asan the binaries are build-san's.
+#  qed-write-flush: it measures timing (how many of 7 flushes reach the
+#               file while 32 writes go on), which the sanitizers change:
+#               with build-san's qemu-img, qcow2 gets 1 through, raw 6-7,
+#               ours 2-5 (7 of 7 in the main build, as the test asks); the
+#               flush paths run under ASan in qed-fault-flush-order,
+#               qed-write-stress and qed-write-parallel.
 # (qed-export-nbd and qed-export-qsd start their servers without --fork or
 # --daemonize: clang 14's ASan does not take its allocator locks around
 # fork(), so a child forked while the RCU thread was in malloc deadlocked.)
-EXCLUDE=" qed-install "
+EXCLUDE=" qed-install qed-write-flush "
 
 args=()
 names=0
