@@ -396,6 +396,10 @@ static int coroutine_fn qed_wb_write_l2(BDRVQEDState *s, GPtrArray *tables)
     int ret = 0;
 
     qed_wb_arena_init(s, &arena, &s->wb_l2_buf, QED_WB_SNAPSHOT_BYTES);
+    if (s->wb_batch_bytes) {
+        /* Smaller batches (the schedule harness's memory-pressure seeds) */
+        arena.size = MIN(s->wb_batch_bytes, QED_WB_SNAPSHOT_BYTES);
+    }
     while (ret == 0 && i < tables->len) {
         arena.used = 0;
         while (i < tables->len && qed_wb_arena_room(&arena) > 0) {

@@ -271,6 +271,8 @@ typedef struct BDRVQEDState {
     CoMutex wb_lock;
     void *wb_l2_buf;            /* snapshots of a pass: L2 batches */
     void *wb_l1_buf;            /* and the L1 table's */
+    /* 0, or a smaller cap on a batch's snapshots (tests/qed-sim) */
+    size_t wb_batch_bytes;
     bool wb_background;         /* a background pass is running */
     /* L2 sectors were written and no flush has succeeded since */
     bool wb_tables_unflushed;
