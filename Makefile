@@ -77,7 +77,8 @@ check-quick: build
 	@./scripts/run-iotests.sh --ours
 
 # The benchmark of issue 8 (never part of `make check`): writes
-# docs/benchmarks.md and docs/benchmarks.png. BENCH_REPS, BENCH_DIR, ... : see
+# docs/benchmarks.md and docs/benchmarks.png, only from a committed tree
+# (BENCH_NO_DOCS=1, BENCH_ALLOW_DIRTY=1). BENCH_REPS, BENCH_DIR, ... : see
 # scripts/bench.sh.
 bench: build
 	@./scripts/install-bench-deps.sh

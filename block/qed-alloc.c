@@ -84,19 +84,134 @@ void qed_release(BDRVQEDState *s, QEDAllocation *a)
 }
 
 /*
- * Take @bytes of new file space; never reused while the image is open
- * (but after a check's repair or make_empty, which cut the file back to
- * what the disk references).
- * It lies past everything the file held at open and past every earlier
- * allocation, so it reads as zeros until written.
+ * Space that this open reserved and then could not use (a failed data
+ * write or table making: ENOSPC, EIO), by file offset.  Nothing points at
+ * it, so it is reused before new space is taken at file_end; a run that
+ * reaches file_end is given back at once, so that a full disk leaves no
+ * tail (qed_unreserve).  Its bytes are whatever the failed write left:
+ * whoever reuses it writes whole clusters (qed_allocating_write pads,
+ * a table's space is written with zeros anyway).
  */
-static uint64_t qed_reserve(BDRVQEDState *s, uint64_t bytes)
-{
-    uint64_t offset = qed_screen_skip(s, s->file_end, bytes);
+typedef struct QEDFreeRun {
+    uint64_t offset;
+    uint64_t bytes;
+} QEDFreeRun;
 
+void qed_free_space_init(BDRVQEDState *s)
+{
+    s->free_runs = g_array_new(false, false, sizeof(QEDFreeRun));
+}
+
+void qed_free_space_destroy(BDRVQEDState *s)
+{
+    if (s->free_runs) {
+        g_array_free(s->free_runs, true);
+        s->free_runs = NULL;
+    }
+}
+
+/* Clusters reserved by this open that nothing points at, inside the file */
+uint64_t qed_free_space_bytes(BDRVQEDState *s)
+{
+    uint64_t bytes = 0;
+
+    for (guint i = 0; s->free_runs && i < s->free_runs->len; i++) {
+        bytes += g_array_index(s->free_runs, QEDFreeRun, i).bytes;
+    }
+    return bytes;
+}
+
+/* Forget every free run: a repair or make_empty recounted the file */
+void qed_free_space_forget(BDRVQEDState *s)
+{
+    if (s->free_runs) {
+        g_array_set_size(s->free_runs, 0);
+    }
+}
+
+/*
+ * Take @bytes of file space: the first free run that is large enough
+ * (*@reused set: its bytes are not zeros), else new space at file_end,
+ * past everything the file held at open and past every earlier
+ * allocation, which reads as zeros until written.  Never handed out twice
+ * while the image is open (but after a check's repair or make_empty,
+ * which recount the file from what the disk references).
+ */
+static uint64_t qed_reserve(BDRVQEDState *s, uint64_t bytes, bool *reused)
+{
+    uint64_t offset;
+
+    for (guint i = 0; i < s->free_runs->len; i++) {
+        QEDFreeRun *r = &g_array_index(s->free_runs, QEDFreeRun, i);
+
+        if (r->bytes >= bytes) {
+            offset = r->offset;
+            r->offset += bytes;
+            r->bytes -= bytes;
+            if (r->bytes == 0) {
+                g_array_remove_index(s->free_runs, i);
+            }
+            *reused = true;
+            trace_qed_alloc_reuse(s, offset, bytes / s->header.cluster_size);
+            return offset;
+        }
+    }
+
+    offset = qed_screen_skip(s, s->file_end, bytes);
     s->file_end = offset + bytes;
+    *reused = false;
     trace_qed_alloc_clusters(s, offset, bytes / s->header.cluster_size);
     return offset;
+}
+
+/*
+ * Give back space that qed_reserve() handed out and that nothing points
+ * at: the write that was to fill it failed.  Runs are kept sorted and
+ * merged; what reaches file_end lowers file_end, so that a clean close
+ * cuts it off with the rest of the tail (nothing was written past the new
+ * file_end that anything references).
+ */
+static void qed_unreserve(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
+{
+    GArray *runs = s->free_runs;
+    QEDFreeRun run = { .offset = offset, .bytes = bytes };
+    guint i = 0;
+
+    trace_qed_alloc_unreserve(s, offset, bytes / s->header.cluster_size);
+    while (i < runs->len &&
+           g_array_index(runs, QEDFreeRun, i).offset < offset) {
+        i++;
+    }
+    g_array_insert_val(runs, i, run);
+    /* Merge with the next run, then with the previous one */
+    if (i + 1 < runs->len) {
+        QEDFreeRun *r = &g_array_index(runs, QEDFreeRun, i);
+        QEDFreeRun *next = &g_array_index(runs, QEDFreeRun, i + 1);
+
+        if (r->offset + r->bytes == next->offset) {
+            r->bytes += next->bytes;
+            g_array_remove_index(runs, i + 1);
+        }
+    }
+    if (i > 0) {
+        QEDFreeRun *prev = &g_array_index(runs, QEDFreeRun, i - 1);
+        QEDFreeRun *r = &g_array_index(runs, QEDFreeRun, i);
+
+        if (prev->offset + prev->bytes == r->offset) {
+            prev->bytes += r->bytes;
+            g_array_remove_index(runs, i);
+            i--;
+        }
+    }
+    /* The last run may now end at file_end: the file's end comes back */
+    if (runs->len > 0) {
+        QEDFreeRun *last = &g_array_index(runs, QEDFreeRun, runs->len - 1);
+
+        if (last->offset + last->bytes == s->file_end) {
+            s->file_end = last->offset;
+            g_array_remove_index(runs, runs->len - 1);
+        }
+    }
 }
 
 /*
@@ -153,19 +268,25 @@ int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size)
  * the check repairs what a crash leaves (NEED_CHECK): a crash never leaves
  * an entry past the end of the file unrepaired.
  *
- * Crash ordering 8: the tail is on disk only while NEED_CHECK is, with or
- * without backing file: the bit is set and flushed before the file grows,
- * and qed_clear_need_check() cuts the tail before it clears the bit (when
- * the image goes idle, on a read-only reopen, hand-over and close).  So the
- * tail never outlives the moment it serves: a crash leaves it with the
- * bit, and the next opener's check cuts it.
+ * Crash ordering 8: the tail is on disk only while NEED_CHECK is: the bit
+ * is set and flushed before the file grows, and qed_clear_need_check()
+ * cuts the tail before it clears the bit (when the image goes idle, on a
+ * read-only reopen, hand-over and close).  So the tail never outlives the
+ * moment it serves: a crash leaves it with the bit, and the next opener's
+ * check cuts it.
+ *
+ * An image with a backing file never grows ahead: it is never marked
+ * dirty (the original design's promise; it flushes before table updates
+ * instead, crash ordering 3), so a tail that a crash left would stay, a
+ * leak that every check reports.  Its writes extend the file themselves,
+ * in whole clusters (qed_allocating_write pads them).
  *
  * Returns once the length that the size change in flight (if any) sets
  * covers everything allocated, so that writes there need not wait.
  */
-void coroutine_fn qed_grow_file(BDRVQEDState *s)
+static void coroutine_fn qed_grow_file(BDRVQEDState *s)
 {
-    while (s->can_grow &&
+    while (qed_grows_ahead(s) &&
            s->file_end > (s->resizing ? s->resize_target : s->file_size)) {
         uint64_t step, new_size;
 
@@ -189,13 +310,28 @@ void coroutine_fn qed_grow_file(BDRVQEDState *s)
     }
 }
 
-static int64_t coroutine_fn qed_alloc_file_space(BDRVQEDState *s,
-                                                 uint64_t bytes)
+/* Does the file grow ahead of allocation (qed_grow_file)? */
+bool qed_grows_ahead(BDRVQEDState *s)
 {
-    uint64_t offset = qed_reserve(s, bytes);
+    return s->can_grow && !qed_has_backing_file(s);
+}
 
-    qed_grow_file(s);
-    return offset;
+/* Add @bytes of zeros to @qiov, from the one shared zero buffer */
+static int qed_iovec_add_zeros(BDRVQEDState *s, QEMUIOVector *qiov,
+                               uint64_t bytes)
+{
+    if (!s->zero_buf) {
+        /* One buffer for every such write, for the whole open */
+        s->zero_buf = qemu_try_blockalign0(s->bs->file->bs, QED_ZERO_BUF_BYTES);
+        if (!s->zero_buf) {
+            return -ENOMEM;
+        }
+    }
+    for (uint64_t done = 0; done < bytes; done += QED_ZERO_BUF_BYTES) {
+        qemu_iovec_add(qiov, s->zero_buf, MIN(QED_ZERO_BUF_BYTES,
+                                              bytes - done));
+    }
+    return 0;
 }
 
 /*
@@ -212,22 +348,14 @@ static int coroutine_fn qed_write_zero_data(BDRVQEDState *s, uint64_t offset,
     QEMUIOVector qiov;
     int ret = 0;
 
-    if (!s->zero_buf) {
-        /* One buffer for every such write, for the whole open */
-        s->zero_buf = qemu_try_blockalign0(s->bs->file->bs, QED_ZERO_BUF_BYTES);
-        if (!s->zero_buf) {
-            return -ENOMEM;
-        }
-    }
     while (bytes > 0) {
         uint64_t n = MIN(bytes, QED_ZERO_WRITE_MAX);
 
         qemu_iovec_init(&qiov, DIV_ROUND_UP(n, QED_ZERO_BUF_BYTES));
-        for (uint64_t done = 0; done < n; done += QED_ZERO_BUF_BYTES) {
-            qemu_iovec_add(&qiov, s->zero_buf,
-                           MIN(QED_ZERO_BUF_BYTES, n - done));
+        ret = qed_iovec_add_zeros(s, &qiov, n);
+        if (ret == 0) {
+            ret = bdrv_co_pwritev(s->bs->file, offset, n, &qiov, 0);
         }
-        ret = bdrv_co_pwritev(s->bs->file, offset, n, &qiov, 0);
         qemu_iovec_destroy(&qiov);
         if (ret < 0) {
             break;
@@ -297,48 +425,57 @@ int coroutine_fn qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t)
 
 /*
  * Make the L2 table of L1 entry @l1i: reserve its space, allocate it in
- * the file, and only then put the table in memory, for qed_set_entries().
+ * the file, and only then put the table in memory.
  *
  * The space is really allocated (zeros written in the file, not a hole of
  * the grow-ahead) before any entry goes into the table, so before any
  * write through it is acknowledged: on a full disk the write that needs
  * the table fails with ENOSPC, instead of the table's first writeback
  * failing later and taking with it the writes acknowledged through it.
- * Requests that need the same table meanwhile wait in qed_set_entries().
+ * Requests that need the same table meanwhile wait in
+ * qed_table_for_entries().
  */
-int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
-                                QEDCachedTable **e)
+static int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
+                                       QEDCachedTable **e)
 {
     uint64_t bytes = qed_table_bytes(s);
     QEDTableMaking m = { .l1_index = l1i };
     uint64_t l2_offset = 0;
+    bool reused;
     int ret;
 
     QLIST_INSERT_HEAD(&s->tables_making, &m, next);
     /* The L1 entry that will point at the table must be writable too */
     ret = qed_secure_space(s, &s->l1);
     if (ret == 0) {
-        l2_offset = qed_reserve(s, bytes);
+        l2_offset = qed_reserve(s, bytes, &reused);
         trace_qed_alloc_l2(s, l1i, l2_offset);
         qed_grow_file(s);
         qed_wait_resize(s, l2_offset + bytes);
         ret = qed_write_zero_data(s, l2_offset, bytes);
+        if (ret < 0) {
+            /* Nothing points at it: the next reservation may take it */
+            qed_unreserve(s, l2_offset, bytes);
+            s->length_unsure = true;
+        }
     }
     QLIST_REMOVE(&m, next);
     qemu_co_queue_restart_all(&s->making_waiters);
     if (ret < 0) {
-        /* Reserved space leaks (the check reclaims it); nothing points at it */
         return ret;
     }
 
     /*
-     * The space holds zeros: the whole table is known.  The caller sets
-     * entries in it, so marks it dirty, before it yields: a writeback pass
-     * that snapshots the new L1 entry also finds the table dirty and
-     * writes it first (crash ordering 2).
+     * The space holds zeros: the whole table is known.  Its first sector
+     * is dirty at once, before any yield, though its entries are set only
+     * once the caller's data is written: a writeback pass that snapshots
+     * the new L1 entry then also finds the table dirty and writes it, with
+     * a flush over a backing file, before the L1 entry (crash ordering 2),
+     * so the zeros written above are durable before anything names them.
      */
     *e = qed_l2_cache_insert(s->l2_cache, l2_offset, true);
     (*e)->t.space_ok = true;
+    qed_l2_cache_mark_dirty(s->l2_cache, *e, 0, 1);
     qed_screen_new_table(s, l2_offset);
     s->l1.table->offsets[l1i] = l2_offset;
     qed_l2_starts_add(s, l2_offset);
@@ -346,7 +483,7 @@ int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
     return 0;
 }
 
-bool qed_table_making(BDRVQEDState *s, unsigned int l1i)
+static bool qed_table_making(BDRVQEDState *s, unsigned int l1i)
 {
     QEDTableMaking *m;
 
@@ -356,6 +493,88 @@ bool qed_table_making(BDRVQEDState *s, unsigned int l1i)
         }
     }
     return false;
+}
+
+/*
+ * The L2 table that holds entries [@first, @first + @n) of L1 entry @l1i,
+ * ready for them to change: in the cache with those chunks loaded and its
+ * file space secured, or made if there is none and @make is set.  Returns
+ * it with a reference in *@e, or *@e NULL if there is none and !@make.
+ * The caller holds the clusters (qed_claim).
+ */
+static int coroutine_fn qed_table_for_entries(BDRVQEDState *s,
+                                              unsigned int l1i,
+                                              unsigned int first,
+                                              unsigned int n, bool make,
+                                              QEDCachedTable **e)
+{
+    uint64_t l2_offset;
+    int ret;
+
+    assert(n > 0 && first + n <= s->table_nelems);
+    *e = NULL;
+    while (qed_table_making(s, l1i)) {
+        qemu_co_queue_wait(&s->making_waiters, NULL);
+    }
+    l2_offset = s->l1.table->offsets[l1i];
+    if (l2_offset == 0) {
+        return make ? qed_make_table(s, l1i, e) : 0;
+    }
+    ret = qed_get_l2_table(s, l2_offset, e);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = qed_l2_ensure(s, *e, first, first + n);
+    if (ret == 0) {
+        ret = qed_secure_space(s, &(*e)->t);
+    }
+    if (ret < 0) {
+        qed_l2_cache_unref(s->l2_cache, *e);
+        *e = NULL;
+    }
+    return ret;
+}
+
+/*
+ * Set entries [@first, @first + @n) of table @e to @value, @value + @step,
+ * ... in memory and mark their sectors dirty; drops the caller's
+ * reference.  Writeback passes take them to disk.
+ */
+static void qed_fill_entries(BDRVQEDState *s, QEDCachedTable *e,
+                             unsigned int first, unsigned int n,
+                             uint64_t value, uint64_t step)
+{
+    qed_screen_forget(s, e->t.offset, first, n);
+    for (unsigned int i = 0; i < n; i++) {
+        e->t.table->offsets[first + i] = value + i * step;
+    }
+    qed_l2_cache_mark_dirty(s->l2_cache, e, first / QED_ENTRIES_PER_SECTOR,
+                            DIV_ROUND_UP(first + n, QED_ENTRIES_PER_SECTOR) -
+                            first / QED_ENTRIES_PER_SECTOR);
+    qed_l2_cache_unref(s->l2_cache, e);
+    s->l2_gen++;
+}
+
+/*
+ * Give the clusters [@start, @start + @n clusters), which lie in one L2
+ * table, the marker @value (QED_L2_ZERO or QED_L2_UNALLOCATED) in memory,
+ * making the table if there is none (but for unallocated, which a missing
+ * table says already).  The caller holds the clusters (qed_claim).
+ */
+int coroutine_fn qed_mark_clusters(BDRVQEDState *s, uint64_t start,
+                                   unsigned int n, uint64_t value)
+{
+    QEDCachedTable *e;
+    int ret;
+
+    assert(value == QED_L2_ZERO || value == QED_L2_UNALLOCATED);
+    ret = qed_table_for_entries(s, qed_l1_index(s, start),
+                                qed_l2_index(s, start), n,
+                                value != QED_L2_UNALLOCATED, &e);
+    if (ret == 0 && e) {
+        qed_fill_entries(s, e, qed_l2_index(s, start), n, value, 0);
+    }
+    return ret;
 }
 
 /*
@@ -382,10 +601,15 @@ static int coroutine_fn qed_cow_read(BDRVQEDState *s, uint64_t pos,
  * bytes written, -EAGAIN if the caller must look up again (as for every
  * claim that fails: qed_claim()), or a negative errno.
  *
- * Crash ordering 1: the data (with its copy-on-write padding) is written
- * before the entry is set in the cached table.  The request completes
- * once its data is on disk; the entry reaches the disk with a writeback
- * pass, at the latest with the next flush (qed_writeback).
+ * The L2 table is made (or its space secured) before the data's space is
+ * reserved: on a disk about to fill up, the table comes first, so that
+ * the data writes that do fit are acknowledged, rather than all of them
+ * failing at the table made after them.
+ *
+ * Crash ordering 1: the data (with its padding) is written before the
+ * entry is set in the cached table.  The request completes once its data
+ * is on disk; the entry reaches the disk with a writeback pass, at the
+ * latest with the next flush (qed_writeback).
  */
 int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
                                           uint64_t pos, uint64_t bytes,
@@ -401,10 +625,14 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
     uint64_t tail_end = MIN(end, s->header.image_size);
     uint64_t tail = tail_end > pos + bytes ? tail_end - (pos + bytes) : 0;
     bool cow = type == QED_EXTENT_UNALLOCATED && s->bs->backing;
+    unsigned int first = qed_l2_index(s, start);
+    unsigned int n = (end - start) / cs;
     QEDAllocation *alloc = g_new0(QEDAllocation, 1);
+    QEDCachedTable *e = NULL;
     QEMUIOVector wqiov;
     uint8_t *head_buf = NULL, *tail_buf = NULL;
     uint64_t wstart;
+    bool reused, pad;
     int64_t ret;
 
     if (!qed_claim(s, alloc, start, end, gen)) {
@@ -419,33 +647,50 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
      * has returned; it costs one header write and flush per dirty period.
      */
     ret = qed_set_need_check(s);
+    if (ret == 0) {
+        ret = qed_table_for_entries(s, qed_l1_index(s, start), first, n,
+                                    true, &e);
+    }
     if (ret < 0) {
         qed_release(s, alloc);
         g_free(alloc);
         return ret;
     }
 
-    ret = qed_alloc_file_space(s, end - start);
-    alloc->file_offset = ret;
+    alloc->file_offset = qed_reserve(s, end - start, &reused);
+    qed_grow_file(s);
     BLKDBG_EVENT(s->bs->file, BLKDBG_CLUSTER_ALLOC);
 
     /*
-     * New clusters read as zeros (fresh space past everything the file
-     * held).  Over a backing file the rest of each new cluster is copied
-     * from it (copy-on-write); otherwise only the data is written.
+     * New space at the end reads as zeros: without a backing file only the
+     * data is written, into the grow-ahead's tail.  Whole clusters are
+     * written when the space is reused (it holds what a failed write left)
+     * or when no tail covers it (the write extends the file, which must
+     * not end inside a cluster); over a backing file the rest of each new
+     * unallocated cluster is copied from it (copy-on-write), and what lies
+     * past the image's end is zeros.
      */
-    qemu_iovec_init(&wqiov, qiov->niov + 2);
+    pad = cow || reused || !qed_grows_ahead(s);
+    qemu_iovec_init(&wqiov, qiov->niov + 4);
     wstart = alloc->file_offset + head;
-    if (cow && head) {
-        ret = qed_cow_read(s, start, head, &wqiov, &head_buf);
+    if (head && pad) {
+        ret = cow ? qed_cow_read(s, start, head, &wqiov, &head_buf) :
+                    qed_iovec_add_zeros(s, &wqiov, head);
         if (ret < 0) {
             goto fail;
         }
         wstart = alloc->file_offset;
     }
     qemu_iovec_concat(&wqiov, qiov, qiov_offset, bytes);
-    if (cow && tail) {
-        ret = qed_cow_read(s, pos + bytes, tail, &wqiov, &tail_buf);
+    if (pad && tail) {
+        ret = cow ? qed_cow_read(s, pos + bytes, tail, &wqiov, &tail_buf) :
+                    qed_iovec_add_zeros(s, &wqiov, tail);
+        if (ret < 0) {
+            goto fail;
+        }
+    }
+    if (pad && end > MAX(tail_end, pos + bytes)) {
+        ret = qed_iovec_add_zeros(s, &wqiov, end - MAX(tail_end, pos + bytes));
         if (ret < 0) {
             goto fail;
         }
@@ -457,7 +702,6 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
                                                      BLKDBG_WRITE_AIO);
     ret = bdrv_co_pwritev(s->bs->file, wstart, wqiov.size, &wqiov, 0);
     if (ret < 0) {
-        /* The new clusters leak; nothing points at them */
         goto fail;
     }
     qemu_iovec_destroy(&wqiov);
@@ -465,21 +709,20 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
     qemu_vfree(tail_buf);
 
     /* The data is on disk: the entries may point at it now */
-    ret = qed_set_entries(s, start, (end - start) / cs, alloc->file_offset,
-                          cs);
+    qed_fill_entries(s, e, first, n, alloc->file_offset, cs);
     qed_release(s, alloc);
     g_free(alloc);
-    if (ret < 0) {
-        /* The new clusters leak; nothing points at them */
-        return ret;
-    }
     qed_wb_throttle(s);
     return bytes;
 
 fail:
+    /* Nothing points at the new clusters: they may be reused */
+    qed_unreserve(s, alloc->file_offset, end - start);
+    s->length_unsure = true;
     qemu_iovec_destroy(&wqiov);
     qemu_vfree(head_buf);
     qemu_vfree(tail_buf);
+    qed_l2_cache_unref(s->l2_cache, e);
     qed_release(s, alloc);
     g_free(alloc);
     return ret;

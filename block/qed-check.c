@@ -55,7 +55,8 @@ typedef struct QEDCheck {
     uint64_t l1_end;
 
     unsigned long *used;        /* one bit per cluster that is referenced */
-    uint64_t nclusters;         /* bits in @used */
+    uint64_t nclusters;         /* clusters of the file (and metadata) */
+    uint64_t nbits;             /* bits in @used: room for moves past it */
 
     QEDCheckL2 *tables;
     size_t n_tables;
@@ -384,6 +385,15 @@ static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
     }
 }
 
+/* One past the last cluster in use (the header is, at least) */
+static uint64_t qed_check_used_end(QEDCheck *check)
+{
+    uint64_t last = find_last_bit(check->used, check->nbits);
+
+    assert(last < check->nbits);
+    return last + 1;
+}
+
 /*
  * Fragmentation follows the guest: the first data cluster of a table
  * continues the last one of the table before it in guest order.
@@ -412,114 +422,50 @@ static void qed_check_frag(QEDCheck *check)
     }
 }
 
-/*
- * Count the clusters in [@first, @end) that the file still holds data
- * for, which a discard can give back (a cluster that is all hole costs
- * nothing).  Also return the first and last of them.
- */
-static int64_t coroutine_fn qed_check_held(QEDCheck *check, uint64_t first,
-                                           uint64_t end, uint64_t *first_held,
-                                           uint64_t *last_held)
+/* Free clusters below @end, by the bitmap */
+static uint64_t qed_check_count_free(QEDCheck *check, uint64_t end)
 {
-    BlockDriverState *file = check->s->bs->file->bs;
-    uint64_t cluster_size = check->s->header.cluster_size;
-    uint64_t pos = first * cluster_size;
-    uint64_t end_pos = MIN(end * cluster_size, check->file_size);
-    uint64_t next = first;      /* first cluster not yet counted */
-    int64_t held = 0;
+    uint64_t n = 0, a = 0;
 
-    while (pos < end_pos) {
-        int64_t pnum;
-        int ret = bdrv_block_status(file, pos, end_pos - pos, &pnum,
-                                    NULL, NULL);
+    while ((a = find_next_zero_bit(check->used, end, a)) < end) {
+        uint64_t b = find_next_bit(check->used, end, a);
 
-        if (ret < 0) {
-            /* Without an answer the cluster may hold data: not free */
-            fprintf(stderr, "ERROR: could not get the allocation status of "
-                    "0x%" PRIx64 ": %s\n", pos, strerror(-ret));
-            check->result->check_errors++;
-            ret = BDRV_BLOCK_DATA;
-            pnum = end_pos - pos;
-        } else if (pnum == 0) {
-            /* The file ended under us: the rest is not held */
-            break;
-        }
-
-        if (ret & BDRV_BLOCK_DATA) {
-            uint64_t a = MAX(pos / cluster_size, next);
-            uint64_t b = DIV_ROUND_UP(pos + pnum, cluster_size);
-
-            if (a < b) {
-                if (held == 0) {
-                    *first_held = a;
-                }
-                *last_held = b - 1;
-                held += b - a;
-                next = b;
-            }
-        }
-        pos += pnum;
+        n += b - a;
+        a = b;
     }
-    return held;
+    return n;
 }
 
 /*
- * Inner runs of unreferenced clusters, below @used_end.  Every one is a
- * leak, held or a hole, as the original driver counts them.  Nothing is
- * moved, so the file cannot lose them: repairing (@reclaim) gives their
- * space back to the file system, and they stay counted.
+ * Inner runs of unreferenced clusters, below @used_end: every one is a
+ * leak, held or a hole, as the original driver counts them.  Listed one
+ * line per run; returns how many clusters they hold.
  */
-static void coroutine_fn qed_check_inner_leaks(QEDCheck *check,
-                                               uint64_t used_end,
-                                               bool reclaim)
+static uint64_t qed_check_inner_leaks(QEDCheck *check, uint64_t used_end)
 {
-    BDRVQEDState *s = check->s;
-    BdrvCheckResult *result = check->result;
-    uint64_t cluster_size = s->header.cluster_size;
-    uint64_t a = 0;
-    int ret;
+    uint64_t cluster_size = check->s->header.cluster_size;
+    uint64_t a = 0, n = 0;
 
     while ((a = find_next_zero_bit(check->used, used_end, a)) < used_end) {
         uint64_t b = find_next_bit(check->used, used_end, a);
-        uint64_t first, last;
-        int64_t held = qed_check_held(check, a, b, &first, &last);
 
         fprintf(stderr, "Leaked clusters at 0x%" PRIx64 "..0x%" PRIx64
                 " (%" PRIu64 " clusters)\n", a * cluster_size,
                 b * cluster_size - 1, b - a);
-        result->leaks += b - a;
-        if (reclaim) {
-            ret = 0;
-            if (held > 0) {
-                /*
-                 * Discard may be disabled or unsupported and then does
-                 * nothing without failing: that only keeps the space.
-                 */
-                ret = bdrv_co_pdiscard(s->bs->file, first * cluster_size,
-                                       (last + 1 - first) * cluster_size);
-            }
-            if (ret < 0) {
-                fprintf(stderr, "ERROR: could not discard leaked clusters at "
-                        "0x%" PRIx64 ": %s\n", first * cluster_size,
-                        strerror(-ret));
-                result->check_errors++;
-            } else {
-                fprintf(stderr, "Could not reclaim the %" PRIu64 " leaked "
-                        "clusters at 0x%" PRIx64 ": clusters in use follow "
-                        "them in the file%s\n", b - a, a * cluster_size,
-                        held > 0 ? " (their space was given back to the "
-                        "file system)" : "");
-            }
-        }
+        n += b - a;
         a = b;
     }
+    return n;
 }
 
 /*
  * Find leaked clusters: clusters of the file that nothing references.
  * Reclaim them if asked and if the metadata could be trusted: while
  * corruptions remain or a table could not be read, a cluster that looks
- * unreferenced may still be what some bad entry points to.
+ * unreferenced may still be what some bad entry points to.  Inner leaks
+ * are reclaimed by moving the last clusters in use into them
+ * (qed_compact, crash-safe move by move), trailing ones by cutting the
+ * file, which comes last.
  */
 static void coroutine_fn qed_check_leaks(QEDCheck *check)
 {
@@ -527,14 +473,11 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
     BdrvCheckResult *result = check->result;
     uint64_t cluster_size = s->header.cluster_size;
     uint64_t file_clusters = check->file_end / cluster_size;
-    uint64_t last_used = find_last_bit(check->used, check->nclusters);
-    uint64_t used_end = last_used + 1;
+    uint64_t used_end = qed_check_used_end(check);
     bool reclaim = (check->fix & BDRV_FIX_LEAKS) &&
                    result->corruptions == 0 && result->check_errors == 0;
+    uint64_t inner, trailing, found, left;
     int ret;
-
-    /* The header is always marked, so there is a last used cluster */
-    assert(last_used < check->nclusters);
 
     if (check->unread_tables) {
         /* What the unread tables reference is unknown, and so are leaks */
@@ -544,44 +487,81 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
         return;
     }
 
-    qed_check_inner_leaks(check, used_end, reclaim);
-
-    /*
-     * Trailing clusters that nothing references: a leak whether they hold
-     * data or are a hole (the grow-ahead's tail, which a crash leaves
-     * behind), as the original driver counts them.  Repairing cuts them
-     * off.
-     */
-    if (used_end < file_clusters) {
-        uint64_t n = file_clusters - used_end;
-        uint64_t new_len = used_end * cluster_size;
-
+    inner = qed_check_inner_leaks(check, used_end);
+    trailing = file_clusters > used_end ? file_clusters - used_end : 0;
+    if (trailing) {
+        /*
+         * A leak whether they hold data or are a hole (the grow-ahead's
+         * tail, which a crash leaves behind), as the original driver
+         * counts them
+         */
         fprintf(stderr, "%s clusters at the end of the file, after 0x%"
                 PRIx64 " (%" PRIu64 " clusters)\n",
-                reclaim ? "Repairing leaked" : "Leaked", new_len, n);
-        result->leaks += n;
-        if (reclaim) {
-            /* Header and L1 table are marked, so this keeps them */
-            assert(new_len >= check->l1_end && new_len >= check->header_end);
-            ret = qed_resize_file(s, new_len);
-            if (ret < 0) {
-                fprintf(stderr, "ERROR: could not truncate the file to 0x%"
-                        PRIx64 ": %s\n", new_len, strerror(-ret));
-                result->check_errors++;
-            } else {
-                result->leaks -= n;
-                result->leaks_fixed += n;
-                s->file_end = new_len;
-            }
+                reclaim ? "Repairing leaked" : "Leaked",
+                used_end * cluster_size, trailing);
+    }
+    found = inner + trailing;
+    result->leaks += found;
+
+    if (!reclaim || found == 0) {
+        if (found > 0 && (check->fix & BDRV_FIX_LEAKS)) {
+            fprintf(stderr, "Not reclaiming leaked clusters: %s\n",
+                    result->corruptions ? "the image has corruptions left" :
+                    "errors occurred during the check");
+        }
+        result->image_end_offset = used_end * cluster_size;
+        return;
+    }
+
+    if (inner) {
+        uint64_t moved = 0;
+
+        ret = qed_compact(s, check->used, check->nbits, &moved);
+        used_end = qed_check_used_end(check);
+        if (ret == 0) {
+            fprintf(stderr, "Repairing leaked clusters inside the file: "
+                    "moved %" PRIu64 " clusters in use into them\n", moved);
+        } else if (ret == QED_COMPACT_STUCK) {
+            fprintf(stderr, "Could not reclaim all leaked clusters inside "
+                    "the file: a table found no room to move into "
+                    "(moved %" PRIu64 " clusters)\n", moved);
+        } else {
+            fprintf(stderr, "ERROR: could not move clusters in use into "
+                    "leaked ones: %s (moved %" PRIu64 " clusters; the "
+                    "image is consistent)\n", strerror(-ret), moved);
+            result->check_errors++;
         }
     }
 
-    if (result->leaks > 0 && (check->fix & BDRV_FIX_LEAKS) && !reclaim) {
-        fprintf(stderr, "Not reclaiming leaked clusters: %s\n",
-                result->corruptions ? "the image has corruptions left" :
-                "errors occurred during the check");
-    }
+    /*
+     * Cut what follows the last cluster in use (header and L1 table are
+     * marked, so this keeps them).  Data moves may have made the file
+     * longer than it was (a window emptied past its end): cut that too.
+     */
+    left = qed_check_count_free(check, used_end);
+    ret = 0;
+    if ((uint64_t)bdrv_getlength(s->bs->file->bs) > used_end * cluster_size ||
+        file_clusters > used_end) {
+        uint64_t new_len = used_end * cluster_size;
 
+        assert(new_len >= check->l1_end && new_len >= check->header_end);
+        ret = qed_resize_file(s, new_len);
+        if (ret < 0) {
+            fprintf(stderr, "ERROR: could not truncate the file to 0x%"
+                    PRIx64 ": %s\n", new_len, strerror(-ret));
+            result->check_errors++;
+            left += file_clusters > used_end ? file_clusters - used_end : 0;
+        } else {
+            s->file_end = new_len;
+        }
+    }
+    if (ret == 0) {
+        /* Every reservation of this open is recounted by the disk now */
+        qed_free_space_forget(s);
+    }
+    left = MIN(left, found);
+    result->leaks -= found - left;
+    result->leaks_fixed += found - left;
     result->image_end_offset = used_end * cluster_size;
 }
 
@@ -621,7 +601,9 @@ int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
      */
     check.nclusters = MAX(check.file_end, MAX(check.l1_end, check.header_end)) /
                       cluster_size;
-    check.used = bitmap_try_new(check.nclusters);
+    /* Leak repair may empty a window past the end (qed_compact) */
+    check.nbits = check.nclusters + s->header.table_size;
+    check.used = bitmap_try_new(check.nbits);
     if (!check.used) {
         result->check_errors++;
         return -ENOMEM;

@@ -356,13 +356,39 @@ static int qed_call_in_coroutine(BDRVQEDState *s, QEDCoFunc *fn,
  * extend it to whole clusters: after a crash that lost the grow-ahead's
  * size change, the file may end inside its last cluster, which readers
  * that round the file size down (the original driver) take for corrupt.
+ * After a failed write (a full disk) the file may hold part of it past
+ * file_end, whatever file_size says: cut then too.
  */
 static int coroutine_fn qed_trim_file_tail(BDRVQEDState *s, void *opaque)
 {
-    if (s->file_size == s->file_end && !s->resizing) {
+    int ret;
+
+    if (s->file_size == s->file_end && !s->resizing && !s->length_unsure) {
         return 0;
     }
-    return qed_resize_file(s, s->file_end);
+    ret = qed_resize_file(s, s->file_end);
+    if (ret == 0) {
+        s->length_unsure = false;
+    }
+    return ret;
+}
+
+/*
+ * Space that failed writes reserved and nothing reused is unreferenced:
+ * inside the file it is a leak that every check reports.  A clean close
+ * moves the last clusters in use into it and cuts the file (the check's
+ * leak repair, crash-safe move by move), so that a full disk leaves
+ * nothing behind.  Only ever after a failed write.
+ */
+static int coroutine_fn qed_reclaim_free_space(BDRVQEDState *s, void *opaque)
+{
+    BdrvCheckResult result = {0};
+
+    if (qed_free_space_bytes(s) == 0) {
+        return 0;
+    }
+    trace_qed_reclaim_free_space(s, qed_free_space_bytes(s));
+    return qed_check(s, &result, BDRV_FIX_LEAKS);
 }
 /* ---- open and close ----------------------------------------------------- */
 
@@ -432,6 +458,7 @@ static void qed_free_state(BDRVQEDState *s)
     s->l2_starts = NULL;
     s->n_l2_starts = s->l2_starts_size = 0;
     qed_screen_destroy(s);
+    qed_free_space_destroy(s);
 }
 
 /* Sizes and shifts that follow from a validated header */
@@ -571,6 +598,7 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     }
     qed_init_geometry(s, file_size);
     qed_screen_init(s);
+    qed_free_space_init(s);
 
     if (s->header.features & QED_F_BACKING_FILE) {
         ret = qed_read_backing_name(bs, errp);
@@ -672,7 +700,9 @@ static void qed_close(BlockDriverState *bs)
 
     if (qed_may_write_header(s)) {
         /* A clean close leaves a clean image (crash ordering 5) */
-        qed_call_in_coroutine(s, qed_co_clear_need_check, NULL);
+        if (qed_call_in_coroutine(s, qed_co_clear_need_check, NULL) == 0) {
+            qed_call_in_coroutine(s, qed_reclaim_free_space, NULL);
+        }
         qed_call_in_coroutine(s, qed_trim_file_tail, NULL);
     }
     qed_free_state(s);
@@ -907,7 +937,7 @@ static int coroutine_fn qed_set_markers(BDRVQEDState *s, uint64_t start,
     if (!qed_claim(s, &alloc, start, end, gen)) {
         return -EAGAIN;
     }
-    ret = qed_set_entries(s, start, (end - start) >> s->l2_shift, value, 0);
+    ret = qed_mark_clusters(s, start, (end - start) >> s->l2_shift, value);
     qed_release(s, &alloc);
     if (ret == 0) {
         qed_wb_throttle(s);
@@ -979,27 +1009,27 @@ static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
 }
 
 /*
- * Guest TRIM: data clusters become unallocated (zero clusters over a
- * backing file, so that discarded data never shows the backing file) and
- * their space goes back to the host.  The entry changes in memory first,
- * then the file is punched; the entry reaches the disk with the next
- * writeback.  A crash before that leaves the old entry over the punched
- * cluster, which reads as zeros, as the new entry would: the discard took
- * effect either way.  The cluster is never reused while the image is open,
- * so the old entry can't come to point at someone else's data.
+ * Guest TRIM: the space of the data clusters that the request covers goes
+ * back to the host, and their entries stay.  A punched cluster reads as
+ * zeros, with or without a backing file (which never shows through
+ * discarded data), a later write into it is an in-place write with no
+ * allocation, and nothing becomes unreferenced: no entry changes, so no
+ * crash ordering is involved and every check stays clean (an entry set to
+ * unallocated would leave its cluster a leak inside the file, which no
+ * check could reclaim online).  Block status asks the file, so map and
+ * convert see the punched clusters as zeros.  If the file cannot punch,
+ * the data stays, as discard allows.
  */
 static int coroutine_fn qed_co_pdiscard(BlockDriverState *bs, int64_t offset,
                                         int64_t bytes)
 {
     BDRVQEDState *s = bs->opaque;
-    uint64_t marker = bs->backing ? QED_L2_ZERO : QED_L2_UNALLOCATED;
 
     trace_qed_discard(s, offset, bytes);
     if (!qed_whole_clusters(s, offset, bytes)) {
         return -ENOTSUP;
     }
     while (bytes > 0) {
-        uint64_t gen = s->l2_gen;
         QEDExtent ext;
         int ret;
 
@@ -1007,20 +1037,11 @@ static int coroutine_fn qed_co_pdiscard(BlockDriverState *bs, int64_t offset,
         if (ret < 0) {
             return ret;
         }
-        ext.bytes = MIN(ext.bytes, qed_bytes_to_table_end(s, offset));
-
         if (ext.type == QED_EXTENT_DATA) {
             uint64_t end = ROUND_UP(offset + ext.bytes,
                                     s->header.cluster_size);
 
-            ret = qed_set_markers(s, offset, end, marker, gen);
-            if (ret == -EAGAIN) {
-                continue;
-            }
-            if (ret < 0) {
-                return ret;
-            }
-            /* Errors here only keep the space: the data is gone already */
+            /* Errors here only keep the space: the entries are unchanged */
             bdrv_co_pdiscard(bs->file, ext.file_offset, end - offset);
         }
         offset += ext.bytes;
@@ -1155,13 +1176,16 @@ static int qed_get_info(BlockDriverState *bs, BlockDriverInfo *bdi)
  * becomes unallocated and the file shrinks to the header and the L1 table.
  *
  * Crash ordering 9: the backing file is flushed first, so the data that
- * this image held is durable there.  Then NEED_CHECK is set and flushed,
- * a zeroed L1 table is written and flushed, the file is cut to header and
- * L1 table, and the bit is cleared (ordering 5).  A crash at any point
- * leaves, per L1 sector, the old entries or none: where none, the backing
- * file shows the same data through; the tables and clusters that nothing
- * references any more are leaks, which the check that NEED_CHECK asks for
- * cuts off.
+ * this image held is durable there.  Then a zeroed L1 table is written and
+ * flushed, and the file is cut to header and L1 table.  A crash at any
+ * point leaves, per L1 sector, the old entries or none: where none, the
+ * backing file shows the same data through.  The file is cut only after
+ * the zeroed L1 is durable, so no entry ever names space past the end.
+ * An image with a backing file is never marked dirty, so NEED_CHECK is
+ * not set for this: a crash between the L1 write and the cut leaves the
+ * old tables and clusters unreferenced, leaks that `qemu-img check -r
+ * leaks` reclaims, never a corruption.  (Without a backing file, which
+ * commit never empties, the bit is set first as for any table change.)
  */
 static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
 {
@@ -1185,7 +1209,7 @@ static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
     }
 
     qemu_co_mutex_lock(&s->wb_lock);
-    ret = qed_raise_need_check(s);
+    ret = qed_set_need_check(s);
     if (ret == 0) {
         zero = qed_table_new(bytes);
         ret = qed_write_l1_table(s, zero, 0, s->table_nelems);
@@ -1204,6 +1228,7 @@ static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
         s->file_end = MAX((uint64_t)s->header.header_size *
                           s->header.cluster_size,
                           s->header.l1_table_offset + bytes);
+        qed_free_space_forget(s);
         qed_screen_reset(s);
     }
     qemu_co_mutex_unlock(&s->wb_lock);
@@ -1211,8 +1236,15 @@ static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
         return ret;
     }
 
-    /* Cuts the file to file_end, then clears the bit */
-    return qed_clear_need_check(s);
+    /* Cuts the file to file_end (and clears the bit, if it was set) */
+    ret = qed_trim_file_tail(s, NULL);
+    if (ret == 0) {
+        ret = bdrv_co_flush(s->bs->file->bs);
+    }
+    if (ret == 0) {
+        ret = qed_clear_need_check(s);
+    }
+    return ret;
 }
 
 static int qed_make_empty(BlockDriverState *bs)

@@ -36,6 +36,10 @@
  *   tables_making,   a new L2 table's space, a table's holes being
  *   space_busy       allocated (making_waiters)
  *   allocating_writes == 0   idle, for the timer (idle_waiters)
+ *   screen_lock      the reading of every table for bad entries, before
+ *                    the first allocation, and their drop (CoMutex; taken
+ *                    by lookups, which hold no claim, and by the
+ *                    writeback only when free: qed_screen_settle())
  * Order in which they may be taken, one inside the other:
  *   wb_lock -> header_lock -> resizing
  *   a claim -> header_lock -> resizing
@@ -241,6 +245,10 @@ typedef struct BDRVQEDState {
     /* The file's length: it grows ahead of file_end, in steps */
     uint64_t file_size;
     bool can_grow;
+    /* Space reserved and then not used (qed-alloc.c), sorted by offset */
+    GArray *free_runs;
+    /* A write failed: the file may be longer than file_size says */
+    bool length_unsure;
     /*
      * A change of the file's length in flight (one at a time), and the
      * length it sets: a write that reaches past that length waits for it,
@@ -291,17 +299,21 @@ typedef struct BDRVQEDState {
     unsigned int error_reports; /* rate limit for corrupt-metadata messages */
 
     /*
-     * Data entries that pointed past the end of the file when their chunk
-     * was first read (corrupt) stay invalid for the whole open, also once
+     * Entries (L1 or L2) that name space past the end of the file as it
+     * was opened (corrupt) stay invalid for the whole open, also once
      * allocations pass the offset they name: else they would alias a new
-     * cluster.  Entries past @open_end in a chunk read for the first time
-     * can't be this open's own (it writes entries only into loaded
-     * chunks), so they are the bad ones; see qed_l2_screen().
+     * cluster.  A writable open reads every table before it allocates
+     * (qed_screen_tables() in qed-cluster.c, which says why).
      */
     uint64_t open_end;          /* file_end when every entry was last valid */
     bool entries_checked;       /* the check has vouched for every entry */
-    GHashTable *chunks_read;    /* L2 offset -> bitmap of chunks read */
-    GHashTable *bad_entries;    /* entry's file offset -> its value */
+    bool tables_screened;       /* every L2 table was read for bad entries */
+    bool bad_dropped;           /* and they were dropped in memory */
+    bool screen_busy;           /* screen_lock is held */
+    CoMutex screen_lock;        /* one screening at a time */
+    GHashTable *bad_entries;    /* L2 offset -> bitmap of its bad entries */
+    unsigned long *bad_l1;      /* bitmap of the bad L1 entries, or NULL */
+    GArray *bad_ranges;         /* sorted file ranges that bad entries name */
 } BDRVQEDState;
 
 /* Geometry helpers */
@@ -414,11 +426,14 @@ bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
 void qed_release(BDRVQEDState *s, QEDAllocation *a);
 void coroutine_fn qed_wait_resize(BDRVQEDState *s, uint64_t end);
 int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size);
-void coroutine_fn qed_grow_file(BDRVQEDState *s);
+bool qed_grows_ahead(BDRVQEDState *s);
 int coroutine_fn qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t);
-int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
-                                QEDCachedTable **e);
-bool qed_table_making(BDRVQEDState *s, unsigned int l1i);
+void qed_free_space_init(BDRVQEDState *s);
+void qed_free_space_destroy(BDRVQEDState *s);
+uint64_t qed_free_space_bytes(BDRVQEDState *s);
+void qed_free_space_forget(BDRVQEDState *s);
+int coroutine_fn qed_mark_clusters(BDRVQEDState *s, uint64_t start,
+                                   unsigned int n, uint64_t value);
 int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s, uint64_t pos,
                                           uint64_t bytes, QEDExtentType type,
                                           QEMUIOVector *qiov,
@@ -432,9 +447,6 @@ unsigned int qed_dirty_set(QEDDirtyTable *t, unsigned int first,
 unsigned int qed_dirty_clear(QEDDirtyTable *t, unsigned int first,
                              unsigned int n);
 bool qed_tables_dirty(BDRVQEDState *s);
-int coroutine_fn qed_set_entries(BDRVQEDState *s, uint64_t start,
-                                 unsigned int n, uint64_t value,
-                                 uint64_t step);
 int coroutine_fn qed_writeback(BDRVQEDState *s);
 void qed_wb_free_buffers(BDRVQEDState *s);
 void coroutine_fn qed_wb_throttle(BDRVQEDState *s);
@@ -512,6 +524,7 @@ void qed_screen_new_table(BDRVQEDState *s, uint64_t l2_offset);
 void qed_screen_forget(BDRVQEDState *s, uint64_t l2_offset,
                        unsigned int first, unsigned int n);
 uint64_t qed_screen_skip(BDRVQEDState *s, uint64_t offset, uint64_t bytes);
+void coroutine_fn qed_screen_settle(BDRVQEDState *s);
 int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
                                   QEDCachedTable **entry);
 int coroutine_fn qed_l2_ensure(BDRVQEDState *s, QEDCachedTable *e,
@@ -522,5 +535,10 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
 /* qed-check.c */
 int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
                            BdrvCheckMode fix);
+
+/* qed-compact.c: inner leaks reclaimed by moving clusters in use */
+#define QED_COMPACT_STUCK 1
+int coroutine_fn qed_compact(BDRVQEDState *s, unsigned long *used,
+                             uint64_t nbits, uint64_t *moved);
 
 #endif /* BLOCK_QED_H */

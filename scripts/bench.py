@@ -10,8 +10,14 @@
                                      qcow2 v3: bit 0 of the BE incompatible
                                      features at offset 72)
   bench.py is-dirty qed|qcow2 PATH   exit 0 if the dirty bit is set
+  bench.py tree [DOCS]               the tree's label, the commit (with
+                                     "-dirty" when it has changes), then its
+                                     changes (git status --porcelain lines,
+                                     less DOCS/benchmarks.*): see tree_state
   bench.py report RESULTS.tsv ...    print the table and ratios; with --docs DIR
-                                     write DIR/benchmarks.md and DIR/benchmarks.png
+                                     write DIR/benchmarks.md and DIR/benchmarks.png;
+                                     --tree LABEL --tree-changes LINES: the
+                                     tree measured (default: `bench.py tree`)
 """
 
 import argparse
@@ -25,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs")
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -284,17 +292,37 @@ def build_type(binary):
         return "?"
 
 
-def git_rev(root):
-    out = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
-                         capture_output=True, text=True, check=False).stdout
-    return out.strip() or "?"
+def tree_state(root, docs):
+    """(rev, changes): the commit the binaries are built from, with "-dirty"
+    when the tree differs from it, and the differences, `git status
+    --porcelain` lines: tracked files changed and untracked files that git
+    does not ignore.  The page's own files in DOCS are left out: a run
+    rewrites them, and they change nothing it measures.  Outside a git
+    checkout (or if git fails) the tree cannot be named: "unknown-dirty"."""
+    def git(*args):
+        p = subprocess.run(["git", "--no-optional-locks", "-C", root] +
+                           list(args), capture_output=True, text=True,
+                           check=False)
+        return p.stdout if p.returncode == 0 else None
+    rev = git("describe", "--always")
+    status = git("status", "--porcelain", "--untracked-files=normal")
+    if not rev or status is None:
+        return "unknown-dirty", ["(%s: not a git checkout, or git failed)" %
+                                 root]
+    top = os.path.realpath(root)
+    own = {os.path.relpath(os.path.join(os.path.realpath(docs), n), top)
+           for n in ("benchmarks.md", "benchmarks.png")}
+    changes = [x for x in status.splitlines() if x[3:] not in own]
+    return rev.strip() + ("-dirty" if changes else ""), changes
 
 
-def table(res, mode, rows, wall=False, rss=False):
+def table(res, mode, wall=False, rss=False):
+    """(head, rows) of one figure table: the times with their ratios (by
+    default), the whole process's wall clock (wall) or the peak RSS (rss)."""
     head = ["workload"] + [n for _, n in CONTENDERS]
     if not wall and not rss:
         head += ["ours/peer", "ours/qcow2", "ours/raw"]
-    out = []
+    rows = []
     for wl, label, _ in WORKLOADS:
         if wall and wl not in BENCH_WLS:
             continue
@@ -310,9 +338,8 @@ def table(res, mode, rows, wall=False, rss=False):
             for o in OTHERS:
                 r = ratio(res, wl, o)
                 row.append("-" if r is None else "%.2f" % r)
-        out.append(row)
-    rows.extend(out)
-    return head
+        rows.append(row)
+    return head, rows
 
 
 def text_table(head, rows):
@@ -347,9 +374,10 @@ def evaluate(res, mode):
     return out
 
 
-def chart(res, png):
+def chart(res, png, dirty=""):
     """Bars of ours/contender from 1 (down = ours faster), log scale, with the
-    targets of issue 8 as black dashes over the bars they apply to."""
+    targets of issue 8 as black dashes over the bars they apply to; DIRTY
+    (see Figures) ends the title."""
     gp = shutil.which("gnuplot")
     if not gp:
         print("bench: gnuplot missing, no chart", file=sys.stderr)
@@ -396,10 +424,11 @@ def chart(res, png):
                 'pt -1 lw 3 lc rgb "black" {title}'.format(
                     dat=dat, off=off, t=6 + i,
                     title='title "target (issue 8)"' if i == 2 else "notitle"))
+        subtitle = "\\n" + dirty if dirty else ""
         script = f"""
 set terminal pngcairo size 1500,640 font "DejaVu Sans,11"
 set output "{png}"
-set title "Our QED relative to each contender: time ratio of medians, below 1 = ours faster"
+set title "Our QED relative to each contender: time ratio of medians, below 1 = ours faster{subtitle}"
 set datafile missing "-"
 clip(x) = x < 0.0625 ? 0.0625 : (x > 16 ? 16 : x)
 set logscale y 2
@@ -428,38 +457,66 @@ def cut(a):
     return a.planned_reps > a.reps or a.planned_slow_reps > a.slow_reps
 
 
-def report(a):
-    res = read_results(a.results)
-    mode = a.mode
-    rows = []
-    head = table(res, mode, rows)
-    wrows = []
-    whead = table(res, mode, wrows, wall=True)
-    mrows = []
-    mhead = table(res, mode, mrows, rss=True)
-    fails = [(wl, c, f) for (wl, c), r in res.items() for f in r["fails"]]
-    fallbacks = sorted({(wl, c) for (wl, c), r in res.items()
-                        if r["modes"] - {mode}})
-    ref = "our build" if a.ref == "ours" else "the peer's /usr/bin/qemu-img"
+class Figures:
+    """What the run measured, read once: the results and the figure tables
+    that both the console summary and the page show, and the tree they come
+    from (a.tree, a.tree_changes: see tree_state).  From an uncommitted tree,
+    dirty is the label that every figure table (and the chart) carries."""
 
+    def __init__(self, a):
+        self.tree, self.changes = a.tree, a.tree_changes
+        self.dirty = ("from an uncommitted tree (%s)" % a.tree
+                      if a.tree.endswith("-dirty") else "")
+        self.mode = a.mode
+        self.res = read_results(a.results)
+        self.times = table(self.res, self.mode)
+        self.wall = table(self.res, self.mode, wall=True)
+        self.rss = table(self.res, self.mode, rss=True)
+        self.fails = [(wl, c, f) for (wl, c), r in self.res.items()
+                      for f in r["fails"]]
+        # Runs that fell back to -t writeback after failing under O_DIRECT
+        self.fallbacks = sorted({(wl, c) for (wl, c), r in self.res.items()
+                                 if r["modes"] - {self.mode}})
+        self.targets = evaluate(self.res, self.mode)
+        self.notes = [(wl, c, n, reps) for (wl, c), r in self.res.items()
+                      for n, reps in r.get("notes", {}).items()]
+
+
+# ---------------------------------------------------------------- console
+
+def labelled(head, fig):
+    """A figure table's head, its first cell naming an uncommitted tree:
+    the label stays with the table wherever it is copied."""
+    return [head[0] + ", " + fig.dirty] + head[1:] if fig.dirty else head
+
+
+def print_tables(fig):
     print()
+    if fig.dirty:
+        print("bench: every figure below is %s" % fig.dirty)
     print("Median seconds (min-max) of the run; ratios are of medians, "
           "below 1 = ours faster")
-    print(text_table(head, rows))
+    print(text_table(*fig.times))
     print()
     print("Peak RSS, MiB (median; /usr/bin/time %M of the whole process)")
-    print(text_table(mhead, mrows))
-    for wl, c in fallbacks:
+    print(text_table(*fig.rss))
+    for wl, c in fig.fallbacks:
         print("† %s %s: ran with -t writeback (failed under O_DIRECT)" % (wl, c))
-    for wl, c, f in fails:
+    for wl, c, f in fig.fails:
         print("FAILED %s %s %s" % (wl, c, f))
+
+
+def print_targets(fig):
     print()
     print("Targets (issue 8), ours/contender:")
-    for text, r, lim, verdict in evaluate(res, mode):
+    for text, r, lim, verdict in fig.targets:
         if verdict != "n/a":
             print("  %-66s %6s  (<= %s)  %s" % (text, r, lim,
                                               verdict.replace("*", ""))
                   if lim else "  %-66s %s" % (text, verdict))
+
+
+def print_run(a):
     print()
     if cut(a):
         print("bench: %d of %d repetitions, %d of %d of the slow block "
@@ -467,111 +524,183 @@ def report(a):
                                       a.planned_slow_reps, a.budget))
     print("bench: %d s in the benchmark" % a.runtime)
 
-    if not a.docs:
-        return
-    os.makedirs(a.docs, exist_ok=True)
-    png = os.path.join(a.docs, "benchmarks.png")
-    have_png = chart(res, png)
-    m = machine(a.bench_dir)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ---------------------------------------------------------------- the page
+
+def md_intro(fig):
+    md = [
+        "# Benchmarks: our QED against the original QED, qcow2 and raw\n",
+        "Written by `make bench` (`scripts/bench.sh`, `scripts/bench.py`); "
+        "the workloads and targets are those of issue 8. Re-run "
+        "`make bench` to refresh this page.\n",
+    ]
+    if fig.dirty:
+        md.append("**Every figure on this page is %s**: the binaries were "
+                  "built from commit %s plus the changes listed under Run, "
+                  "which no commit holds (`make bench` writes such a page only "
+                  "with BENCH_ALLOW_DIRTY=1). "
+                  "Re-run `make bench` from a clean tree before quoting "
+                  "them.\n" % (fig.dirty, fig.tree[:-len("-dirty")]))
+    return md
+
+
+def md_tree(fig, most=20):
+    """The Run section's tree line: the commit, and what differed from it."""
+    if not fig.dirty:
+        return ["- tree: %s" % fig.tree]
+    md = ["- tree: %s, **uncommitted**: the commit plus these changes "
+          "(`git status --porcelain` when the run started):" % fig.tree]
+    md += ["  - `%s`" % x for x in fig.changes[:most]]
+    if len(fig.changes) > most:
+        md.append("  - and %d more" % (len(fig.changes) - most))
+    return md
+
+
+def md_run(a, fig):
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    md = []
-    md.append("# Benchmarks: our QED against the original QED, qcow2 and raw\n")
-    md.append("Written by `make bench` (`scripts/bench.sh`, `scripts/bench.py`); "
-              "the workloads and targets are those of issue 8. Re-run "
-              "`make bench` to refresh this page.\n")
-    md.append("## Run\n")
-    md.append("- date: %s" % now)
-    md.append("- tree: %s" % git_rev(root))
-    md.append("- ours: `.base/qemu/build/qemu-img` (%s), the fork's QED, as "
-              "`make` builds it (%s)" % (version(a.ours), build_type(a.ours)))
-    md.append("- peer QED: `/usr/bin/qemu-img` (%s), the original QED driver" %
-              version(a.peer))
-    md.append("- qcow2 and raw: run with %s" % ref)
-    md.append("- cache: %s for every run%s" % (
-        "`-t none -i native` (O_DIRECT)" if mode == "none/native"
-        else "`-t writeback` (O_DIRECT was refused on this file system)",
-        "; check `-T none`, dirty open `qemu-io -t none -i native`, "
-        "convert `-t none -T none`" if mode == "none/native" else ""))
-    md.append("- repetitions: %d, alternating the contenders within each "
-              "(ours, peer, qcow2, raw, ours, ...); both big scatter rows, "
-              "check and dirty open: %d (the slowest)%s" % (a.reps, a.slow_reps,
-              "; asked for %d and %d, the time budget of %d s (BENCH_BUDGET) "
-              "cut the run short" % (a.planned_reps, a.planned_slow_reps, a.budget)
-              if cut(a) else ""))
-    md.append("- time in the benchmark: %d s" % a.runtime)
-    md.append("")
-    md.append("## Machine\n")
-    md.append("- CPUs (nproc): %s" % m["nproc"])
-    md.append("- memory: %s" % m["memory"])
-    md.append("- CPU: %s" % m["cpu"])
-    md.append("- kernel: %s" % m["kernel"])
-    md.append("- file system: %s" % m["fs"])
-    md.append("- mount options: %s%s" % (m["opts"], (
-        " (with `discard`, deleting an image costs seconds per GiB: that time "
-        "counts against the run's time budget, never in a figure)"
-        if "discard" in m["opts"].split(",") else "")))
-    md.append("- load average at the end: %s (other jobs may have run "
-              "alongside: the figures can be noisy)" % m["load"])
-    md.append("")
-    md.append("## Workloads\n")
-    for wl, label, desc in WORKLOADS:
-        md.append("- **%s**: %s" % (label, desc))
-    md.append("\nEach runs on a fresh image (rewrite and read: the first GiB of "
-              "a fresh 4 GiB image is filled first, untimed). `qemu-img bench` "
-              "workloads are timed by its own \"Run completed in X seconds\" "
-              "line; check, dirty open and convert by `/usr/bin/time` "
-              "(wall clock of the whole command); check and dirty open run "
-              "several times per repetition (they take about a second), "
-              "alternating the contenders. Every run also goes through "
-              "`/usr/bin/time` for its peak RSS (see below).\n")
-    md.append("## Times\n")
-    md.append("Median seconds of the run, (min-max) over the repetitions; "
-              "ratios are of medians, below 1 = ours faster. `-` = does not "
-              "apply.\n")
-    md.append(md_table(head, rows))
-    md.append("\n### Peak RSS\n")
-    md.append("Peak resident set size of the whole process (`qemu-img` or "
-              "`qemu-io`, from open to exit) in MiB, median over the same runs "
-              "as the times above: `/usr/bin/time`'s `%M`, the most memory the "
-              "process ever had in RAM at once (code and libraries it touched, "
-              "heap such as the L2 table caches and the request buffers, "
-              "stacks); the kernel's page cache is not counted (with O_DIRECT "
-              "there is none anyway). `-` = not recorded or does not "
-              "apply.\n")
-    md.append(md_table(mhead, mrows))
-    for wl, c in fallbacks:
-        md.append("\n† %s, %s: ran with `-t writeback` after failing under "
-                  "O_DIRECT (see below); its ratio compares different cache "
-                  "modes." % (wl, c))
-    notes = [(wl, c, n, reps) for (wl, c), r in res.items()
-             for n, reps in r.get("notes", {}).items()]
-    if notes:
+    ref = "our build" if a.ref == "ours" else "the peer's /usr/bin/qemu-img"
+    direct = a.mode == "none/native"
+    return [
+        "## Run\n",
+        "- date: %s" % now,
+    ] + md_tree(fig) + [
+        "- ours: `.base/qemu/build/qemu-img` (%s), the fork's QED, as "
+        "`make` builds it (%s)" % (version(a.ours), build_type(a.ours)),
+        "- peer QED: `/usr/bin/qemu-img` (%s), the original QED driver" %
+        version(a.peer),
+        "- qcow2 and raw: run with %s" % ref,
+        "- cache: %s for every run%s" % (
+            "`-t none -i native` (O_DIRECT)" if direct
+            else "`-t writeback` (O_DIRECT was refused on this file system)",
+            "; check `-T none`, dirty open `qemu-io -t none -i native`, "
+            "convert `-t none -T none`" if direct else ""),
+        "- repetitions: %d, alternating the contenders within each "
+        "(ours, peer, qcow2, raw, ours, ...); both big scatter rows, "
+        "check and dirty open: %d (the slowest)%s" % (a.reps, a.slow_reps,
+            "; asked for %d and %d, the time budget of %d s (BENCH_BUDGET) "
+            "cut the run short" % (a.planned_reps, a.planned_slow_reps,
+                                   a.budget)
+            if cut(a) else ""),
+        "- time in the benchmark: %d s" % a.runtime,
+        "",
+    ]
+
+
+def md_machine(m):
+    discard = "discard" in m["opts"].split(",")
+    return [
+        "## Machine\n",
+        "- CPUs (nproc): %s" % m["nproc"],
+        "- memory: %s" % m["memory"],
+        "- CPU: %s" % m["cpu"],
+        "- kernel: %s" % m["kernel"],
+        "- file system: %s" % m["fs"],
+        "- mount options: %s%s" % (m["opts"], (
+            " (with `discard`, deleting an image costs seconds per GiB: that "
+            "time counts against the run's time budget, never in a figure)"
+            if discard else "")),
+        "- load average at the end: %s (other jobs may have run "
+        "alongside: the figures can be noisy)" % m["load"],
+        "",
+    ]
+
+
+def md_workloads():
+    md = ["## Workloads\n"]
+    md += ["- **%s**: %s" % (label, desc) for _, label, desc in WORKLOADS]
+    md.append("\nEach runs on a fresh image (rewrite and read: the first GiB "
+              "of a fresh 4 GiB image is filled first, untimed). `qemu-img "
+              "bench` workloads are timed by its own \"Run completed in X "
+              "seconds\" line; check, dirty open and convert by "
+              "`/usr/bin/time` (wall clock of the whole command); check and "
+              "dirty open run several times per repetition (they take about "
+              "a second), alternating the contenders. Every run also goes "
+              "through `/usr/bin/time` for its peak RSS (see below).\n")
+    return md
+
+
+def md_times(fig):
+    return [
+        "## Times\n",
+        "Median seconds of the run, (min-max) over the repetitions; ratios "
+        "are of medians, below 1 = ours faster. `-` = does not apply.\n",
+        md_table(labelled(fig.times[0], fig), fig.times[1]),
+    ]
+
+
+def md_rss(fig):
+    return [
+        "\n### Peak RSS\n",
+        "Peak resident set size of the whole process (`qemu-img` or "
+        "`qemu-io`, from open to exit) in MiB, median over the same runs as "
+        "the times above: `/usr/bin/time`'s `%M`, the most memory the "
+        "process ever had in RAM at once (code and libraries it touched, "
+        "heap such as the L2 table caches and the request buffers, stacks); "
+        "the kernel's page cache is not counted (with O_DIRECT there is none "
+        "anyway). `-` = not recorded or does not apply.\n",
+        md_table(labelled(fig.rss[0], fig), fig.rss[1]),
+    ]
+
+
+def md_caveats(fig):
+    """The fallbacks to -t writeback, the notes and the failures."""
+    md = ["\n† %s, %s: ran with `-t writeback` after failing under O_DIRECT "
+          "(see below); its ratio compares different cache modes." % (wl, c)
+          for wl, c in fig.fallbacks]
+    if fig.notes:
         md.append("\nNotes:\n")
-        for wl, c, n, reps in notes:
+        for wl, c, n, reps in fig.notes:
             md.append("- %s, %s: %s%s (repetition.run %s)" % (wl, c, n, (
                 " (`qemu-img check` found leaked clusters)" if n == "exit 3"
                 else ""), ", ".join(reps)))
-    if fails:
+    if fig.fails:
         md.append("\nFailures:\n")
-        for wl, c, f in fails:
-            md.append("- %s, %s, %s" % (wl, c, f))
-    md.append("\nWhole `qemu-img bench` process (wall clock, including open and "
-              "the close, which flushes), median (min-max):\n")
-    md.append(md_table(whead, wrows))
-    md.append("\n## Targets (issue 8)\n")
-    md.append("| target | ours/contender | limit | verdict |")
-    md.append("|---|---:|---:|---|")
-    for text, r, lim, verdict in evaluate(res, mode):
-        md.append("| %s | %s | %s | %s |" % (text, r, ("<= " + lim) if lim else "",
-                                            verdict))
+        md += ["- %s, %s, %s" % f for f in fig.fails]
+    return md
+
+
+def md_wall(fig):
+    return [
+        "\nWhole `qemu-img bench` process (wall clock, including open and "
+        "the close, which flushes), median (min-max):\n",
+        md_table(labelled(fig.wall[0], fig), fig.wall[1]),
+    ]
+
+
+def md_targets(fig):
+    md = ["\n## Targets (issue 8)\n",
+          "| %s | ours/contender | limit | verdict |" %
+          labelled(["target"], fig)[0],
+          "|---|---:|---:|---|"]
+    md += ["| %s | %s | %s | %s |" % (text, r, ("<= " + lim) if lim else "",
+                                      verdict)
+           for text, r, lim, verdict in fig.targets]
+    return md
+
+
+def write_docs(a, fig):
+    """DIR/benchmarks.md (and the chart, DIR/benchmarks.png, with gnuplot)."""
+    os.makedirs(a.docs, exist_ok=True)
+    png = os.path.join(a.docs, "benchmarks.png")
+    have_png = chart(fig.res, png, fig.dirty)
+    md = (md_intro(fig) + md_run(a, fig) + md_machine(machine(a.bench_dir)) +
+          md_workloads() + md_times(fig) + md_rss(fig) + md_caveats(fig) +
+          md_wall(fig) + md_targets(fig))
     if have_png:
-        md.append("\n## Chart\n")
-        md.append("![ratios](benchmarks.png)\n")
-    with open(os.path.join(a.docs, "benchmarks.md"), "w") as f:
+        md += ["\n## Chart\n", "![ratios](benchmarks.png)\n"]
+    path = os.path.join(a.docs, "benchmarks.md")
+    with open(path, "w") as f:
         f.write("\n".join(md) + "\n")
-    print("bench: wrote %s%s" % (os.path.join(a.docs, "benchmarks.md"),
-                                 " and " + png if have_png else ""))
+    print("bench: wrote %s%s" % (path, " and " + png if have_png else ""))
+
+
+def report(a):
+    fig = Figures(a)
+    print_tables(fig)
+    print_targets(fig)
+    print_run(a)
+    if a.docs:
+        write_docs(a, fig)
 
 
 def main():
@@ -586,6 +715,9 @@ def main():
         mark_dirty(args[0], args[1])
     elif cmd == "is-dirty":
         sys.exit(0 if is_dirty(args[0], args[1]) else 1)
+    elif cmd == "tree":
+        rev, changes = tree_state(ROOT, args[0] if args else DOCS)
+        print("\n".join([rev] + changes))
     elif cmd == "report":
         p = argparse.ArgumentParser(prog="bench.py report")
         p.add_argument("results")
@@ -601,7 +733,16 @@ def main():
         p.add_argument("--ours", required=True)
         p.add_argument("--peer", required=True)
         p.add_argument("--docs")
-        report(p.parse_args(args))
+        p.add_argument("--tree", help="the tree's label (see tree_state); "
+                       "bench.sh passes the one of the run's start")
+        p.add_argument("--tree-changes", default="",
+                       help="with --tree: its git status lines")
+        a = p.parse_args(args)
+        if a.tree:
+            a.tree_changes = a.tree_changes.splitlines()
+        else:
+            a.tree, a.tree_changes = tree_state(ROOT, a.docs or DOCS)
+        report(a)
     else:
         sys.exit(__doc__)
 

@@ -26,6 +26,26 @@
 # cache, capped at 32 MiB) and raw run it as in big scatter. check and
 # dirty-open run on the bigscatter images, so they run bigscatter too.
 #
+# The page is evidence: it is written only from a committed tree.  Before
+# any workload runs, `git status --porcelain` of the repository must show no
+# change (tracked files modified, added or deleted; untracked files git does
+# not ignore), less the page's own two files, which a run rewrites: on a
+# dirty tree the bench refuses to write docs/, says what is dirty and exits
+# 1.  BENCH_NO_DOCS=1 runs anyway (a trial that leaves docs/ alone);
+# BENCH_ALLOW_DIRTY=1 writes the page, it and every figure table labelled
+# "from an uncommitted tree (<commit>-dirty)", the changes listed.  The page
+# names the commit measured (its "tree:" line), as of the run's start.  Also
+# refused when writing docs/: binaries not built from the tree (ninja would
+# rebuild them: run `make bench`, which builds first) and binaries that
+# changed during the run (a `make` elsewhere: the figures would mix two
+# builds).
+#
+#   scripts/bench.sh               the benchmark (what `make bench` runs)
+#   scripts/bench.sh --check-tree  only the checks above, with the same
+#                                  environment: exit 0 if the bench would run
+#                                  (and says whether it would write docs/),
+#                                  1 if it would refuse
+#
 # Environment:
 #   BENCH_REPS       repetitions (default 3)
 #   BENCH_SLOW_REPS  repetitions of big scatter (both rows) and its
@@ -41,12 +61,22 @@
 #                    3: they take about a second each)
 #   BENCH_ONLY       run only these workloads (space separated ids, see above)
 #   BENCH_NO_DOCS=1  print the table but do not write docs/benchmarks.*
+#                    (runs on a dirty tree)
+#   BENCH_ALLOW_DIRTY=1  write docs/benchmarks.* from a dirty tree, every
+#                    figure table labelled as from an uncommitted tree
 #   BENCH_DOCS       where benchmarks.md and .png go (default docs/)
 #   BENCH_KEEP=1     keep the images of the last repetition
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+
+CHECK_ONLY=0
+case "${1:-}" in
+    "") ;;
+    --check-tree) CHECK_ONLY=1 ;;
+    *) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
+esac
 
 T_START=$(date +%s)
 REPS=${BENCH_REPS:-3}
@@ -73,6 +103,61 @@ fi
 for b in "$OURS_IMG" "$OURS_IO" "$PEER_IMG" "$PEER_IO" /usr/bin/time; do
     [ -x "$b" ] || { echo "bench: $b missing (run make bench)" >&2; exit 1; }
 done
+
+# --- the tree measured (see the header): checked before any workload runs ---
+DOCS_DIR=${BENCH_DOCS:-$ROOT/docs}
+WRITE_DOCS=1
+[ -z "${BENCH_NO_DOCS:-}" ] || WRITE_DOCS=0
+# Line 1: the commit, with -dirty if the tree has changes; then the changes.
+TREE_OUT=$("$PY" scripts/bench.py tree "$DOCS_DIR") ||
+    { echo "bench: could not read the tree's state (git)" >&2; exit 1; }
+TREE=$(head -n 1 <<<"$TREE_OUT")
+TREE_CHANGES=$(tail -n +2 <<<"$TREE_OUT")
+if [[ $TREE != *-dirty ]]; then
+    echo "bench: tree $TREE (committed, no changes)"
+elif [ "$WRITE_DOCS" = 0 ]; then
+    echo "bench: tree $TREE (uncommitted changes): a trial run (BENCH_NO_DOCS), docs/ left alone"
+elif [ -n "${BENCH_ALLOW_DIRTY:-}" ]; then
+    echo "bench: tree $TREE (uncommitted changes): BENCH_ALLOW_DIRTY=1, the page will be labelled \"from an uncommitted tree ($TREE)\""
+else
+    n=$(wc -l <<<"$TREE_CHANGES")
+    {
+        echo "bench: refusing to write $DOCS_DIR/benchmarks.md from a tree with uncommitted changes ($TREE):"
+        echo "$TREE_CHANGES" | head -n 20 | sed 's/^/    /'
+        [ "$n" -le 20 ] || echo "    ... and $((n - 20)) more (git status --porcelain)"
+        echo "  The page must say which commit it measured. Either:"
+        echo "  - commit (or remove) these changes, then run make bench again;"
+        echo "  - BENCH_NO_DOCS=1 make bench: a trial run that prints the figures and leaves docs/ alone;"
+        echo "  - BENCH_ALLOW_DIRTY=1 make bench: write the page anyway, it and every figure"
+        echo "    table labelled \"from an uncommitted tree ($TREE)\"."
+    } >&2
+    exit 1
+fi
+# The binaries must be those of this tree: ninja must have nothing to
+# rebuild in them for a reason of its own (an input newer than its output, a
+# missing output, a changed command), the base's qemu-version.h left out:
+# its phony input makes it, and what includes it, stale on every build.
+if [ "$WRITE_DOCS" = 1 ]; then
+    stale=$(ninja -C "$ROOT/.base/qemu/build" -n -d explain qemu-img qemu-io 2>&1 |
+        grep -E "^ninja explain: .*(older than most recent input|doesn't exist|command line changed)" |
+        grep -v "output PHONY " | sed 's/^ninja explain: /    /' | head -n 3)
+    if [ -n "$stale" ]; then
+        {
+            echo "bench: $OURS_IMG or $OURS_IO is not built from this tree (ninja would rebuild it):"
+            echo "$stale"
+            echo "  run make bench (it builds first), or BENCH_NO_DOCS=1 for a trial run"
+        } >&2
+        exit 1
+    fi
+fi
+if [ "$CHECK_ONLY" = 1 ]; then
+    echo "bench: --check-tree: the bench would run and $([ "$WRITE_DOCS" = 1 ] &&
+        echo "write $DOCS_DIR/benchmarks.md" || echo "leave docs/ alone")"
+    exit 0
+fi
+# A make elsewhere during the run would swap the binaries under it.
+bin_sum() { cat "$OURS_IMG" "$OURS_IO" | cksum; }
+BIN_SUM=$(bin_sum)
 
 CONTENDERS="ours peer qcow2 raw"
 img_of()  { case $1 in ours) echo "$OURS_IMG";; peer) echo "$PEER_IMG";; *) echo "$REF_IMG";; esac; }
@@ -399,9 +484,20 @@ done
 
 T_END=$(date +%s)
 DOCS_ARGS=()
-[ -n "${BENCH_NO_DOCS:-}" ] || DOCS_ARGS=(--docs "${BENCH_DOCS:-$ROOT/docs}")
+[ "$WRITE_DOCS" = 0 ] || DOCS_ARGS=(--docs "$DOCS_DIR")
+BIN_CHANGED=0
+if [ "$(bin_sum)" != "$BIN_SUM" ]; then
+    BIN_CHANGED=1
+    DOCS_ARGS=()
+fi
 "$PY" scripts/bench.py report "$RESULTS" \
     --bench-dir "$BENCH_DIR" --reps "$DONE_REPS" --slow-reps "$DONE_SLOW" \
     --planned-reps "$REPS" --planned-slow-reps "$SLOW_REPS" --budget "$BUDGET" \
     --ref "$BENCH_REF" --mode "$GLOBAL_MODE" --runtime $((T_END - T_START)) \
-    --ours "$OURS_IMG" --peer "$PEER_IMG" "${DOCS_ARGS[@]}"
+    --ours "$OURS_IMG" --peer "$PEER_IMG" --tree "$TREE" \
+    --tree-changes "$TREE_CHANGES" "${DOCS_ARGS[@]}" || exit 1
+if [ "$BIN_CHANGED" = 1 ]; then
+    echo "bench: $OURS_IMG or $OURS_IO changed during the run (a make elsewhere):" \
+        "the figures mix two builds; $([ "$WRITE_DOCS" = 1 ] && echo "docs/ not written; ")run make bench again" >&2
+    exit 1
+fi

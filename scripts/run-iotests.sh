@@ -54,23 +54,6 @@ for b in "${QEMU_IMG_PROG:-$BUILD/qemu-img}" \
     [ -x "$b" ] || die "missing $b: run 'make' first"
 done
 
-# Our tests are linked into the base by `make`; link again so that a test
-# added since the last build is found too.
-"$TOP/scripts/link-ours.sh" || die "linking our files into the base failed"
-
-# Our unit tests first, when all the tests run (make check, check-quick):
-# their summary line is repeated above the iotests' at the end.
-unit_summary=""
-unit_failed=0
-if [ ${#only[@]} = 0 ]; then
-    unit_out=$(mktemp)
-    "$TOP/scripts/run-unit-tests.sh" | tee "$unit_out"
-    [ "${PIPESTATUS[0]}" = 0 ] || unit_failed=1
-    unit_summary=$(grep '^unit tests:' "$unit_out" | tail -n 1)
-    [ -n "$unit_summary" ] || unit_summary="unit tests: did not finish"
-    rm -f "$unit_out"
-fi
-
 # The test names: the base's list, then ours.
 tests=()
 if [ "$ours_only" = 0 ] && [ -f "$LIST" ]; then
@@ -96,6 +79,41 @@ if [ ${#only[@]} -gt 0 ]; then
         sel+=("$t")
     done
     tests=("${sel[@]}")
+fi
+
+# Our tests reach the base as links that `make` makes (scripts/link-ours.sh,
+# run by `make build`, which `make check` runs first); linking and patching
+# the base is make's job, not this script's.  A test of ours (or its
+# expected output, or a helper the tests share) that the base lacks was
+# added since the last make: say so, rather than report "no test".
+declare -A want_ours=()
+for t in "${tests[@]}"; do
+    [[ $t == qed-* ]] && want_ours[$t]=1
+done
+unlinked=()
+for f in "$OURS_DIR"/*; do
+    [ -e "$f" ] || continue
+    n=$(basename "$f")
+    case "$n" in
+        *~|*.orig|*.rej|*.swp) continue ;;
+        qed-*) [ -n "${want_ours[${n%%.out*}]:-}" ] || continue ;;
+    esac
+    [ "$SRC_IOTESTS/tests/$n" -ef "$f" ] || unlinked+=("$n")
+done
+[ ${#unlinked[@]} = 0 ] ||
+    die "not linked into the base (added since the last make?): ${unlinked[*]}; run 'make' first"
+
+# Our unit tests first, when all the tests run (make check, check-quick):
+# their summary line is repeated above the iotests' at the end.
+unit_summary=""
+unit_failed=0
+if [ ${#only[@]} = 0 ]; then
+    unit_out=$(mktemp)
+    "$TOP/scripts/run-unit-tests.sh" | tee "$unit_out"
+    [ "${PIPESTATUS[0]}" = 0 ] || unit_failed=1
+    unit_summary=$(grep '^unit tests:' "$unit_out" | tail -n 1)
+    [ -n "$unit_summary" ] || unit_summary="unit tests: did not finish"
+    rm -f "$unit_out"
 fi
 
 # Refuse names the base does not have one by one (./check would abort the

@@ -173,6 +173,10 @@ class Faults:
         self.back = os.path.join(w, 'fault-back.raw')
         self.conf = os.path.join(w, 'fault-blkdebug.conf')
         self.trace = os.path.join(w, 'fault-trace.log')
+        self.events = os.path.join(w, 'fault-trace.events')
+        with open(self.events, 'w') as f:
+            f.write('qed_alloc_clusters\nqed_alloc_reuse\n'
+                    'qed_alloc_unreserve\nqed_compact_done\n')
         self.raw = os.path.join(w, 'fault-ours.raw')
         self.peer_raw = os.path.join(w, 'fault-peer.raw')
         self.cache = args.cache
@@ -293,7 +297,7 @@ class Faults:
                 f'file.image.filename={self.img},l2-cache-size={2 * CS}')
         try:
             r = run([self.qemu_io, '--trace',
-                     f'enable=qed_alloc_clusters,file={self.trace}',
+                     f'events={self.events},file={self.trace}',
                      '-t', self.cache, '--image-opts'] + cmds + [opts],
                     timeout=TIMEOUT)
         except subprocess.TimeoutExpired as e:
@@ -309,19 +313,40 @@ class Faults:
             raise Failure(f'qemu-io exited with status {r.returncode}')
         return r.returncode, r.stdout.splitlines()
 
-    def allocations(self) -> List[Tuple[int, int]]:
-        """File ranges the driver allocated in the run (its trace)"""
+    def allocations(self) -> Tuple[List[Tuple[int, int]], int]:
+        """File ranges the driver allocated in the run (its trace), and
+        where the clusters in use end once the run is over: space whose
+        write failed goes back (qed_alloc_unreserve) and may be handed out
+        again (qed_alloc_reuse); a close after failed writes moves clusters
+        in use into what is left of it (qed_compact_done, the new end)"""
         out = []
-        pat = re.compile(r'qed_alloc_clusters .*file offset (0x[0-9a-f]+) '
-                         r'clusters (\d+)')
+        live: Set[int] = set()
+        compact_end = None
+        pat = re.compile(r'(qed_alloc_clusters|qed_alloc_reuse|'
+                         r'qed_alloc_unreserve) .*file offset '
+                         r'(0x[0-9a-f]+) clusters (\d+)')
+        done = re.compile(r'qed_compact_done .*file end (0x[0-9a-f]+) ret 0')
         if not os.path.exists(self.trace):
-            return out
+            return out, 0
         with open(self.trace) as f:
             for line in f:
                 m = pat.search(line)
                 if m:
-                    out.append((int(m.group(1), 16), int(m.group(2)) * CS))
-        return out
+                    off, n = int(m.group(2), 16), int(m.group(3)) * CS
+                    clusters = set(range(off // CS, (off + n) // CS))
+                    if m.group(1) == 'qed_alloc_unreserve':
+                        live -= clusters
+                    else:
+                        out.append((off, n))
+                        live |= clusters
+                    continue
+                m = done.search(line)
+                if m:
+                    compact_end = int(m.group(1), 16)
+        end = max(live, default=-1) * CS + CS if live else 0
+        if compact_end is not None:
+            end = compact_end
+        return out, end
 
     def parse(self, lines: List[str], err: int) -> Tuple[int, int, int]:
         """Mark the writes that succeeded; return (failed writes, failed
@@ -465,8 +490,7 @@ class Faults:
                           'flush failed')
 
         # Where the driver wrote
-        allocs = self.allocations()
-        alloc_end = max([o + n for o, n in allocs], default=0)
+        allocs, alloc_end = self.allocations()
         # the clusters of the file before the run (header, L1 table, L2
         # tables, data), and what the driver allocated
         allowed = set(range(-(-len_before // CS)))
@@ -479,6 +503,12 @@ class Faults:
                           f'({len(stray)} clusters)')
         length = os.path.getsize(self.img)
         want = max(-(-len_before // CS) * CS, alloc_end)
+        if any(n for _, n in allocs) and alloc_end < max(o + n for o, n in
+                                                         allocs):
+            # Space given back at the end, or compacted: nothing is kept
+            # past what is in use (the file may end below its old length)
+            want = max(alloc_end, -(-len_before // CS) * CS) \
+                if alloc_end >= len_before else alloc_end
         if length != want:
             raise Failure(f'the file is {length:#x} bytes after the run, '
                           f'expected {want:#x} (end of the last cluster)')
