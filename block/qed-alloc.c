@@ -86,11 +86,13 @@ void qed_release(BDRVQEDState *s, QEDAllocation *a)
 /*
  * Space that this open reserved and then could not use (a failed data
  * write or table making: ENOSPC, EIO), by file offset.  Nothing points at
- * it, so it is reused before new space is taken at file_end; a run that
- * reaches file_end is given back at once, so that a full disk leaves no
- * tail (qed_unreserve).  Its bytes are whatever the failed write left:
- * whoever reuses it writes whole clusters (qed_allocating_write pads,
- * a table's space is written with zeros anyway).
+ * it, so it is reused before new space is taken at file_end, and a run
+ * that reaches file_end is given back at once, so that a full disk leaves
+ * no tail; a clean close moves clusters in use into what is left
+ * (qed_reclaim_free_space in qed.c).  Its bytes are what part of the
+ * failed write landed, not zeros: see qed_reserve() for how it is reused.
+ * It is not zeroed or punched: on a full disk the blocks that the failed
+ * write took are what the close's moves need to start with.
  */
 typedef struct QEDFreeRun {
     uint64_t offset;
@@ -121,21 +123,42 @@ uint64_t qed_free_space_bytes(BDRVQEDState *s)
     return bytes;
 }
 
-/* Forget every free run: a repair or make_empty recounted the file */
+/*
+ * Forget every free run: a repair or make_empty recounted the file and cut
+ * it at file_end, so nothing past file_end holds a failed write's bytes
+ */
 void qed_free_space_forget(BDRVQEDState *s)
 {
     if (s->free_runs) {
         g_array_set_size(s->free_runs, 0);
     }
+    s->garbage_end = 0;
 }
 
 /*
- * Take @bytes of file space: the first free run that is large enough
- * (*@reused set: its bytes are not zeros), else new space at file_end,
- * past everything the file held at open and past every earlier
- * allocation, which reads as zeros until written.  Never handed out twice
- * while the image is open (but after a check's repair or make_empty,
- * which recount the file from what the disk references).
+ * Entries were just set over space that may hold a failed write's bytes:
+ * the next writeback pass flushes before it writes them, even without a
+ * backing file (qed_wb_write_l2)
+ */
+static void qed_note_reuse(BDRVQEDState *s)
+{
+    s->reuse_gen = ++s->l2_gen;
+}
+
+/*
+ * Take @bytes of file space: the first free run that is large enough,
+ * else new space at file_end, past everything the file held at open and
+ * past every earlier allocation, which reads as zeros until written but
+ * where a failed write left bytes (below garbage_end).  Never handed out
+ * twice while the image is open (but after a check's repair or
+ * make_empty, which recount the file from what the disk references).
+ *
+ * *@reused says that the space may hold a failed write's bytes: the
+ * caller writes whole clusters, and the entries that will point there
+ * must not reach the disk before that write (qed_note_reuse()): without a
+ * backing file an entry is written with no flush after its data (crash
+ * ordering 4), and a crash would otherwise leave it over those bytes,
+ * which no check can tell from data.
  */
 static uint64_t qed_reserve(BDRVQEDState *s, uint64_t bytes, bool *reused)
 {
@@ -159,17 +182,16 @@ static uint64_t qed_reserve(BDRVQEDState *s, uint64_t bytes, bool *reused)
 
     offset = qed_screen_skip(s, s->file_end, bytes);
     s->file_end = offset + bytes;
-    *reused = false;
+    *reused = offset < s->garbage_end;
     trace_qed_alloc_clusters(s, offset, bytes / s->header.cluster_size);
     return offset;
 }
 
 /*
  * Give back space that qed_reserve() handed out and that nothing points
- * at: the write that was to fill it failed.  Runs are kept sorted and
- * merged; what reaches file_end lowers file_end, so that a clean close
- * cuts it off with the rest of the tail (nothing was written past the new
- * file_end that anything references).
+ * at: the write that was to fill it failed, and left in it whatever part
+ * of it landed.  Runs are kept sorted and merged; one that reaches
+ * file_end lowers file_end, so that the tail cut at close removes it.
  */
 static void qed_unreserve(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
 {
@@ -177,6 +199,8 @@ static void qed_unreserve(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
     QEDFreeRun run = { .offset = offset, .bytes = bytes };
     guint i = 0;
 
+    s->length_unsure = true;
+    s->garbage_end = MAX(s->garbage_end, offset + bytes);
     trace_qed_alloc_unreserve(s, offset, bytes / s->header.cluster_size);
     while (i < runs->len &&
            g_array_index(runs, QEDFreeRun, i).offset < offset) {
@@ -200,7 +224,6 @@ static void qed_unreserve(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
         if (prev->offset + prev->bytes == r->offset) {
             prev->bytes += r->bytes;
             g_array_remove_index(runs, i);
-            i--;
         }
     }
     /* The last run may now end at file_end: the file's end comes back */
@@ -278,18 +301,32 @@ int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size)
  * An image with a backing file never grows ahead: it is never marked
  * dirty (the original design's promise; it flushes before table updates
  * instead, crash ordering 3), so a tail that a crash left would stay, a
- * leak that every check reports.  Its writes extend the file themselves,
- * in whole clusters (qed_allocating_write pads them).
+ * leak that every check reports.  Its file grows to fit: to file_end,
+ * what has been handed out, no further, so that its data writes do not
+ * extend the file (which would serialize them) and a crash leaves at
+ * most the clusters of the writes in flight unreferenced, as the
+ * original driver does.  Reservations made while such a size change is
+ * in flight are covered by the next one, so under load one truncate
+ * serves many writes.
  *
  * Returns once the length that the size change in flight (if any) sets
  * covers everything allocated, so that writes there need not wait.
  */
 static void coroutine_fn qed_grow_file(BDRVQEDState *s)
 {
-    while (qed_grows_ahead(s) &&
+    while (s->can_grow &&
            s->file_end > (s->resizing ? s->resize_target : s->file_size)) {
         uint64_t step, new_size;
 
+        if (qed_has_backing_file(s)) {
+            /* To fit, not ahead: no tail, no NEED_CHECK */
+            if (s->resizing) {
+                qemu_co_queue_wait(&s->resize_waiters, NULL);
+            } else if (qed_resize_file(s, s->file_end) < 0) {
+                s->can_grow = false;
+            }
+            continue;
+        }
         if (!s->need_check_ready) {
             if (qed_raise_need_check(s) < 0) {
                 /* No tail then: the writes themselves extend the file */
@@ -308,12 +345,6 @@ static void coroutine_fn qed_grow_file(BDRVQEDState *s)
             s->can_grow = false;
         }
     }
-}
-
-/* Does the file grow ahead of allocation (qed_grow_file)? */
-bool qed_grows_ahead(BDRVQEDState *s)
-{
-    return s->can_grow && !qed_has_backing_file(s);
 }
 
 /* Add @bytes of zeros to @qiov, from the one shared zero buffer */
@@ -450,13 +481,16 @@ static int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
     if (ret == 0) {
         l2_offset = qed_reserve(s, bytes, &reused);
         trace_qed_alloc_l2(s, l1i, l2_offset);
+        if (reused) {
+            /* The zeros below must be durable before the L1 entry is */
+            qed_note_reuse(s);
+        }
         qed_grow_file(s);
         qed_wait_resize(s, l2_offset + bytes);
         ret = qed_write_zero_data(s, l2_offset, bytes);
         if (ret < 0) {
             /* Nothing points at it: the next reservation may take it */
             qed_unreserve(s, l2_offset, bytes);
-            s->length_unsure = true;
         }
     }
     QLIST_REMOVE(&m, next);
@@ -663,14 +697,14 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
 
     /*
      * New space at the end reads as zeros: without a backing file only the
-     * data is written, into the grow-ahead's tail.  Whole clusters are
-     * written when the space is reused (it holds what a failed write left)
-     * or when no tail covers it (the write extends the file, which must
-     * not end inside a cluster); over a backing file the rest of each new
+     * data is written, into the space that qed_grow_file() gave the file.
+     * Whole clusters are written when the space is reused, or when the
+     * file could not be grown (the write extends the file, which must not
+     * end inside a cluster); over a backing file the rest of each new
      * unallocated cluster is copied from it (copy-on-write), and what lies
      * past the image's end is zeros.
      */
-    pad = cow || reused || !qed_grows_ahead(s);
+    pad = cow || reused || !s->can_grow;
     qemu_iovec_init(&wqiov, qiov->niov + 4);
     wstart = alloc->file_offset + head;
     if (head && pad) {
@@ -710,6 +744,9 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
 
     /* The data is on disk: the entries may point at it now */
     qed_fill_entries(s, e, first, n, alloc->file_offset, cs);
+    if (reused) {
+        qed_note_reuse(s);
+    }
     qed_release(s, alloc);
     g_free(alloc);
     qed_wb_throttle(s);
@@ -718,7 +755,6 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
 fail:
     /* Nothing points at the new clusters: they may be reused */
     qed_unreserve(s, alloc->file_offset, end - start);
-    s->length_unsure = true;
     qemu_iovec_destroy(&wqiov);
     qemu_vfree(head_buf);
     qemu_vfree(tail_buf);

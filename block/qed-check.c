@@ -47,6 +47,7 @@ typedef struct QEDCheck {
     BDRVQEDState *s;
     BdrvCheckResult *result;
     BdrvCheckMode fix;
+    bool quiet;                 /* no report: a repair the user did not ask */
 
     uint64_t file_size;         /* bytes, as the file reports it */
     uint64_t file_end;          /* file_size rounded up to whole clusters */
@@ -63,6 +64,20 @@ typedef struct QEDCheck {
     bool tables_by_offset;      /* @tables is sorted by offset */
     unsigned int unread_tables; /* tables that could not be read */
 } QEDCheck;
+
+/* The check's report, on stderr as qemu-img check prints it */
+static void G_GNUC_PRINTF(2, 3) qed_check_say(QEDCheck *check,
+                                              const char *fmt, ...)
+{
+    va_list ap;
+
+    if (check->quiet) {
+        return;
+    }
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+}
 
 static const char *qed_check_fix_prefix(QEDCheck *check)
 {
@@ -190,7 +205,7 @@ static void coroutine_fn qed_check_l1(QEDCheck *check)
 
         problem = qed_check_l1_entry(check, offset);
         if (problem) {
-            fprintf(stderr, "%s L1 entry %u: L2 table offset 0x%" PRIx64
+            qed_check_say(check, "%s L1 entry %u: L2 table offset 0x%" PRIx64
                     " %s\n", qed_check_fix_prefix(check), i, offset, problem);
             result->corruptions++;
             if (check->fix & BDRV_FIX_ERRORS) {
@@ -224,7 +239,7 @@ static void coroutine_fn qed_check_l1(QEDCheck *check)
     ret = qed_write_l1_table(s, fixed, first_fixed,
                              last_fixed - first_fixed + 1);
     if (ret < 0) {
-        fprintf(stderr, "ERROR: could not write the L1 table: %s\n",
+        qed_check_say(check, "ERROR: could not write the L1 table: %s\n",
                 strerror(-ret));
         result->check_errors++;
     } else {
@@ -262,7 +277,7 @@ static void coroutine_fn qed_check_l2(QEDCheck *check, QEDCheckL2 *t,
             uint64_t guest = ((uint64_t)t->l1_index << s->l1_shift) +
                              ((uint64_t)i << s->l2_shift);
 
-            fprintf(stderr, "%s L2 table 0x%" PRIx64 " entry %u "
+            qed_check_say(check, "%s L2 table 0x%" PRIx64 " entry %u "
                     "(guest offset 0x%" PRIx64 "): data cluster offset 0x%"
                     PRIx64 " %s\n", qed_check_fix_prefix(check), t->offset,
                     i, guest, offset, problem);
@@ -302,7 +317,7 @@ static void coroutine_fn qed_check_l2(QEDCheck *check, QEDCheckL2 *t,
     qed_l2_cache_drop(s->l2_cache, t->offset);
 
     if (ret < 0) {
-        fprintf(stderr, "ERROR: could not write L2 table 0x%" PRIx64 ": %s\n",
+        qed_check_say(check, "ERROR: could not write L2 table 0x%" PRIx64 ": %s\n",
                 t->offset, strerror(-ret));
         result->check_errors++;
         return;
@@ -357,7 +372,7 @@ static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
                 BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
                 ret = qed_read_table(s, t->offset, bufs[0]);
                 if (ret < 0) {
-                    fprintf(stderr, "ERROR: could not read L2 table 0x%"
+                    qed_check_say(check, "ERROR: could not read L2 table 0x%"
                             PRIx64 ": %s\n", t->offset, strerror(-ret));
                     check->result->check_errors++;
                     check->unread_tables++;
@@ -367,7 +382,7 @@ static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
                 qed_check_l2(check, t, bufs[0]);
             }
         } else if (ret < 0) {
-            fprintf(stderr, "ERROR: could not read L2 table 0x%" PRIx64
+            qed_check_say(check, "ERROR: could not read L2 table 0x%" PRIx64
                     ": %s\n", check->tables[i].offset, strerror(-ret));
             check->result->check_errors++;
             check->unread_tables++;
@@ -449,7 +464,7 @@ static uint64_t qed_check_inner_leaks(QEDCheck *check, uint64_t used_end)
     while ((a = find_next_zero_bit(check->used, used_end, a)) < used_end) {
         uint64_t b = find_next_bit(check->used, used_end, a);
 
-        fprintf(stderr, "Leaked clusters at 0x%" PRIx64 "..0x%" PRIx64
+        qed_check_say(check, "Leaked clusters at 0x%" PRIx64 "..0x%" PRIx64
                 " (%" PRIu64 " clusters)\n", a * cluster_size,
                 b * cluster_size - 1, b - a);
         n += b - a;
@@ -481,7 +496,7 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
 
     if (check->unread_tables) {
         /* What the unread tables reference is unknown, and so are leaks */
-        fprintf(stderr, "Leaked clusters not counted: %u L2 tables could "
+        qed_check_say(check, "Leaked clusters not counted: %u L2 tables could "
                 "not be read\n", check->unread_tables);
         result->image_end_offset = check->file_size;
         return;
@@ -495,7 +510,7 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
          * tail, which a crash leaves behind), as the original driver
          * counts them
          */
-        fprintf(stderr, "%s clusters at the end of the file, after 0x%"
+        qed_check_say(check, "%s clusters at the end of the file, after 0x%"
                 PRIx64 " (%" PRIu64 " clusters)\n",
                 reclaim ? "Repairing leaked" : "Leaked",
                 used_end * cluster_size, trailing);
@@ -505,7 +520,7 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
 
     if (!reclaim || found == 0) {
         if (found > 0 && (check->fix & BDRV_FIX_LEAKS)) {
-            fprintf(stderr, "Not reclaiming leaked clusters: %s\n",
+            qed_check_say(check, "Not reclaiming leaked clusters: %s\n",
                     result->corruptions ? "the image has corruptions left" :
                     "errors occurred during the check");
         }
@@ -519,14 +534,14 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
         ret = qed_compact(s, check->used, check->nbits, &moved);
         used_end = qed_check_used_end(check);
         if (ret == 0) {
-            fprintf(stderr, "Repairing leaked clusters inside the file: "
+            qed_check_say(check, "Repairing leaked clusters inside the file: "
                     "moved %" PRIu64 " clusters in use into them\n", moved);
         } else if (ret == QED_COMPACT_STUCK) {
-            fprintf(stderr, "Could not reclaim all leaked clusters inside "
+            qed_check_say(check, "Could not reclaim all leaked clusters inside "
                     "the file: a table found no room to move into "
                     "(moved %" PRIu64 " clusters)\n", moved);
         } else {
-            fprintf(stderr, "ERROR: could not move clusters in use into "
+            qed_check_say(check, "ERROR: could not move clusters in use into "
                     "leaked ones: %s (moved %" PRIu64 " clusters; the "
                     "image is consistent)\n", strerror(-ret), moved);
             result->check_errors++;
@@ -547,7 +562,7 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
         assert(new_len >= check->l1_end && new_len >= check->header_end);
         ret = qed_resize_file(s, new_len);
         if (ret < 0) {
-            fprintf(stderr, "ERROR: could not truncate the file to 0x%"
+            qed_check_say(check, "ERROR: could not truncate the file to 0x%"
                     PRIx64 ": %s\n", new_len, strerror(-ret));
             result->check_errors++;
             left += file_clusters > used_end ? file_clusters - used_end : 0;
@@ -566,13 +581,14 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
 }
 
 int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
-                           BdrvCheckMode fix)
+                           BdrvCheckMode fix, bool quiet)
 {
     uint64_t cluster_size = s->header.cluster_size;
     QEDCheck check = {
         .s = s,
         .result = result,
         .fix = fix,
+        .quiet = quiet,
         .header_end = (uint64_t)s->header.header_size * cluster_size,
         .l1_start = s->header.l1_table_offset,
         .l1_end = s->header.l1_table_offset + qed_table_bytes(s),
@@ -582,7 +598,7 @@ int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
 
     file_size = bdrv_getlength(s->bs->file->bs);
     if (file_size < 0) {
-        fprintf(stderr, "ERROR: could not get the size of the file: %s\n",
+        qed_check_say(&check, "ERROR: could not get the size of the file: %s\n",
                 strerror(-file_size));
         result->check_errors++;
         return file_size;
@@ -638,7 +654,7 @@ int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
     if (fix) {
         ret = bdrv_co_flush(s->bs->file->bs);
         if (ret < 0) {
-            fprintf(stderr, "ERROR: could not flush the file: %s\n",
+            qed_check_say(&check, "ERROR: could not flush the file: %s\n",
                     strerror(-ret));
             result->check_errors++;
         }

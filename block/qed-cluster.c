@@ -261,8 +261,6 @@ static int coroutine_fn qed_screen_tables(BDRVQEDState *s)
     size_t n_starts;
     int ret = 0;
 
-    assert(s->file_end == s->open_end);
-
     /* The L1 first: it is in memory */
     for (unsigned int i = 0; i < s->table_nelems; i++) {
         uint64_t l2_offset = s->l1.table->offsets[i];

@@ -11,12 +11,9 @@
  * The last cluster in use moves into the lowest leak, again and again,
  * until no leak is left below the end; then the caller cuts the file.  A
  * data cluster fits any leak; an L2 table (table_size clusters) needs a
- * run of leaks as long as itself.  When none is, a window of as many
- * clusters below the table, holding only data clusters and leaks, is
- * emptied by moving its data clusters past the end of the file, and the
- * table moves into it; its old place then takes those data clusters back
- * (or they go into lower leaks).  Each step lowers the end of what is in
- * use, so this ends.
+ * run of leaks as long as itself.  When none is, what follows the highest
+ * leak slides down by one cluster (qed_compact_slide).  Each step lowers
+ * the end of what is in use, so this ends.
  *
  * Crash safety, per batch of moves (no NEED_CHECK needed, so images with
  * a backing file stay never-dirty):
@@ -370,65 +367,75 @@ static uint64_t qed_compact_find_run(QEDCompact *c, uint64_t n,
     return limit;
 }
 
-/*
- * The highest window of table_clusters clusters that ends at or below
- * @limit and holds only data clusters and free ones, or UINT64_MAX
- */
-static uint64_t qed_compact_find_window(QEDCompact *c, uint64_t limit)
+/* Move the one data cluster @from into the free cluster @to */
+static int coroutine_fn qed_compact_move_one(QEDCompact *c, uint64_t from,
+                                             uint64_t to)
 {
-    uint64_t n = c->table_clusters;
-    uint64_t top = limit;
+    QEDMove m = { .from = from, .to = to };
+    unsigned int n = 1;
+    int ret = qed_compact_owner(c, from, &m.owner);
 
-    while (top >= c->meta_end + n) {
-        uint64_t a = top - n;
-        uint64_t bad = UINT64_MAX;
-
-        for (uint64_t cl = top; cl-- > a;) {
-            if (qed_compact_is_meta(c, cl)) {
-                bad = cl;
-                break;
-            }
-        }
-        if (bad == UINT64_MAX) {
-            return a;
-        }
-        /* The next window ends where that metadata begins */
-        top = bad;
-    }
-    return UINT64_MAX;
+    return ret < 0 ? ret : qed_compact_move_data(c, &m, &n);
 }
 
 /*
- * Empty the window [@w, @w + table_clusters) of its data clusters: move
- * them past @end (the end of what is in use), into space nothing
- * references.
+ * The last table cannot move down: no run of free clusters is as long as
+ * it.  Slide what follows the highest free cluster @hole down by one
+ * cluster instead: a run of data clusters by moving its last cluster into
+ * the free one before the run (data clusters need no order), a table by
+ * moving it past the end of what is in use and then into the free cluster
+ * before it and its own first clusters (a table never moves onto itself).
+ * Afterwards the last cluster is free: the end of what is in use is one
+ * cluster lower.
  */
-static int coroutine_fn qed_compact_bounce(QEDCompact *c, uint64_t w,
-                                           uint64_t end)
+static int coroutine_fn qed_compact_slide(QEDCompact *c, uint64_t hole)
 {
-    QEDMove moves[QED_MAX_TABLE_SIZE];
-    unsigned int n = 0, nmoves;
-    int ret;
+    BDRVQEDState *s = c->s;
+    uint64_t end = qed_compact_used_end(c);
+    uint64_t x = hole + 1;
+    int ret = 0;
 
-    for (uint64_t cl = w; cl < w + c->table_clusters; cl++) {
+    while (ret == 0 && x < end) {
+        int64_t l1i = qed_compact_table_at(c, x);
+
+        if (l1i >= 0) {
+            assert(s->l1.table->offsets[l1i] / c->cs == x);
+            if (end + c->table_clusters > c->nbits) {
+                return QED_COMPACT_STUCK;
+            }
+            ret = qed_compact_move_table(c, l1i, end);
+            if (ret == 0) {
+                ret = qed_compact_move_table(c, l1i, hole);
+            }
+            hole = x + c->table_clusters - 1;
+            x += c->table_clusters;
+        } else if (qed_compact_is_meta(c, x)) {
+            return QED_COMPACT_STUCK;
+        } else {
+            uint64_t y = x + 1;
+
+            while (y < end && !qed_compact_is_meta(c, y)) {
+                y++;
+            }
+            ret = qed_compact_move_one(c, y - 1, hole);
+            hole = y - 1;
+            x = y;
+        }
+    }
+    return ret;
+}
+
+/* The highest free cluster below @limit (there is one) */
+static uint64_t qed_compact_last_free(QEDCompact *c, uint64_t limit)
+{
+    uint64_t cl = limit;
+
+    while (cl-- > 0) {
         if (!test_bit(cl, c->used)) {
-            continue;
+            return cl;
         }
-        ret = qed_compact_owner(c, cl, &moves[n].owner);
-        if (ret < 0) {
-            return ret;
-        }
-        moves[n].from = cl;
-        moves[n].to = end + n;
-        n++;
     }
-    nmoves = n;
-    if (n == 0) {
-        return 0;
-    }
-    ret = qed_compact_move_data(c, moves, &n);
-    /* All of them, or the table cannot go there */
-    return ret == 0 && n < nmoves ? -ENOSPC : ret;
+    g_assert_not_reached();
 }
 
 /*
@@ -439,9 +446,10 @@ static int coroutine_fn qed_compact_bounce(QEDCompact *c, uint64_t w,
  * QED_COMPACT_STUCK when a table (or the L1 table) has no room to move
  * into (free clusters remain), or a negative errno of I/O (-ENOSPC: the
  * file system had no room for a copy); *@moved counts the clusters moved
- * either way.  The free clusters are punched first: on a full disk,
- * the space that failed writes left in them is what the first copies
- * need.
+ * either way.  The free clusters are not punched first: on a full disk
+ * the blocks that failed writes left in them are what the first copies
+ * need; each batch punches the places it vacated, which makes room for
+ * the next.
  */
 int coroutine_fn qed_compact(BDRVQEDState *s, unsigned long *used,
                              uint64_t nbits, uint64_t *moved)
@@ -467,14 +475,6 @@ int coroutine_fn qed_compact(BDRVQEDState *s, unsigned long *used,
                                          MAX(c.cs, qed_table_bytes(s))));
     if (!c.copy_buf) {
         ret = -ENOMEM;
-    }
-
-    for (uint64_t a = 0, end = qed_compact_used_end(&c);
-         ret == 0 && (a = find_next_zero_bit(used, end, a)) < end;) {
-        uint64_t b = find_next_bit(used, end, a);
-
-        qed_compact_punch(&c, a, b - a);
-        a = b;
     }
 
     while (ret == 0) {
@@ -517,19 +517,11 @@ int coroutine_fn qed_compact(BDRVQEDState *s, unsigned long *used,
             uint64_t from = s->l1.table->offsets[l1i] / c.cs;
             uint64_t run = qed_compact_find_run(&c, c.table_clusters, from);
 
-            if (run == from) {
-                uint64_t w = qed_compact_find_window(&c, from);
-
-                if (w == UINT64_MAX ||
-                    end + c.table_clusters > nbits) {
-                    ret = QED_COMPACT_STUCK;
-                    break;
-                }
-                ret = qed_compact_bounce(&c, w, end);
-                run = w;
-            }
-            if (ret == 0) {
+            if (run < from) {
                 ret = qed_compact_move_table(&c, l1i, run);
+            } else {
+                /* There is a free cluster below it: the highest one */
+                ret = qed_compact_slide(&c, qed_compact_last_free(&c, from));
             }
         }
     }

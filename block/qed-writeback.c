@@ -367,6 +367,7 @@ static int coroutine_fn qed_wb_flush(BDRVQEDState *s, uint64_t *gen)
     trace_qed_wb_flush(s, s->wb_tables_unflushed, ret);
     if (ret == 0) {
         s->wb_tables_unflushed = false;
+        s->wb_flushed_gen = MAX(s->wb_flushed_gen, start_gen);
         *gen = start_gen;
     }
     return ret;
@@ -412,7 +413,12 @@ static int coroutine_fn qed_wb_write_l2(BDRVQEDState *s, GPtrArray *tables)
         if (jobs->len == 0) {
             continue;
         }
-        if (qed_has_backing_file(s) &&
+        /*
+         * Without a backing file too when entries point at space that a
+         * failed write had taken (qed_reserve): its bytes must not show
+         * through them after a crash
+         */
+        if ((qed_has_backing_file(s) || s->reuse_gen > s->wb_flushed_gen) &&
             (!flushed || flushed_gen != s->l2_gen)) {
             ret = qed_wb_flush(s, &flushed_gen);
             flushed = true;

@@ -388,7 +388,7 @@ static int coroutine_fn qed_reclaim_free_space(BDRVQEDState *s, void *opaque)
         return 0;
     }
     trace_qed_reclaim_free_space(s, qed_free_space_bytes(s));
-    return qed_check(s, &result, BDRV_FIX_LEAKS);
+    return qed_check(s, &result, BDRV_FIX_LEAKS, true);
 }
 /* ---- open and close ----------------------------------------------------- */
 
@@ -535,7 +535,7 @@ static int coroutine_fn qed_check_on_open(BlockDriverState *bs, int flags,
     int ret;
 
     if (!(flags & BDRV_O_RDWR)) {
-        ret = qed_check(s, &result, 0);
+        ret = qed_check(s, &result, 0, false);
         if (ret == 0 && result.corruptions) {
             warn_report("%s: QED image needs repair (%d corruptions); "
                         "reads of the damaged parts fail; run "
@@ -546,7 +546,7 @@ static int coroutine_fn qed_check_on_open(BlockDriverState *bs, int flags,
     }
 
     /* Repair, then mark the image clean */
-    ret = qed_check(s, &result, BDRV_FIX_ERRORS | BDRV_FIX_LEAKS);
+    ret = qed_check(s, &result, BDRV_FIX_ERRORS | BDRV_FIX_LEAKS, false);
     if (ret < 0 || result.corruptions || result.check_errors) {
         error_setg(errp, "Image is corrupt and could not be repaired "
                    "(%d corruptions, %d errors left); run "
@@ -1294,7 +1294,7 @@ static int coroutine_fn qed_co_check(BlockDriverState *bs,
     if (ret < 0) {
         return ret;
     }
-    ret = qed_check(s, result, fix);
+    ret = qed_check(s, result, fix, false);
     if (ret == 0 && (fix & BDRV_FIX_ERRORS) && !result->corruptions &&
         !result->check_errors) {
         ret = qed_clear_need_check(s);

@@ -249,6 +249,12 @@ typedef struct BDRVQEDState {
     GArray *free_runs;
     /* A write failed: the file may be longer than file_size says */
     bool length_unsure;
+    /* Failed writes may have left bytes below this (qed_reserve) */
+    uint64_t garbage_end;
+    /* l2_gen of the last entries set over such space, and of the start
+     * of the last writeback flush that succeeded (qed_wb_write_l2) */
+    uint64_t reuse_gen;
+    uint64_t wb_flushed_gen;
     /*
      * A change of the file's length in flight (one at a time), and the
      * length it sets: a write that reaches past that length waits for it,
@@ -426,7 +432,6 @@ bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
 void qed_release(BDRVQEDState *s, QEDAllocation *a);
 void coroutine_fn qed_wait_resize(BDRVQEDState *s, uint64_t end);
 int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size);
-bool qed_grows_ahead(BDRVQEDState *s);
 int coroutine_fn qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t);
 void qed_free_space_init(BDRVQEDState *s);
 void qed_free_space_destroy(BDRVQEDState *s);
@@ -534,7 +539,7 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
 
 /* qed-check.c */
 int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
-                           BdrvCheckMode fix);
+                           BdrvCheckMode fix, bool quiet);
 
 /* qed-compact.c: inner leaks reclaimed by moving clusters in use */
 #define QED_COMPACT_STUCK 1
