@@ -406,7 +406,7 @@ static int coroutine_fn qed_write_zero_data(BDRVQEDState *s, uint64_t offset,
  * as zeros, so allocating it as zeros changes nothing, as long as no write
  * of the table's sectors runs meanwhile: one that is in flight is waited
  * for, and new ones wait (qed_wb_task_run()).  A table only has dirty
- * sectors before this when a bad entry was cleared (see qed_l2_screen()).
+ * sectors before this when a bad entry was cleared (qed_screen_drop()).
  * @t's space_ok, space_busy and wb_inflight say: done, being done
  * (others wait on making_waiters), and its sector writes in flight.
  */

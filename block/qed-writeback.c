@@ -468,6 +468,9 @@ int coroutine_fn qed_writeback(BDRVQEDState *s)
     bool all;
     int ret;
 
+    /* Bad entries that allocations have passed go with this pass */
+    qed_screen_settle(s);
+
     qemu_co_mutex_lock(&s->wb_lock);
     if (!qed_tables_dirty(s)) {
         qemu_co_mutex_unlock(&s->wb_lock);
