@@ -91,6 +91,8 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+import qed_poke
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -632,6 +634,332 @@ class Recorder:
         s.close()
 
 
+# ---- repair mode: `qemu-img check -r leaks` moving clusters -----------------------
+#
+# With --repair the workloads are not guest requests but images with leaks
+# inside the file, made by hand (entries set to 0 with qed_poke.py's
+# helpers), and the recorded program is our `qemu-img check -r leaks`,
+# which moves the last clusters in use (data clusters and L2 tables) into
+# the holes: copy, flush, rewrite the entry, flush, punch the old place,
+# and at the end cut the file (crash ordering 10 of docs/interop/
+# qed_spec.txt).  The log is replayed as for the other workloads; the cut
+# (a truncate, unlogged) comes after the last write's flush, so the states
+# after it are checked both with the file cut and not.  Each state must
+# hold exactly the guest data the image held before the repair (our
+# `qemu-img compare` against a raw copy our qemu-img converted before),
+# have NEED_CHECK clear (moving clusters never sets it), check with no
+# corruption by ours and by the peer (exit 0 or 3), and a second `check -r
+# leaks` by ours, the repair run again after the crash, must end clean
+# (exit 0) with the same data.
+
+class RepairWorkload(Workload):
+    """An image with leaks inside the file and the log of its repair.
+    case: 'l2' (L2 entries set to 0, a guest discard, a partial write, a
+    sparse tail), 'l1' (an L1 entry set to 0: a table's run of clusters;
+    with 4 KiB clusters more moves than one batch), 'slide' (a one-cluster
+    hole while the last thing in use is an L2 table: no hole fits it, so
+    the tables after the hole move past the end and back, twice each)"""
+
+    def __init__(self, name: str, cluster: int, backing: str, case: str):
+        super().__init__(name, cluster, backing, 'R', 0)
+        self.case = case
+        self.table_size = 4 if cluster == 64 * KiB else 2
+        self.l2_span = self.table_size * cluster // 8 * cluster
+        self.size = 4 * self.l2_span
+        self.back_size = self.size
+        self.windows = [(0, self.size)]
+        self.reference = ''         # raw copy of the guest data before
+        self.final_size = 0         # the file's length after the repair
+        self.last_write = -1        # log index of the last write entry
+        self.start_leaks = 0        # inner leaks before (clusters)
+        self.moves: List[Tuple[int, int, int, bool]] = []   # trace
+        self.twice = 0              # tables moved twice
+        self.summary = ''
+        self.drop_flushes = False
+
+    def requests(self) -> List[Tuple[str, int, int]]:
+        """What our qemu-io writes before the leaks are made, in order
+        (tables are made before their data, so the file holds, in order:
+        each table then its clusters)"""
+        cs, t = self.cluster, self.l2_span
+        if self.case == 'l2':
+            return [('w', 0, 4 * cs), ('w', t, 3 * cs), ('w', 2 * t, 4 * cs),
+                    ('w', 3 * t + 5 * cs, 2 * cs),
+                    # one cluster: the rest copied from the backing file
+                    ('w', t + 3 * cs + SECTOR, 2 * SECTOR),
+                    # a guest discard: the cluster is a hole in the file
+                    ('d', 2 * t + cs, cs)]
+        if self.case == 'l1':
+            n = 300 if cs == 4 * KiB else 3
+            return [('w', 0, 3 * cs), ('w', t, n * cs), ('w', 2 * t, n * cs),
+                    ('w', 3 * t, 2 * cs), ('w', 10 * cs, cs)]
+        return [('w', 0, 4 * cs), ('w', t, 2 * cs), ('w', 2 * t, 3 * cs),
+                ('w', 3 * t, cs)]
+
+    def pokes(self) -> List[tuple]:
+        """The leaks: ('l1', i, value) / ('l2', i, j, value), where a value
+        ('l2', i, j) is that entry's value at the time"""
+        if self.case == 'l2':
+            return [('l2', 0, 1, 0), ('l2', 1, 0, 0), ('l2', 2, 3, 0)]
+        if self.case == 'l1':
+            return [('l1', 1, 0), ('l2', 0, 1, 0)]
+        # Table 3 maps the second cluster of table 0 instead of its own
+        # cluster (which becomes a trailing leak): the last thing in use
+        # is table 3; a one-cluster hole inside table 1's clusters
+        return [('l2', 3, 0, ('l2', 0, 1)), ('l2', 0, 1, 0),
+                ('l2', 1, 1, 0)]
+
+    def tail(self) -> int:
+        """Clusters of sparse tail added after the leaks"""
+        return 3 if self.case == 'l2' else 0
+
+    def cut_allowed(self, iv: 'Interval', mask: int) -> bool:
+        """May the file's final cut have landed in this state?  It is
+        issued after the last write's flush; with flushes dropped, once
+        every write landed"""
+        if self.drop_flushes:
+            landed, _, _ = guarantee(self, iv, mask)
+            return landed > self.last_write
+        return iv.start > self.last_write
+
+
+def repair_workloads() -> List[RepairWorkload]:
+    wls = []
+    for cs in (64 * KiB, 4 * KiB):
+        for case in ('l2', 'l1', 'slide'):
+            for backing in ('none', 'raw'):
+                name = f'rep-{cs // KiB}k-{case}-{backing}'
+                wls.append(RepairWorkload(name, cs, backing, case))
+    return wls
+
+
+class Layout:
+    """What the clusters of a QED file hold: 'header', 'L1',
+    ('table', l1i) or ('data', l1i, l2i)"""
+
+    def __init__(self, path: str):
+        with open(path, 'rb') as f:
+            h = qed_poke.read_header(f)
+            self.cs, self.ts = h['cluster_size'], h['table_size']
+            self.features = h['features']
+            n = qed_poke.table_nelems(h)
+            self.used: Dict[int, object] = {}
+            for c in range(h['header_size']):
+                self.used[c] = 'header'
+            self.l1_offset = h['l1_table_offset']
+            for c in range(self.ts):
+                self.used[self.l1_offset // self.cs + c] = 'L1'
+            f.seek(self.l1_offset)
+            self.l1 = struct.unpack(f'<{n}Q', f.read(8 * n))
+            for i, t in enumerate(self.l1):
+                if not t:
+                    continue
+                for c in range(self.ts):
+                    self.used[t // self.cs + c] = ('table', i)
+                f.seek(t)
+                for j, e in enumerate(struct.unpack(f'<{n}Q',
+                                                    f.read(8 * n))):
+                    if e > 1:
+                        self.used[e // self.cs] = ('data', i, j)
+        self.clusters = -(-os.path.getsize(path) // self.cs)
+        self.end = max(self.used) + 1
+
+    def inner_leaks(self) -> List[int]:
+        return [c for c in range(self.end) if c not in self.used]
+
+    def table_last(self) -> bool:
+        """Is the last cluster in use part of an L2 table, with no run of
+        free clusters below it long enough to hold it?"""
+        last = self.used[self.end - 1]
+        if not (isinstance(last, tuple) and last[0] == 'table'):
+            return False
+        run = 0
+        for c in range(self.end - self.ts):
+            run = 0 if c in self.used else run + 1
+            if run >= self.ts:
+                return False
+        return True
+
+
+def poke(path: str, pokes: List[tuple]) -> None:
+    with open(path, 'r+b') as f:
+        header = qed_poke.read_header(f)
+
+        def where(p) -> int:
+            return qed_poke.entry_location(f, header,
+                                           [str(x) for x in p[1:-1]])
+
+        for p in pokes:
+            v = p[-1]
+            if isinstance(v, tuple):
+                v = qed_poke.get_entry(f, qed_poke.entry_location(
+                    f, header, [str(x) for x in v[1:]]))
+            qed_poke.set_entry(f, where(p), v)
+
+
+TRACE_MOVE_RE = re.compile(r'qed_compact_move .* (0x[0-9a-f]+) -> '
+                           r'(0x[0-9a-f]+) clusters (\d+) table (\d)')
+
+
+class RepairRecorder:
+    def __init__(self, bins: Dict[str, str], workdir: str, fastdir: str,
+                 seed: int, torn: bool, drop_flushes: bool):
+        self.bins = bins
+        self.workdir = workdir
+        self.fastdir = fastdir
+        self.seed = seed
+        self.torn = torn
+        self.drop_flushes = drop_flushes
+
+    def make_backing(self, wl: RepairWorkload) -> str:
+        """Random data in the first 8 clusters of each table's range"""
+        if wl.backing == 'none':
+            return ''
+        raw = os.path.join(self.workdir, f'{wl.name}-back.raw')
+        rng = random.Random(f'{self.seed}-{wl.name}-back')
+        with open(raw, 'wb') as f:
+            for t in range(4):
+                f.seek(t * wl.l2_span)
+                f.write(rng.randbytes(8 * wl.cluster))
+            f.truncate(wl.size)
+        return raw
+
+    def make_image(self, wl: RepairWorkload, img: str) -> None:
+        back = self.make_backing(wl)
+        wl.back_path = back
+        cmd = [self.bins['img'], 'create', '-f', 'qed', '-o',
+               f'cluster_size={wl.cluster},table_size={wl.table_size}']
+        if back:
+            cmd += ['-b', back, '-F', 'raw']
+        r = run(cmd + [img, str(wl.size)])
+        if r.returncode != 0:
+            raise HarnessError(f'qemu-img create: {r.stdout}')
+        # every write its own random data (a misplaced cluster or sector
+        # reads differently)
+        rng = random.Random(f'{self.seed}-{wl.name}')
+        args = [self.bins['io'], '-f', 'qed']
+        for n, (kind, off, length) in enumerate(wl.requests()):
+            if kind == 'd':
+                args += ['-c', f'discard -q {off} {length}']
+                continue
+            pat = os.path.join(self.workdir, f'{wl.name}-data{n}')
+            with open(pat, 'wb') as f:
+                f.write(rng.randbytes(length))
+            args += ['-c', f'write -q -s {pat} {off} {length}']
+        r = run(args + [img])
+        if r.returncode != 0 or r.stdout.strip():
+            raise HarnessError(f'qemu-io: {r.stdout}')
+        poke(img, wl.pokes())
+        if wl.tail():
+            os.truncate(img, os.path.getsize(img) + wl.tail() * wl.cluster)
+
+    def record(self, wl: RepairWorkload) -> None:
+        base = os.path.join(self.workdir, wl.name)
+        fast = os.path.join(self.fastdir, wl.name)
+        img, log = fast + '.qed', fast + '.log'
+        for f in (img, log):
+            if os.path.exists(f):
+                os.remove(f)
+        self.make_image(wl, img)
+
+        lay = Layout(img)
+        wl.start_leaks = len(lay.inner_leaks())
+        if lay.features & QED_NEED_CHECK:
+            raise HarnessError(f'{wl.name}: NEED_CHECK set before the repair')
+        if not wl.start_leaks:
+            raise HarnessError(f'{wl.name}: no leak inside the file')
+        if wl.case == 'slide' and not lay.table_last():
+            raise HarnessError(f'{wl.name}: the last thing in use is not an '
+                               'L2 table that no hole can hold')
+        wl.reference = base + '.raw'
+        r = run([self.bins['img'], 'convert', '-f', 'qed', '-O', 'raw', img,
+                 wl.reference])
+        if r.returncode != 0:
+            raise HarnessError(f'qemu-img convert: {r.stdout}')
+        # the peer reads the hand-made image as ours does, and both checks
+        # see leaks only
+        for who in ('img', 'peer'):
+            r = run([self.bins[who], 'compare', '-f', 'raw', '-F', 'qed',
+                     wl.reference, img])
+            if r.returncode != 0:
+                raise HarnessError(f'{wl.name}: {who} compare before the '
+                                   f'repair: {r.stdout}')
+            r = run([self.bins[who], 'check', '-f', 'qed', img])
+            if r.returncode != 3:
+                raise HarnessError(f'{wl.name}: {who} check before the '
+                                   f'repair exits {r.returncode}, not 3')
+
+        wl.snapshot = base + '.snap'
+        shutil.copyfile(img, wl.snapshot)
+        wl.snap_size = os.path.getsize(wl.snapshot)
+        open(log, 'wb').close()
+        opts = ('driver=qed,file.driver=blklogwrites,'
+                f'file.file.driver=file,file.file.filename={img},'
+                f'file.log.driver=file,file.log.filename={log},'
+                'file.log-sector-size=512')
+        r = run([self.bins['img'], '--trace', 'qed_compact_move', 'check',
+                 '-r', 'leaks', '--image-opts', opts])
+        with open(base + '.transcript', 'w') as tr:
+            tr.write(r.stdout)
+        if r.returncode != 0:
+            raise HarnessError(f'{wl.name}: the recorded check -r leaks '
+                               f'exits {r.returncode}: {r.stdout}')
+        wl.final_size = os.path.getsize(img)
+        for m in TRACE_MOVE_RE.finditer(r.stdout):
+            wl.moves.append((int(m.group(1), 16), int(m.group(2), 16),
+                             int(m.group(3)), m.group(4) == '1'))
+        if not wl.moves:
+            raise HarnessError(f'{wl.name}: the repair moved nothing')
+        # a table moved twice: its second move starts where the first ended
+        landed_at = set()
+        for frm, to, _, table in wl.moves:
+            if table:
+                wl.twice += frm in landed_at
+                landed_at.add(to)
+        if wl.case == 'slide' and not wl.twice:
+            raise HarnessError(f'{wl.name}: no table moved twice')
+        if wl.case == 'l1' and not any(m[3] for m in wl.moves):
+            raise HarnessError(f'{wl.name}: no table moved')
+
+        entries, wl.log_data = parse_log(log)
+        if self.torn:
+            entries = self.tear(wl, lay, entries)
+        wl.last_write = max(i for i, e in enumerate(entries) if e[0] == 'w')
+        if self.drop_flushes:
+            entries = [e for e in entries if e[0] != 'f']
+            wl.last_write = max(i for i, e in enumerate(entries)
+                                if e[0] == 'w')
+        wl.entries = entries
+        wl.drop_flushes = self.drop_flushes
+        data = sum(m[2] for m in wl.moves if not m[3])
+        tables = sum(1 for m in wl.moves if m[3])
+        wl.summary = (f'{wl.name}: {wl.start_leaks} leaked clusters inside '
+                      f'the file; the repair moved {data} data clusters and '
+                      f'{tables} L2 tables ({wl.twice} moved twice)')
+        os.remove(img)
+        os.remove(log)
+
+    def tear(self, wl: RepairWorkload, lay: Layout,
+             entries: List[tuple]) -> List[tuple]:
+        """Torn writes: a write to metadata (the L1 table, or where an L2
+        table is or was moved to) shorter than a table lands sector by
+        sector, each sector on its own (table updates rewrite the sectors
+        of their entries; a one-sector write is atomic)"""
+        tb = wl.cluster * wl.table_size
+        meta = [(lay.l1_offset, lay.l1_offset + tb)]
+        meta += [(t, t + tb) for t in lay.l1 if t]
+        meta += [(to, to + tb) for _, to, _, table in wl.moves if table]
+        out = []
+        for e in entries:
+            if e[0] == 'w' and e[2] < tb and e[2] > SECTOR and \
+                    any(a < e[1] + e[2] and e[1] < b for a, b in meta):
+                for s in range(0, e[2], SECTOR):
+                    out.append(('w', e[1] + s, SECTOR, e[3] + s))
+            else:
+                out.append(e)
+        return out
+
+
 # ---- replay: intervals, subsets, keys --------------------------------------------
 
 class Interval:
@@ -652,6 +980,7 @@ class Interval:
         self.prefix_ids: List[bytes] = []
         self.ends: List[int] = []             # per entry: end if write
         self.key_full = b''
+        self.random_only = False    # flushes dropped: no in-order prefixes
 
 
 def md5(b) -> bytes:
@@ -743,6 +1072,9 @@ def subsets(iv: Interval, rng: random.Random):
     k = iv.k
     tried = set()
     order = [0] + [(1 << j) - 1 for j in range(1, k + 1)]
+    if iv.random_only:
+        # the in-order prefixes keep the order the flushes were to enforce
+        order = [0, (1 << k) - 1]
     for mask in order:
         if mask in tried:
             continue
@@ -1133,6 +1465,100 @@ def keep_failure(iv: Interval, mask: int, key: bytes, what: str,
     return d
 
 
+def check_repair_state(iv: Interval, mask: int, cut: bool, prefix: Prefix,
+                       tmp: str) -> Optional[str]:
+    """Build and check one crash state of a repair; a failure or None"""
+    wl: RepairWorkload = G['workloads'][iv.wl]
+    bins = G['bins']
+    path = os.path.join(tmp, 'state.qed')
+    clock = G['clock']
+    t = time.monotonic()
+    size = prefix.write_state(path, iv, mask, False)
+    if cut and size > wl.final_size:
+        os.truncate(path, wl.final_size)
+    clock['build'] += time.monotonic() - t
+
+    with open(path, 'rb') as f:
+        hdr = f.read(64)
+    if len(hdr) < 64 or hdr[:4] != b'QED\0':
+        return 'not a QED header at all'
+    if struct.unpack_from('<Q', hdr, 16)[0] & QED_NEED_CHECK:
+        return 'NEED_CHECK set (moving clusters needs none)'
+
+    def compare(when: str) -> Optional[str]:
+        t = time.monotonic()
+        r = run([bins['img'], 'compare', '-f', 'raw', '-F', 'qed',
+                 wl.reference, path])
+        clock['compare'] += time.monotonic() - t
+        if r.returncode != 0:
+            return (f'{when}: our qemu-img compare with the data before the '
+                    f'repair exits {r.returncode}: {r.stdout.strip()[:2000]}')
+        return None
+
+    bad = compare('as the crash left it')
+    if bad:
+        return bad
+    problems = []
+    for who, name in (('img', 'our'), ('peer', "the peer's")):
+        t = time.monotonic()
+        c = run([bins[who], 'check', '-f', 'qed', path])
+        clock[who] += time.monotonic() - t
+        if c.returncode not in (0, 3):
+            problems.append(f'{name} qemu-img check exits {c.returncode}: '
+                            f'{c.stdout.strip()[:2000]}')
+    if problems:
+        return '\n'.join(problems)
+
+    # the repair again, after the crash: it must end clean
+    t = time.monotonic()
+    c = run([bins['img'], 'check', '-f', 'qed', '-r', 'leaks', path])
+    clock['again'] += time.monotonic() - t
+    if c.returncode != 0:
+        return (f'check -r leaks again after the crash exits {c.returncode}: '
+                f'{c.stdout.strip()[:2000]}')
+    return compare('after check -r leaks again')
+
+
+def keep_repair_failure(iv: Interval, mask: int, cut: bool, what: str,
+                        prefix: Prefix, tmp: str) -> str:
+    wl: RepairWorkload = G['workloads'][iv.wl]
+    d = os.path.join(G['faildir'], f'{wl.name}-interval{iv.index}-'
+                     f'mask{mask:x}{"-cut" if cut else ""}')
+    os.makedirs(d, exist_ok=True)
+    after = os.path.join(tmp, 'state.qed')
+    if os.path.exists(after):
+        shutil.copyfile(after, os.path.join(d, 'after.qed'))
+    state = os.path.join(d, 'state.qed')
+    size = prefix.write_state(state, iv, mask, False)
+    if cut and size > wl.final_size:
+        os.truncate(state, wl.final_size)
+    shutil.copyfile(wl.snapshot, os.path.join(d, 'before-repair.qed'))
+    lines = [f'repair of {wl.name}: cluster_size {fmt_size(wl.cluster)}, '
+             f'table_size {wl.table_size}, backing file: '
+             f'{wl.back_path or "none"}',
+             wl.summary,
+             f'moves (from, to, clusters, table): '
+             + ', '.join(f'({a:#x}, {b:#x}, {n}, {int(t)})'
+                         for a, b, n, t in wl.moves),
+             f'flushes dropped: {"yes" if wl.drop_flushes else "no"}',
+             f'interval {iv.index}: log entries {iv.start}..{iv.end - 1}',
+             f'landed from the interval (mask {mask:#x}):']
+    for j in range(iv.k):
+        e = wl.entries[iv.start + j]
+        tag = 'landed' if mask >> j & 1 else 'lost  '
+        lines.append(f'  {tag} entry {iv.start + j}: '
+                     f'{"write" if e[0] == "w" else "discard"} file offset '
+                     f'{e[1]:#x} length {e[2]:#x}')
+    lines.append(f'file cut to {wl.final_size:#x}: {"yes" if cut else "no"}')
+    lines += ['', 'FAILED:', what, '',
+              f'data before the repair: {wl.reference}',
+              'replay by hand: qemu-img compare -f raw -F qed '
+              f'{wl.reference} state.qed; qemu-img check state.qed']
+    with open(os.path.join(d, 'description.txt'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    return d
+
+
 def worker_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     G['prefix'] = Prefix()
@@ -1143,16 +1569,31 @@ def worker_init() -> None:
 def worker_task(task) -> Tuple[int, List[Tuple[str, str]], Dict[str, float]]:
     wl_index, iv_index, states = task
     iv = G['intervals'][wl_index][iv_index]
+    wl = G['workloads'][wl_index]
+    repair = isinstance(wl, RepairWorkload)
     prefix: Prefix = G['prefix']
     prefix.goto(wl_index, iv.start)
     fails = []
-    G['clock'] = clock = dict.fromkeys(('build', 'open', 'img', 'peer'), 0.0)
+    G['clock'] = clock = dict.fromkeys(
+        ('build', 'compare', 'img', 'peer', 'again') if repair else
+        ('build', 'open', 'img', 'peer'), 0.0)
+    checked = 0
     for mask, key in states:
-        try:
-            what = check_state(iv, mask, key, prefix, G['tmp'])
-        except Exception as e:      # keep going, report it as a failure
-            what = f'harness exception: {e!r}'
-        if what:
+        # a repair's cut may have landed or not: both states
+        cuts = (False, True) if repair and wl.cut_allowed(iv, mask) else \
+            (False,)
+        for cut in cuts:
+            checked += 1
+            try:
+                if repair:
+                    what = check_repair_state(iv, mask, cut, prefix,
+                                              G['tmp'])
+                else:
+                    what = check_state(iv, mask, key, prefix, G['tmp'])
+            except Exception as e:      # keep going, report it as a failure
+                what = f'harness exception: {e!r}'
+            if not what:
+                continue
             kept = ''
             # keep a few of each kind of failure
             kind = re.sub(r'(0x)?[0-9a-f]*[0-9][0-9a-f]*', 'N',
@@ -1162,15 +1603,19 @@ def worker_task(task) -> Tuple[int, List[Tuple[str, str]], Dict[str, float]]:
                 G['kept'][kind] = n + 1
             if n < G['max_kept']:
                 try:
-                    kept = keep_failure(iv, mask, key, what, prefix,
-                                        G['tmp'])
+                    if repair:
+                        kept = keep_repair_failure(iv, mask, cut, what,
+                                                   prefix, G['tmp'])
+                    else:
+                        kept = keep_failure(iv, mask, key, what, prefix,
+                                            G['tmp'])
                 except Exception as e:
                     kept = f'(could not keep it: {e!r})'
-            wl = G['workloads'][wl_index]
-            fails.append((f'{wl.name} interval {iv.index} mask {mask:#x}',
+            fails.append((f'{wl.name} interval {iv.index} mask {mask:#x}'
+                          f'{" cut" if cut else ""}',
                           what.splitlines()[0] +
                           (f' (kept in {kept})' if kept else '')))
-    return len(states), fails, clock
+    return checked, fails, clock
 
 
 # ---- main --------------------------------------------------------------------
@@ -1247,9 +1692,24 @@ def main() -> int:
                     help='keep the scratch files')
     ap.add_argument('-v', '--verbose', action='store_true')
     ap.add_argument('--list', action='store_true', help='list the workloads')
+    ap.add_argument('--repair', action='store_true',
+                    help='record `qemu-img check -r leaks` on images with '
+                    'leaks inside the file instead of guest workloads')
+    ap.add_argument('--torn', action='store_true',
+                    help='with --repair: writes to metadata shorter than a '
+                    'table land sector by sector')
+    ap.add_argument('--drop-flushes', action='store_true',
+                    help='with --repair: replay the logs as if they held no '
+                    'flush (a broken order; states are expected to fail)')
     args = ap.parse_args()
 
-    wls = all_workloads(args.rounds)
+    if (args.torn or args.drop_flushes) and not args.repair:
+        print('--torn and --drop-flushes need --repair', file=sys.stderr)
+        return 2
+    if args.repair and args.aio:
+        print('--aio does not apply to --repair', file=sys.stderr)
+        return 2
+    wls = repair_workloads() if args.repair else all_workloads(args.rounds)
     if args.list:
         for wl in wls:
             print(wl.describe())
@@ -1266,6 +1726,9 @@ def main() -> int:
     workdir = args.workdir or tempfile.mkdtemp(
         prefix='qed-replay-')
     sub = f'replay-{args.aio}' if args.aio else 'replay'
+    if args.repair:
+        sub = 'replay-repair-noflush' if args.drop_flushes else \
+            'replay-repair'
     workdir = os.path.join(workdir, sub) if args.workdir else workdir
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
@@ -1301,13 +1764,23 @@ def main() -> int:
 
         tmpbase = '/dev/shm' if os.access('/dev/shm', os.W_OK) else workdir
         tmpbase = tempfile.mkdtemp(prefix='qed-replay-', dir=tmpbase)
-        rec = Recorder(bins, workdir, tmpbase, args.aio)
+        if args.repair:
+            rec = RepairRecorder(bins, workdir, tmpbase, args.seed,
+                                 args.torn, args.drop_flushes)
+        else:
+            rec = Recorder(bins, workdir, tmpbase, args.aio)
         intervals = []
         for n, wl in enumerate(wls):
-            wl.generate(random.Random(f'{args.seed}-{wl.name}'))
             t = time.monotonic()
-            rec.record(wl)
+            if args.repair:
+                rec.record(wl)
+                say(wl.summary, True)
+            else:
+                wl.generate(random.Random(f'{args.seed}-{wl.name}'))
+                rec.record(wl)
             ivs = prepare_intervals(wl, n)
+            for iv in ivs:
+                iv.random_only = args.drop_flushes
             intervals.append(ivs)
             kinds = [e[0] for e in wl.entries]
             ok = [op.kind for op in wl.ops]
@@ -1365,8 +1838,11 @@ def main() -> int:
         if done:
             say('time per state (ms): ' + ', '.join(
                 f'{k} {1000 * v / done:.1f}' for k, v in clocks.items()) +
-                ' (build the image; open, repair and read back; our check; '
-                'the peer\'s check)')
+                (' (build the image; our compares with the data before; '
+                 'our check; the peer\'s check; our check -r leaks again)'
+                 if args.repair else
+                 ' (build the image; open, repair and read back; our check; '
+                 'the peer\'s check)'))
         say(f'crash states: {done} checked, {len(failures)} failed '
             f'(seed {args.seed}) in {elapsed:.0f} s', True)
         if failures:
