@@ -311,3 +311,64 @@ out:
     qemu_co_mutex_unlock(&s->header_lock);
     return ret;
 }
+
+/* ---- NEED_CHECK: set next to the one header writer --------------------- */
+
+bool qed_has_backing_file(BDRVQEDState *s)
+{
+    return s->header.features & QED_F_BACKING_FILE;
+}
+
+/*
+ * Set NEED_CHECK and flush it, unless it is on disk already.  Callers:
+ *
+ * - Crash ordering 4: an image without a backing file updates its tables
+ *   without flushing the data first, so a crash can leave an entry over
+ *   data that never reached the disk or past the end of the file.  The bit
+ *   is on disk before the first such table update (qed_set_need_check);
+ *   images with a backing file flush instead (crash ordering 3).
+ * - Crash ordering 8: the grow-ahead tail (images without a backing file
+ *   only) is on disk only while the bit is (qed_grow_file), so a crash
+ *   that leaves one makes the next opener's check cut it off.
+ * - Crash ordering 9: make_empty, without a backing file.
+ * Never for an image with a backing file (the original design's promise).
+ *
+ * The check on the next open repairs what a crash left.
+ */
+int coroutine_fn qed_raise_need_check(BDRVQEDState *s)
+{
+    QEDHeader h;
+    int ret = 0;
+
+    if (s->need_check_ready) {
+        return 0;
+    }
+
+    qemu_co_mutex_lock(&s->header_lock);
+    if (!s->need_check_ready) {
+        if (!(s->header.features & QED_F_NEED_CHECK)) {
+            h = s->header;
+            h.features |= QED_F_NEED_CHECK;
+            ret = qed_update_header(s, &h);
+        }
+        /* Also when the bit was set: an earlier flush may have failed */
+        if (ret == 0) {
+            ret = bdrv_co_flush(s->bs->file->bs);
+        }
+        if (ret == 0) {
+            s->need_check_ready = true;
+            trace_qed_need_check_set(s);
+        }
+    }
+    qemu_co_mutex_unlock(&s->header_lock);
+    return ret;
+}
+
+/* Before table updates: crash ordering 4 */
+int coroutine_fn qed_set_need_check(BDRVQEDState *s)
+{
+    if (qed_has_backing_file(s)) {
+        return 0;
+    }
+    return qed_raise_need_check(s);
+}

@@ -1,16 +1,12 @@
 /*
  * QED ("QEMU Enhanced Disk") image format driver
  *
- * The BlockDriver: probe, open/close/create, reopen, read/write/zero/
- * discard requests, allocation, the NEED_CHECK bit and its timer, block
- * status, info, truncate and the migration hooks.  Lookups go through
- * qed-cluster.c, table I/O through qed-table.c, the check through
- * qed-check.c.
- *
- * Requests run in coroutines in the node's AioContext, so shared state
- * changes only between yields; what must stay consistent across a yield
- * is guarded by the allocation list, wb_lock (one writeback pass at a
- * time) and header_lock, each described where it is defined.
+ * The BlockDriver: probe, open/close, reopen, the request entry points
+ * (read, write, write-zeroes, discard, flush, block status, truncate),
+ * NEED_CHECK's clearing and its timer, make_empty, inactivation and the
+ * check entry point.  The other files and their jobs are listed in
+ * docs/qed-design.md, section 1; the locks, what each guards and the
+ * order they nest in, at the top of qed.h.
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
@@ -75,63 +71,6 @@ static int qed_probe(const uint8_t *buf, int buf_size, const char *filename)
 
 
 /* ---- NEED_CHECK and its timer ------------------------------------------- */
-
-bool qed_has_backing_file(BDRVQEDState *s)
-{
-    return s->header.features & QED_F_BACKING_FILE;
-}
-
-/*
- * Set NEED_CHECK and flush it, unless it is on disk already.  Callers:
- *
- * - Crash ordering 4: an image without a backing file updates its tables
- *   without flushing the data first, so a crash can leave an entry over
- *   data that never reached the disk or past the end of the file.  The bit
- *   is on disk before the first such table update (qed_set_need_check);
- *   images with a backing file flush instead (crash ordering 3).
- * - Crash ordering 8: the grow-ahead tail, with or without backing file,
- *   is on disk only while the bit is (qed_grow_file), so a crash that
- *   leaves one makes the next opener's check cut it off.
- *
- * The check on the next open repairs what a crash left.
- */
-int coroutine_fn qed_raise_need_check(BDRVQEDState *s)
-{
-    QEDHeader h;
-    int ret = 0;
-
-    if (s->need_check_ready) {
-        return 0;
-    }
-
-    qemu_co_mutex_lock(&s->header_lock);
-    if (!s->need_check_ready) {
-        if (!(s->header.features & QED_F_NEED_CHECK)) {
-            h = s->header;
-            h.features |= QED_F_NEED_CHECK;
-            ret = qed_update_header(s, &h);
-        }
-        /* Also when the bit was set: an earlier flush may have failed */
-        if (ret == 0) {
-            ret = bdrv_co_flush(s->bs->file->bs);
-        }
-        if (ret == 0) {
-            s->need_check_ready = true;
-            trace_qed_need_check_set(s);
-        }
-    }
-    qemu_co_mutex_unlock(&s->header_lock);
-    return ret;
-}
-
-/* Before table updates: crash ordering 4 */
-int coroutine_fn qed_set_need_check(BDRVQEDState *s)
-{
-    if (qed_has_backing_file(s)) {
-        return 0;
-    }
-    return qed_raise_need_check(s);
-}
 
 /*
  * Write back every dirty table sector, cut the file back to the clusters
@@ -527,7 +466,7 @@ static int coroutine_fn qed_clear_autoclear(BDRVQEDState *s, Error **errp)
 }
 
 /* NEED_CHECK is set: repair what a crash left (read-only: only look) */
-static int coroutine_fn qed_check_on_open(BlockDriverState *bs, int flags,
+static int coroutine_fn qed_repair_on_open(BlockDriverState *bs, int flags,
                                           Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
@@ -633,7 +572,7 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     }
     if ((s->header.features & QED_F_NEED_CHECK) &&
         !(flags & (BDRV_O_CHECK | BDRV_O_INACTIVE))) {
-        ret = qed_check_on_open(bs, flags, errp);
+        ret = qed_repair_on_open(bs, flags, errp);
         if (ret < 0) {
             goto fail;
         }

@@ -7,20 +7,7 @@
  * docs/qed-design.md for the driver's design: its files, request flow,
  * locking, writeback and file growth.
  *
- * The driver's files, one job each:
- *   qed.c            the BlockDriver, open/close/reopen, request entry
- *                    points, NEED_CHECK and its timer
- *   qed-header.c     the header: byte order, validation, its one writer,
- *                    backing file name changes
- *   qed-alloc.c      cluster claims, new file space, the file's size
- *                    (grow-ahead, every resize), new L2 tables, the
- *                    allocating write
- *   qed-writeback.c  entries in memory, dirty sectors, writeback passes
- *   qed-l2-cache.c   the L2 table cache and its memory bound
- *   qed-cluster.c    offset lookup, entries past the end of the file
- *   qed-table.c      table I/O and byte order
- *   qed-check.c      the consistency check and repair
- *   qed-create.c     create, preallocate, measure, amend
+ * The driver's files and their jobs: docs/qed-design.md, section 1.
  *
  * Locks and waits.  Requests run in coroutines of the node's AioContext:
  * state changes only between yields, and what must stay consistent across
@@ -404,9 +391,6 @@ static inline bool qed_is_data_offset(uint64_t entry)
 /* qed.c: the driver, NEED_CHECK and its timer */
 void qed_report_corruption(BDRVQEDState *s, const char *fmt, ...)
     G_GNUC_PRINTF(2, 3);
-bool qed_has_backing_file(BDRVQEDState *s);
-int coroutine_fn qed_raise_need_check(BDRVQEDState *s);
-int coroutine_fn qed_set_need_check(BDRVQEDState *s);
 int coroutine_fn qed_clear_need_check(BDRVQEDState *s);
 void qed_arm_timer(BDRVQEDState *s);
 void qed_cancel_timer(BDRVQEDState *s);
@@ -424,6 +408,9 @@ int qed_validate_image_size(uint64_t size, uint64_t cluster_size,
 int qed_validate_header(QEDHeader *h, int64_t file_size, Error **errp);
 bool qed_backing_name_fits(uint64_t header_bytes, uint64_t len, Error **errp);
 int coroutine_fn qed_update_header(BDRVQEDState *s, const QEDHeader *h);
+bool qed_has_backing_file(BDRVQEDState *s);
+int coroutine_fn qed_raise_need_check(BDRVQEDState *s);
+int coroutine_fn qed_set_need_check(BDRVQEDState *s);
 int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque);
 
 /* qed-alloc.c: claims, file space and the file's size */
