@@ -9,8 +9,15 @@
  * Entries are reference counted so that a table in use is never freed.
  *
  * Memory: a table's buffer is mapped whole (qed_table_new) but only the
- * chunks that were read from disk or changed take memory ("resident").
- * The cache counts resident chunks against its limit, l2-cache-size: past
+ * chunks that may be touched take memory ("resident"): those whose
+ * entries are known (loaded: read from disk, or all of a new table, which
+ * is zeros) and those that changed.  Lookups read only loaded chunks, so
+ * nothing else of a table is ever touched.  A known chunk counts even
+ * before anyone reads it: reading an untouched anonymous page may take a
+ * page of its own (kernels that do not map the shared zero page there, as
+ * found on the test host), so a new table counts whole.  The cache counts
+ * resident chunks against its limit, l2-cache-size, including tables that
+ * left the cache while still in use, until their last user lets go: past
  * it, the least recently used tables give their memory back, a whole
  * table when nobody uses it, or only its clean chunks when its one user is
  * the pin of its dirty sectors.  What is dirty stays until a writeback
@@ -56,6 +63,33 @@ struct QEDL2Cache {
 
 static void qed_l2_cache_shrink(QEDL2Cache *c);
 
+static void qed_l2_cache_audit(QEDL2Cache *c, const char *why)
+{
+    static uint64_t max_res, max_mc;
+    QEDCachedTable *e;
+    uint64_t mc = 0;
+    size_t np = c->table_bytes / 4096;
+    unsigned char v[1024];
+
+    if (!getenv("QED_AUDIT")) {
+        return;
+    }
+    QTAILQ_FOREACH(e, &c->lru, lru) {
+        mincore(e->t.table, c->table_bytes, v);
+        for (size_t i = 0; i < np; i++) {
+            mc += (v[i] & 1) * 4096;
+        }
+    }
+    if (c->resident_bytes > max_res || mc > max_mc) {
+        max_res = MAX(max_res, c->resident_bytes);
+        max_mc = MAX(max_mc, mc);
+        fprintf(stderr, "audit %s: tables %u resident %" PRIu64 "K mincore %" PRIu64
+            "K dirty_sectors %" PRIu64 "\n",
+            why, c->n_tables, c->resident_bytes >> 10, mc >> 10, 
+            c->dirty_sectors);
+    }
+}
+
 QEDL2Cache *qed_l2_cache_new(uint64_t max_bytes, size_t table_bytes)
 {
     QEDL2Cache *c = g_new0(QEDL2Cache, 1);
@@ -77,6 +111,7 @@ QEDL2Cache *qed_l2_cache_new(uint64_t max_bytes, size_t table_bytes)
 static void qed_l2_cache_free_table(QEDL2Cache *c, QEDCachedTable *e)
 {
     assert(!e->on_dirty_list);
+    c->resident_bytes -= (uint64_t)e->nresident * c->chunk_bytes;
     qed_table_free(e->t.table, c->table_bytes);
     g_free(e->t.loaded);
     g_free(e->t.dirty);
@@ -95,15 +130,16 @@ static void qed_l2_cache_set_resident(QEDL2Cache *c, QEDCachedTable *e,
     }
 }
 
-/* Take @e out of the cache; its memory goes now or with its last user */
+/*
+ * Take @e out of the cache; its memory goes now or with its last user,
+ * and counts until then
+ */
 static void qed_l2_cache_remove(QEDL2Cache *c, QEDCachedTable *e)
 {
     assert(!e->dropped);
     g_hash_table_remove(c->by_offset, &e->t.offset);
     QTAILQ_REMOVE(&c->lru, e, lru);
     c->n_tables--;
-    c->resident_bytes -= (uint64_t)e->nresident * c->chunk_bytes;
-    e->nresident = 0;
     e->dropped = true;
     if (e->ref == 0) {
         qed_l2_cache_free_table(c, e);
@@ -129,22 +165,28 @@ static bool qed_l2_chunk_dirty(QEDL2Cache *c, QEDCachedTable *e,
 static void qed_l2_cache_release_clean(QEDL2Cache *c, QEDCachedTable *e)
 {
     unsigned int released = 0;
-    unsigned long i;
+    unsigned long i = find_first_bit(e->resident, c->nchunks);
 
-    for (i = find_first_bit(e->resident, c->nchunks); i < c->nchunks;
-         i = find_next_bit(e->resident, c->nchunks, i + 1)) {
-        if (qed_l2_chunk_dirty(c, e, i)) {
-            continue;
+    while (i < c->nchunks) {
+        unsigned long end = i;
+
+        /* A run of resident clean chunks: one madvise for all of it */
+        while (end < c->nchunks && test_bit(end, e->resident) &&
+               !qed_l2_chunk_dirty(c, e, end)) {
+            clear_bit(end, e->resident);
+            clear_bit(end, e->t.loaded);
+            end++;
         }
-        qemu_madvise((uint8_t *)e->t.table + i * c->chunk_bytes,
-                     c->chunk_bytes, QEMU_MADV_DONTNEED);
-        clear_bit(i, e->resident);
-        clear_bit(i, e->t.loaded);
-        e->nresident--;
-        c->resident_bytes -= c->chunk_bytes;
-        released++;
+        if (end > i) {
+            qemu_madvise((uint8_t *)e->t.table + i * c->chunk_bytes,
+                         (end - i) * c->chunk_bytes, QEMU_MADV_DONTNEED);
+            released += end - i;
+        }
+        i = find_next_bit(e->resident, c->nchunks, end + 1);
     }
     if (released) {
+        e->nresident -= released;
+        c->resident_bytes -= (uint64_t)released * c->chunk_bytes;
         trace_qed_l2_cache_release(c, e->t.offset, released);
     }
 }
@@ -225,9 +267,9 @@ QEDCachedTable *qed_l2_cache_find(QEDL2Cache *c, uint64_t offset)
 /*
  * Add the table at @offset and return it with a reference taken.  A
  * @fresh table is new: its entries are all zero (so all of them are
- * known); otherwise its chunks are read as they are used
- * (qed_l2_cache_loaded).  If the cache has the table already, that entry
- * is returned.
+ * known, and count as resident: lookups may read any of them); otherwise
+ * its chunks are read as they are used (qed_l2_cache_loaded).  If the
+ * cache has the table already, that entry is returned.
  */
 QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
                                     bool fresh)
@@ -248,12 +290,14 @@ QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
     e->fresh = fresh;
     if (fresh) {
         bitmap_set(e->t.loaded, 0, c->nchunks);
+        qed_l2_cache_set_resident(c, e, 0, c->nchunks);
     }
     qemu_co_mutex_init(&e->lock);
     g_hash_table_insert(c->by_offset, &e->t.offset, e);
     QTAILQ_INSERT_HEAD(&c->lru, e, lru);
     c->n_tables++;
     qed_l2_cache_shrink(c);
+    qed_l2_cache_audit(c, "insert");
     return e;
 }
 
@@ -265,6 +309,7 @@ void qed_l2_cache_loaded(QEDL2Cache *c, QEDCachedTable *e,
     bitmap_set(e->t.loaded, first, n);
     qed_l2_cache_set_resident(c, e, first, n);
     qed_l2_cache_shrink(c);
+    qed_l2_cache_audit(c, "loaded");
 }
 
 void qed_l2_cache_unref(QEDL2Cache *c, QEDCachedTable *e)
@@ -334,6 +379,7 @@ void qed_l2_cache_mark_dirty(QEDL2Cache *c, QEDCachedTable *e,
         QTAILQ_INSERT_TAIL(&c->dirty_list, e, dirty_next);
         c->dirty_tables++;
     }
+    qed_l2_cache_audit(c, "dirty");
 }
 
 /* Sectors [first, first + n) of @e are being written back */

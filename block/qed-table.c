@@ -14,6 +14,7 @@
 #include "qemu/osdep.h"
 #include "qemu/bswap.h"
 #include "qemu/error-report.h"
+#include "qemu/madvise.h"
 #include "qemu/memalign.h"
 #include "trace.h"
 #include "qed.h"
@@ -35,9 +36,15 @@ void qed_table_buf_free(QEDTable *buf)
 
 /*
  * Tables that live long (the L1 table, cached L2 tables) come straight
- * from mmap: zeroed, page aligned for O_DIRECT, and only the pages used
- * (the chunks a lookup loaded) take memory.  A new table needs no memset.
- * Free it with qed_table_free().
+ * from mmap: zeroed, page aligned for O_DIRECT, and only the pages touched
+ * (the chunks a lookup loaded or a change dirtied) take memory.  A new
+ * table needs no memset.  Free it with qed_table_free().
+ *
+ * Never transparent huge pages: the kernel merges adjacent table mappings
+ * into one area, and with THP "always" the first touch of a chunk there
+ * could take a whole 2 MiB page, which the cache (counting 4 KiB chunks,
+ * qed-l2-cache.c) would not see and madvise(MADV_DONTNEED) of a chunk
+ * would not give back.
  */
 QEDTable *qed_table_new(size_t bytes)
 {
@@ -50,6 +57,7 @@ QEDTable *qed_table_new(size_t bytes)
                      strerror(errno));
         abort();
     }
+    qemu_madvise(p, bytes, QEMU_MADV_NOHUGEPAGE);
     return p;
 }
 

@@ -47,6 +47,16 @@
 #   qed_replay.py [--workdir DIR] [--states N] [--seed S] [--jobs J]
 #                 [--workloads NAME,...] [--aio native|io_uring]
 #                 [--faildir DIR] [--keep] [-v]
+#   qed_replay.py --repair [--torn] [--drop-flushes] [the options above
+#                 but --aio]
+#
+# --repair records our `qemu-img check -r leaks` instead of guest
+# workloads, on images with leaks inside the file made by hand, and checks
+# that every power-cut state of it still holds the guest data, checks
+# clean and repairs clean (see "repair mode" below).  --torn lets writes
+# to the tables land sector by sector.  --drop-flushes replays the logs as
+# if they held no flush, a repair with a broken order: its states are
+# expected to fail (qed-crash-replay-repair shows that they do).
 #
 # Environment: QEMU_IMG_PROG, QEMU_IO_PROG (default: the repository's build,
 # .base/qemu/build/), PEER_QEMU_IMG (default /usr/bin/qemu-img).  The
@@ -66,7 +76,8 @@
 # (recording on tmpfs makes flushes cheap, to give such races a chance;
 # with --aio the image is recorded in the scratch folder instead, which must
 # support O_DIRECT, and only the log stays on tmpfs).
-# A logged write lands whole or not at all (no torn sectors).  One crash
+# A logged write lands whole or not at all (no torn sectors; with --repair
+# --torn, writes to the tables land sector by sector).  One crash
 # per run: states are not opened, written and crashed again.
 #
 # This work is licensed under the terms of the GNU GPL, version 2 or later.
@@ -634,7 +645,7 @@ class Recorder:
         s.close()
 
 
-# ---- repair mode: `qemu-img check -r leaks` moving clusters -----------------------
+# ---- repair mode: `qemu-img check -r leaks` moving clusters ----------------
 #
 # With --repair the workloads are not guest requests but images with leaks
 # inside the file, made by hand (entries set to 0 with qed_poke.py's
@@ -643,14 +654,16 @@ class Recorder:
 # the holes: copy, flush, rewrite the entry, flush, punch the old place,
 # and at the end cut the file (crash ordering 10 of docs/interop/
 # qed_spec.txt).  The log is replayed as for the other workloads; the cut
-# (a truncate, unlogged) comes after the last write's flush, so the states
-# after it are checked both with the file cut and not.  Each state must
-# hold exactly the guest data the image held before the repair (our
-# `qemu-img compare` against a raw copy our qemu-img converted before),
-# have NEED_CHECK clear (moving clusters never sets it), check with no
-# corruption by ours and by the peer (exit 0 or 3), and a second `check -r
-# leaks` by ours, the repair run again after the crash, must end clean
-# (exit 0) with the same data.
+# (a truncate, unlogged) comes after the last write's flush, so a state
+# after that flush may have it or not (both are checked right after a flush
+# and with everything landed, one or the other for the subsets between).
+# Each state must hold exactly the guest data the image held before the
+# repair (our `qemu-img compare` against a raw copy our qemu-img converted
+# before), have NEED_CHECK clear (moving clusters never sets it), and check
+# with no corruption by ours and by the peer (exit 0 or 3); after each
+# flush, with the cut, and in one state in four else, our `check -r leaks`
+# run again (the repair resumed after the crash) must end clean (exit 0)
+# with the same data.
 
 class RepairWorkload(Workload):
     """An image with leaks inside the file and the log of its repair.
@@ -684,7 +697,9 @@ class RepairWorkload(Workload):
         cs, t = self.cluster, self.l2_span
         if self.case == 'l2':
             return [('w', 0, 4 * cs), ('w', t, 3 * cs), ('w', 2 * t, 4 * cs),
-                    ('w', 3 * t + 5 * cs, 2 * cs),
+                    # two entries of table 3 in different sectors: one
+                    # write of both sectors moves them
+                    ('w', 3 * t + 5 * cs, cs), ('w', 3 * t + 100 * cs, cs),
                     # one cluster: the rest copied from the backing file
                     ('w', t + 3 * cs + SECTOR, 2 * SECTOR),
                     # a guest discard: the cluster is a hole in the file
@@ -878,12 +893,12 @@ class RepairRecorder:
             raise HarnessError(f'qemu-img convert: {r.stdout}')
         # the peer reads the hand-made image as ours does, and both checks
         # see leaks only
+        r = run([self.bins['peer'], 'compare', '-f', 'raw', '-F', 'qed',
+                 wl.reference, img])
+        if r.returncode != 0:
+            raise HarnessError(f'{wl.name}: the peer\'s compare before the '
+                               f'repair: {r.stdout}')
         for who in ('img', 'peer'):
-            r = run([self.bins[who], 'compare', '-f', 'raw', '-F', 'qed',
-                     wl.reference, img])
-            if r.returncode != 0:
-                raise HarnessError(f'{wl.name}: {who} compare before the '
-                                   f'repair: {r.stdout}')
             r = run([self.bins[who], 'check', '-f', 'qed', img])
             if r.returncode != 3:
                 raise HarnessError(f'{wl.name}: {who} check before the '
@@ -949,10 +964,13 @@ class RepairRecorder:
         meta = [(lay.l1_offset, lay.l1_offset + tb)]
         meta += [(t, t + tb) for t in lay.l1 if t]
         meta += [(to, to + tb) for _, to, _, table in wl.moves if table]
+        # (a data cluster copied where a table was is not metadata)
+        data_to = set(to for _, to, _, table in wl.moves if not table)
         out = []
         for e in entries:
             if e[0] == 'w' and e[2] < tb and e[2] > SECTOR and \
-                    any(a < e[1] + e[2] and e[1] < b for a, b in meta):
+                    any(a < e[1] + e[2] and e[1] < b for a, b in meta) and \
+                    not (e[2] == wl.cluster and e[1] in data_to):
                 for s in range(0, e[2], SECTOR):
                     out.append(('w', e[1] + s, SECTOR, e[3] + s))
             else:
@@ -1192,6 +1210,7 @@ class Prefix:
         if wl_index != self.wl or pos < self.pos:
             self.img, self.mask, self.size = load_snapshot(wl)
             self.wl, self.pos = wl_index, 0
+            self.runs = []      # (those of the image left behind)
         if pos == self.pos and self.runs:
             return
         for e in wl.entries[self.pos:pos]:
@@ -1465,8 +1484,8 @@ def keep_failure(iv: Interval, mask: int, key: bytes, what: str,
     return d
 
 
-def check_repair_state(iv: Interval, mask: int, cut: bool, prefix: Prefix,
-                       tmp: str) -> Optional[str]:
+def check_repair_state(iv: Interval, mask: int, cut: bool, again: bool,
+                       prefix: Prefix, tmp: str) -> Optional[str]:
     """Build and check one crash state of a repair; a failure or None"""
     wl: RepairWorkload = G['workloads'][iv.wl]
     bins = G['bins']
@@ -1506,8 +1525,8 @@ def check_repair_state(iv: Interval, mask: int, cut: bool, prefix: Prefix,
         if c.returncode not in (0, 3):
             problems.append(f'{name} qemu-img check exits {c.returncode}: '
                             f'{c.stdout.strip()[:2000]}')
-    if problems:
-        return '\n'.join(problems)
+    if problems or not again:
+        return '\n'.join(problems) or None
 
     # the repair again, after the crash: it must end clean
     t = time.monotonic()
@@ -1579,14 +1598,20 @@ def worker_task(task) -> Tuple[int, List[Tuple[str, str]], Dict[str, float]]:
         ('build', 'open', 'img', 'peer'), 0.0)
     checked = 0
     for mask, key in states:
-        # a repair's cut may have landed or not: both states
-        cuts = (False, True) if repair and wl.cut_allowed(iv, mask) else \
-            (False,)
+        cuts: Tuple[bool, ...] = (False,)
+        if repair and wl.cut_allowed(iv, mask):
+            # the repair's cut may have landed or not: both states after
+            # the flush and with everything landed, one of the two else
+            full = mask == (1 << iv.k) - 1
+            cuts = (False, True) if mask == 0 or full else (key[1] % 2 == 0,)
         for cut in cuts:
             checked += 1
             try:
                 if repair:
-                    what = check_repair_state(iv, mask, cut, prefix,
+                    # the repair again after every flush state and cut
+                    # state, and one in four others
+                    again = mask == 0 or cut or key[2] % 4 == 0
+                    what = check_repair_state(iv, mask, cut, again, prefix,
                                               G['tmp'])
                 else:
                     what = check_state(iv, mask, key, prefix, G['tmp'])
