@@ -49,18 +49,23 @@ static QEDAllocation *qed_find_alloc(BDRVQEDState *s, uint64_t start,
 /*
  * Claim the clusters [start, end) for a change of their table entries.
  * Returns false, after waiting for the one in the way to finish, if
- * another request holds any of them, or if entries changed since the
- * caller's lookup (s->l2_gen moved past @gen): the caller must look up
- * again.
+ * another request holds any of them: the caller must look up again.
+ *
+ * A claim does not vouch that the entries are still what the caller's
+ * lookup found (a request that claimed them since may have set them):
+ * the claimer checks them once their table is loaded
+ * (qed_claimed_entries_are()).  Why not refuse the claim when any entry
+ * anywhere changed since the lookup (s->l2_gen moved): under load some
+ * entry always has.  With a small L2 cache every lookup waits for a table
+ * read, other writers set entries meanwhile, and about half of the claims
+ * failed and looked up (and read their table) again, for entries that
+ * nobody else had touched.
  */
 bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
-                            uint64_t start, uint64_t end, uint64_t gen)
+                            uint64_t start, uint64_t end)
 {
     if (qed_find_alloc(s, start, end)) {
         qemu_co_queue_wait(&s->alloc_waiters, NULL);
-        return false;
-    }
-    if (gen != s->l2_gen) {
         return false;
     }
     a->start = start;
@@ -68,6 +73,31 @@ bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
     QLIST_INSERT_HEAD(&s->allocs, a, next);
     if (s->allocating_writes++ == 0) {
         qed_cancel_timer(s);
+    }
+    return true;
+}
+
+/*
+ * Under a claim, with the table that maps the claimed clusters loaded:
+ * are entries [@first, @first + @n) of @e (NULL: there is no table, all
+ * are unallocated) all @value, what the claimer's lookup found?  Entries
+ * of guest clusters change only under a claim (bad entries dropped by
+ * qed_screen_drop() are never handed out by a lookup), and this claim
+ * holds them now, so the answer stays true until the release.  If false,
+ * another request set them after the lookup looked at them (a lookup that
+ * spans two tables scans the first one before it waits for the second
+ * one's read): the caller releases its claim and looks up again.
+ */
+static bool qed_claimed_entries_are(QEDCachedTable *e, unsigned int first,
+                                    unsigned int n, uint64_t value)
+{
+    if (!e) {
+        return value == QED_L2_UNALLOCATED;
+    }
+    for (unsigned int i = first; i < first + n; i++) {
+        if (e->t.table->offsets[i] != value) {
+            return false;
+        }
     }
     return true;
 }
@@ -190,17 +220,21 @@ static uint64_t qed_reserve(BDRVQEDState *s, uint64_t bytes, bool *reused)
 /*
  * Give back space that qed_reserve() handed out and that nothing points
  * at: the write that was to fill it failed, and left in it whatever part
- * of it landed.  Runs are kept sorted and merged; one that reaches
+ * of it landed (@written; else it was never written, and reads as it
+ * did).  Runs are kept sorted and merged; one that reaches
  * file_end lowers file_end, so that the tail cut at close removes it.
  */
-static void qed_unreserve(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
+static void qed_unreserve(BDRVQEDState *s, uint64_t offset, uint64_t bytes,
+                          bool written)
 {
     GArray *runs = s->free_runs;
     QEDFreeRun run = { .offset = offset, .bytes = bytes };
     guint i = 0;
 
-    s->length_unsure = true;
-    s->garbage_end = MAX(s->garbage_end, offset + bytes);
+    if (written) {
+        s->length_unsure = true;
+        s->garbage_end = MAX(s->garbage_end, offset + bytes);
+    }
     trace_qed_alloc_unreserve(s, offset, bytes / s->header.cluster_size);
     while (i < runs->len &&
            g_array_index(runs, QEDFreeRun, i).offset < offset) {
@@ -490,7 +524,7 @@ static int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
         ret = qed_write_zero_data(s, l2_offset, bytes);
         if (ret < 0) {
             /* Nothing points at it: the next reservation may take it */
-            qed_unreserve(s, l2_offset, bytes);
+            qed_unreserve(s, l2_offset, bytes, true);
         }
     }
     QLIST_REMOVE(&m, next);
@@ -591,24 +625,33 @@ static void qed_fill_entries(BDRVQEDState *s, QEDCachedTable *e,
 
 /*
  * Give the clusters [@start, @start + @n clusters), which lie in one L2
- * table, the marker @value (QED_L2_ZERO or QED_L2_UNALLOCATED) in memory,
- * making the table if there is none (but for unallocated, which a missing
- * table says already).  The caller holds the clusters (qed_claim).
+ * table and which the caller's lookup found unallocated, the marker
+ * @value (QED_L2_ZERO or QED_L2_UNALLOCATED) in memory, making the table
+ * if there is none (but for unallocated, which a missing table says
+ * already).  The caller holds the clusters (qed_claim).  Returns -EAGAIN
+ * if some of them are not unallocated any more: the caller looks up again.
  */
 int coroutine_fn qed_mark_clusters(BDRVQEDState *s, uint64_t start,
                                    unsigned int n, uint64_t value)
 {
+    unsigned int first = qed_l2_index(s, start);
     QEDCachedTable *e;
     int ret;
 
     assert(value == QED_L2_ZERO || value == QED_L2_UNALLOCATED);
-    ret = qed_table_for_entries(s, qed_l1_index(s, start),
-                                qed_l2_index(s, start), n,
+    ret = qed_table_for_entries(s, qed_l1_index(s, start), first, n,
                                 value != QED_L2_UNALLOCATED, &e);
-    if (ret == 0 && e) {
-        qed_fill_entries(s, e, qed_l2_index(s, start), n, value, 0);
+    if (ret < 0) {
+        return ret;
     }
-    return ret;
+    if (!qed_claimed_entries_are(e, first, n, QED_L2_UNALLOCATED)) {
+        qed_l2_cache_unref(s->l2_cache, e);
+        return -EAGAIN;
+    }
+    if (e) {
+        qed_fill_entries(s, e, first, n, value, 0);
+    }
+    return 0;
 }
 
 /*
@@ -630,13 +673,13 @@ static int coroutine_fn qed_cow_read(BDRVQEDState *s, uint64_t pos,
 
 /*
  * Write [pos, pos + bytes) of the virtual disk, which all lies in
- * unallocated or zero clusters mapped by one L2 table, into new clusters.
- * @gen is s->l2_gen from before the lookup that found them.  Returns the
- * bytes written, -EAGAIN if the caller must look up again (as for every
- * claim that fails: qed_claim()), or a negative errno.
+ * clusters mapped by one L2 table that the caller's lookup found @type
+ * (unallocated or zero), into new clusters.  Returns the bytes written,
+ * -EAGAIN if the caller must look up again (the claim failed, or the
+ * entries changed since the lookup: qed_claim()), or a negative errno.
  *
- * The L2 table is made (or its space secured) before the data's space is
- * reserved: on a disk about to fill up, the table comes first, so that
+ * The L2 table is made (or its space secured) before the data is written:
+ * on a disk about to fill up, the table takes its space first, so that
  * the data writes that do fit are acknowledged, rather than all of them
  * failing at the table made after them.
  *
@@ -649,8 +692,7 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
                                           uint64_t pos, uint64_t bytes,
                                           QEDExtentType type,
                                           QEMUIOVector *qiov,
-                                          size_t qiov_offset,
-                                          uint64_t gen)
+                                          size_t qiov_offset)
 {
     uint64_t cs = s->header.cluster_size;
     uint64_t start = qed_start_of_cluster(s, pos);
@@ -669,7 +711,7 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
     bool reused, pad;
     int64_t ret;
 
-    if (!qed_claim(s, alloc, start, end, gen)) {
+    if (!qed_claim(s, alloc, start, end)) {
         g_free(alloc);
         return -EAGAIN;
     }
@@ -681,17 +723,35 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
      * has returned; it costs one header write and flush per dirty period.
      */
     ret = qed_set_need_check(s);
-    if (ret == 0) {
-        ret = qed_table_for_entries(s, qed_l1_index(s, start), first, n,
-                                    true, &e);
-    }
     if (ret < 0) {
         qed_release(s, alloc);
         g_free(alloc);
         return ret;
     }
 
+    /*
+     * The data's space first, then the table's (the original driver's
+     * layout, which tools and tests that inject errors at file offsets
+     * know), but the table is made, its zeros written, before the data
+     * is: see above.
+     */
     alloc->file_offset = qed_reserve(s, end - start, &reused);
+    ret = qed_table_for_entries(s, qed_l1_index(s, start), first, n, true,
+                                &e);
+    if (ret == 0 &&
+        !qed_claimed_entries_are(e, first, n, type == QED_EXTENT_ZERO ?
+                                              QED_L2_ZERO :
+                                              QED_L2_UNALLOCATED)) {
+        qed_l2_cache_unref(s->l2_cache, e);
+        ret = -EAGAIN;
+    }
+    if (ret < 0) {
+        /* Never written: it reads as it did */
+        qed_unreserve(s, alloc->file_offset, end - start, false);
+        qed_release(s, alloc);
+        g_free(alloc);
+        return ret;
+    }
     qed_grow_file(s);
     BLKDBG_EVENT(s->bs->file, BLKDBG_CLUSTER_ALLOC);
 
@@ -754,7 +814,7 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
 
 fail:
     /* Nothing points at the new clusters: they may be reused */
-    qed_unreserve(s, alloc->file_offset, end - start);
+    qed_unreserve(s, alloc->file_offset, end - start, true);
     qemu_iovec_destroy(&wqiov);
     qemu_vfree(head_buf);
     qemu_vfree(tail_buf);

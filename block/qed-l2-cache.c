@@ -63,33 +63,6 @@ struct QEDL2Cache {
 
 static void qed_l2_cache_shrink(QEDL2Cache *c);
 
-static void qed_l2_cache_audit(QEDL2Cache *c, const char *why)
-{
-    static uint64_t max_res, max_mc;
-    QEDCachedTable *e;
-    uint64_t mc = 0;
-    size_t np = c->table_bytes / 4096;
-    unsigned char v[1024];
-
-    if (!getenv("QED_AUDIT")) {
-        return;
-    }
-    QTAILQ_FOREACH(e, &c->lru, lru) {
-        mincore(e->t.table, c->table_bytes, v);
-        for (size_t i = 0; i < np; i++) {
-            mc += (v[i] & 1) * 4096;
-        }
-    }
-    if (c->resident_bytes > max_res || mc > max_mc) {
-        max_res = MAX(max_res, c->resident_bytes);
-        max_mc = MAX(max_mc, mc);
-        fprintf(stderr, "audit %s: tables %u resident %" PRIu64 "K mincore %" PRIu64
-            "K dirty_sectors %" PRIu64 "\n",
-            why, c->n_tables, c->resident_bytes >> 10, mc >> 10, 
-            c->dirty_sectors);
-    }
-}
-
 QEDL2Cache *qed_l2_cache_new(uint64_t max_bytes, size_t table_bytes)
 {
     QEDL2Cache *c = g_new0(QEDL2Cache, 1);
@@ -257,6 +230,7 @@ QEDCachedTable *qed_l2_cache_find(QEDL2Cache *c, uint64_t offset)
     }
     trace_qed_l2_cache_hit(c, offset);
     e->ref++;
+    e->used = true;
     if (e != QTAILQ_FIRST(&c->lru)) {
         QTAILQ_REMOVE(&c->lru, e, lru);
         QTAILQ_INSERT_HEAD(&c->lru, e, lru);
@@ -287,6 +261,7 @@ QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
     e->t.dirty = bitmap_new(c->nsectors);
     e->resident = bitmap_new(c->nchunks);
     e->ref = 1;
+    e->used = true;
     e->fresh = fresh;
     if (fresh) {
         bitmap_set(e->t.loaded, 0, c->nchunks);
@@ -297,7 +272,6 @@ QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
     QTAILQ_INSERT_HEAD(&c->lru, e, lru);
     c->n_tables++;
     qed_l2_cache_shrink(c);
-    qed_l2_cache_audit(c, "insert");
     return e;
 }
 
@@ -309,7 +283,6 @@ void qed_l2_cache_loaded(QEDL2Cache *c, QEDCachedTable *e,
     bitmap_set(e->t.loaded, first, n);
     qed_l2_cache_set_resident(c, e, first, n);
     qed_l2_cache_shrink(c);
-    qed_l2_cache_audit(c, "loaded");
 }
 
 void qed_l2_cache_unref(QEDL2Cache *c, QEDCachedTable *e)
@@ -379,7 +352,6 @@ void qed_l2_cache_mark_dirty(QEDL2Cache *c, QEDCachedTable *e,
         QTAILQ_INSERT_TAIL(&c->dirty_list, e, dirty_next);
         c->dirty_tables++;
     }
-    qed_l2_cache_audit(c, "dirty");
 }
 
 /* Sectors [first, first + n) of @e are being written back */
@@ -439,6 +411,32 @@ void qed_l2_cache_set_max(QEDL2Cache *c, uint64_t max_bytes)
                         QED_L2_CACHE_MAX_TABLES);
     c->shrink_futile = false;
     qed_l2_cache_shrink(c);
+}
+
+/*
+ * The idle release (cache-clean-interval, qed.c's timer): give back the
+ * memory of every table that nobody looked up since the last call, as
+ * qcow2 does with its caches: whole when unused, its clean chunks when
+ * only the pin of its dirty sectors holds it.  A guest that once touched
+ * many tables (a scan, a backup) does not keep their memory for the rest
+ * of its life.  Returns the bytes given back.
+ */
+uint64_t qed_l2_cache_clean_unused(QEDL2Cache *c)
+{
+    uint64_t before = c->resident_bytes;
+    QEDCachedTable *e, *prev;
+
+    QTAILQ_FOREACH_REVERSE_SAFE(e, &c->lru, lru, prev) {
+        if (e->used) {
+            e->used = false;
+        } else if (e->ref == 0) {
+            trace_qed_l2_cache_evict(c, e->t.offset);
+            qed_l2_cache_remove(c, e);
+        } else if (e->ref == 1 && e->on_dirty_list && c->can_release_chunks) {
+            qed_l2_cache_release_clean(c, e);
+        }
+    }
+    return before - c->resident_bytes;
 }
 
 unsigned int qed_l2_cache_dirty_count(QEDL2Cache *c)

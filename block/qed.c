@@ -32,13 +32,23 @@
 #include "qed.h"
 
 #define QED_OPT_L2_CACHE_SIZE "l2-cache-size"
+#define QED_OPT_CACHE_CLEAN_INTERVAL "cache-clean-interval"
 
 /*
- * Default l2-cache-size: the memory that L2 table chunks may take (see
- * README.md for how it was chosen).  Tables are read in chunks as they
- * are used, so a miss costs a small read whatever the table size.
+ * Default l2-cache-size: the memory that L2 table chunks may take.  As
+ * qcow2's cap: every guest of a host gets the default (libvirt cannot set
+ * it), and 32 MiB maps 256 GiB at 64 KiB clusters, the whole of most
+ * images (README.md, "The L2 table cache", has the measurements).
+ * Tables are read in chunks as they are used, so a miss costs a small
+ * read whatever the table size.
  */
-#define QED_DEFAULT_L2_CACHE_SIZE (128 * MiB)
+#define QED_DEFAULT_L2_CACHE_SIZE (32 * MiB)
+
+/*
+ * Default cache-clean-interval, in seconds, as qcow2's: tables nobody
+ * looked up for that long give their memory back
+ */
+#define QED_DEFAULT_CACHE_CLEAN_INTERVAL 600
 
 
 
@@ -214,6 +224,41 @@ void qed_cancel_timer(BDRVQEDState *s)
     }
 }
 
+/*
+ * The idle release: every cache-clean-interval seconds the L2 tables
+ * that nobody looked up since the last time give their memory back
+ * (qed_l2_cache_clean_unused()).  Memory only, no I/O: it may run in a
+ * drained section.
+ */
+static void qed_cache_clean_timer_cb(void *opaque)
+{
+    BDRVQEDState *s = opaque;
+
+    qed_l2_cache_clean_unused(s->l2_cache);
+    timer_mod(s->cache_clean_timer, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
+              (int64_t)s->cache_clean_interval * 1000);
+}
+
+static void qed_cache_clean_timer_init(BDRVQEDState *s, AioContext *ctx)
+{
+    if (s->cache_clean_interval > 0 && s->l2_cache) {
+        s->cache_clean_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME,
+                                             SCALE_MS,
+                                             qed_cache_clean_timer_cb, s);
+        timer_mod(s->cache_clean_timer,
+                  qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
+                  (int64_t)s->cache_clean_interval * 1000);
+    }
+}
+
+static void qed_cache_clean_timer_del(BDRVQEDState *s)
+{
+    if (s->cache_clean_timer) {
+        timer_free(s->cache_clean_timer);
+        s->cache_clean_timer = NULL;
+    }
+}
+
 static void qed_attach_aio_context(BlockDriverState *bs,
                                    AioContext *new_context)
 {
@@ -224,6 +269,7 @@ static void qed_attach_aio_context(BlockDriverState *bs,
     if (s->allocating_writes == 0) {
         qed_arm_timer(s);
     }
+    qed_cache_clean_timer_init(s, new_context);
 }
 
 static void qed_detach_aio_context(BlockDriverState *bs)
@@ -234,6 +280,7 @@ static void qed_detach_aio_context(BlockDriverState *bs)
         timer_free(s->need_check_timer);
         s->need_check_timer = NULL;
     }
+    qed_cache_clean_timer_del(s);
 }
 
 /*
@@ -340,34 +387,64 @@ static QemuOptsList qed_runtime_opts = {
             .type = QEMU_OPT_SIZE,
             .help = "Maximum L2 table cache size in bytes",
         },
+        {
+            .name = QED_OPT_CACHE_CLEAN_INTERVAL,
+            .type = QEMU_OPT_NUMBER,
+            .help = "Give back the memory of L2 tables unused for this "
+                    "many seconds (0: never)",
+        },
         { /* end of list */ }
     },
 };
 
-/* Parse l2-cache-size, in bytes; 0 on error */
-static uint64_t qed_parse_cache_size(BDRVQEDState *s, QDict *options,
-                                     Error **errp)
+/* Parse l2-cache-size (bytes) and cache-clean-interval (seconds) */
+static bool qed_parse_cache_opts(BDRVQEDState *s, QDict *options,
+                                 uint64_t *cache_size,
+                                 uint64_t *clean_interval, Error **errp)
 {
     QemuOpts *opts = qemu_opts_create(&qed_runtime_opts, NULL, 0,
                                       &error_abort);
     uint64_t table_bytes = qed_table_bytes(s);
-    uint64_t bytes;
 
     if (!qemu_opts_absorb_qdict(opts, options, errp)) {
         qemu_opts_del(opts);
-        return 0;
+        return false;
     }
     /* The default holds one table at least, whatever its size */
-    bytes = qemu_opt_get_size(opts, QED_OPT_L2_CACHE_SIZE,
-                              MAX(QED_DEFAULT_L2_CACHE_SIZE, table_bytes));
+    *cache_size = qemu_opt_get_size(opts, QED_OPT_L2_CACHE_SIZE,
+                                    MAX(QED_DEFAULT_L2_CACHE_SIZE,
+                                        table_bytes));
+    *clean_interval = qemu_opt_get_number(opts, QED_OPT_CACHE_CLEAN_INTERVAL,
+                                          QED_DEFAULT_CACHE_CLEAN_INTERVAL);
     qemu_opts_del(opts);
 
-    if (bytes < table_bytes) {
+    if (*cache_size < table_bytes) {
         error_setg(errp, "Invalid %s %" PRIu64 ": must hold at least one "
                    "L2 table (%" PRIu64 " bytes)", QED_OPT_L2_CACHE_SIZE,
-                   bytes, table_bytes);
+                   *cache_size, table_bytes);
+        return false;
+    }
+    if (*clean_interval > UINT_MAX) {
+        error_setg(errp, "%s must be between 0 and %u",
+                   QED_OPT_CACHE_CLEAN_INTERVAL, UINT_MAX);
+        return false;
+    }
+    return true;
+}
+
+/*
+ * At open: l2-cache-size in bytes (0 on error); cache-clean-interval goes
+ * to @s (qed_open() starts its timer)
+ */
+static uint64_t qed_parse_cache_size(BDRVQEDState *s, QDict *options,
+                                     Error **errp)
+{
+    uint64_t bytes, interval;
+
+    if (!qed_parse_cache_opts(s, options, &bytes, &interval, errp)) {
         return 0;
     }
+    s->cache_clean_interval = interval;
     return bytes;
 }
 
@@ -618,6 +695,7 @@ static int qed_open(BlockDriverState *bs, QDict *options, int flags,
         s->need_check_timer = aio_timer_new(bdrv_get_aio_context(bs),
                                             QEMU_CLOCK_REALTIME, SCALE_NS,
                                             qed_need_check_timer_cb, s);
+        qed_cache_clean_timer_init(s, bdrv_get_aio_context(bs));
     }
     return ret;
 }
@@ -673,6 +751,7 @@ static void coroutine_fn qed_co_invalidate_cache(BlockDriverState *bs,
 
     /* Another process may have changed the image: read it afresh */
     qed_cancel_timer(s);
+    qed_cache_clean_timer_del(s);
     qed_free_state(s);
     memset(s, 0, sizeof(*s));
     s->need_check_timer = timer;
@@ -682,11 +761,14 @@ static void coroutine_fn qed_co_invalidate_cache(BlockDriverState *bs,
     qobject_unref(options);
     if (ret < 0) {
         error_prepend(errp, "Could not reopen qed layer: ");
+    } else {
+        qed_cache_clean_timer_init(s, bdrv_get_aio_context(bs));
     }
 }
 
 typedef struct QEDReopenState {
     uint64_t cache_size;
+    uint64_t cache_clean_interval;
 } QEDReopenState;
 
 static int qed_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
@@ -696,8 +778,8 @@ static int qed_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
     QEDReopenState *r = g_new0(QEDReopenState, 1);
     int ret;
 
-    r->cache_size = qed_parse_cache_size(s, state->options, errp);
-    if (r->cache_size == 0) {
+    if (!qed_parse_cache_opts(s, state->options, &r->cache_size,
+                              &r->cache_clean_interval, errp)) {
         g_free(r);
         return -EINVAL;
     }
@@ -723,6 +805,11 @@ static void qed_reopen_commit(BDRVReopenState *state)
     QEDReopenState *r = state->opaque;
 
     qed_l2_cache_set_max(s->l2_cache, r->cache_size);
+    if (r->cache_clean_interval != s->cache_clean_interval) {
+        qed_cache_clean_timer_del(s);
+        s->cache_clean_interval = r->cache_clean_interval;
+        qed_cache_clean_timer_init(s, bdrv_get_aio_context(state->bs));
+    }
     g_free(r);
     state->opaque = NULL;
 }
@@ -822,7 +909,6 @@ static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
 
     trace_qed_co_pwritev(s, offset, bytes, flags);
     while (bytes > 0) {
-        uint64_t gen = s->l2_gen;
         QEDExtent ext;
         int64_t ret;
 
@@ -845,7 +931,7 @@ static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
             uint64_t len = MIN(ext.bytes, qed_bytes_to_table_end(s, offset));
 
             ret = qed_allocating_write(s, offset, len, ext.type, qiov,
-                                       qiov_offset, gen);
+                                       qiov_offset);
             if (ret == -EAGAIN) {
                 continue;       /* the clusters changed: look up again */
             }
@@ -862,18 +948,17 @@ static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
 
 /*
  * Give clusters [start, end), which lie in one L2 table, the marker @value
- * (QED_L2_ZERO or QED_L2_UNALLOCATED).  @gen is s->l2_gen from before the
- * lookup that found them.  Returns 0 when done, -EAGAIN when the caller
- * must look up again.
+ * (QED_L2_ZERO or QED_L2_UNALLOCATED), if they are still unallocated, as
+ * the caller's lookup found them.  Returns 0 when done, -EAGAIN when the
+ * caller must look up again.
  */
 static int coroutine_fn qed_set_markers(BDRVQEDState *s, uint64_t start,
-                                        uint64_t end, uint64_t value,
-                                        uint64_t gen)
+                                        uint64_t end, uint64_t value)
 {
     QEDAllocation alloc;
     int ret;
 
-    if (!qed_claim(s, &alloc, start, end, gen)) {
+    if (!qed_claim(s, &alloc, start, end)) {
         return -EAGAIN;
     }
     ret = qed_mark_clusters(s, start, (end - start) >> s->l2_shift, value);
@@ -902,7 +987,6 @@ static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
     BDRVQEDState *s = bs->opaque;
 
     while (bytes > 0) {
-        uint64_t gen = s->l2_gen;
         QEDExtent ext;
         int ret;
 
@@ -932,7 +1016,7 @@ static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
             ret = qed_set_markers(s, offset,
                                   ROUND_UP(offset + ext.bytes,
                                            s->header.cluster_size),
-                                  QED_L2_ZERO, gen);
+                                  QED_L2_ZERO);
             if (ret == -EAGAIN) {
                 continue;
             }
@@ -1251,6 +1335,7 @@ static const char *const qed_strong_runtime_opts[] = {
 
 static const char *const qed_mutable_opts[] = {
     QED_OPT_L2_CACHE_SIZE,
+    QED_OPT_CACHE_CLEAN_INTERVAL,
     NULL
 };
 

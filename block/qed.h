@@ -158,6 +158,7 @@ typedef struct QEDCachedTable {
     bool dropped;           /* no longer in the cache, freed at last unref */
     bool fresh;             /* new table, not written to disk yet */
     bool on_dirty_list;
+    bool used;              /* looked up since the last idle release */
     unsigned long *resident;    /* chunks that take memory */
     unsigned int nresident;
     CoMutex lock;           /* held to load chunks */
@@ -214,6 +215,9 @@ typedef struct BDRVQEDState {
     size_t n_l2_starts;
     size_t l2_starts_size;
     QEDL2Cache *l2_cache;       /* writeback */
+    /* Idle release of the cache (cache-clean-interval, seconds; 0: off) */
+    uint64_t cache_clean_interval;
+    QEMUTimer *cache_clean_timer;
     uint32_t table_nelems;
     uint32_t table_nsectors;    /* 512-byte sectors in one table */
     uint32_t chunk_entries;     /* entries in one chunk of an L2 table */
@@ -415,7 +419,7 @@ int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque);
 
 /* qed-alloc.c: claims, file space and the file's size */
 bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
-                            uint64_t start, uint64_t end, uint64_t gen);
+                            uint64_t start, uint64_t end);
 void qed_release(BDRVQEDState *s, QEDAllocation *a);
 void coroutine_fn qed_wait_resize(BDRVQEDState *s, uint64_t end);
 int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size);
@@ -429,7 +433,7 @@ int coroutine_fn qed_mark_clusters(BDRVQEDState *s, uint64_t start,
 int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s, uint64_t pos,
                                           uint64_t bytes, QEDExtentType type,
                                           QEMUIOVector *qiov,
-                                          size_t qiov_offset, uint64_t gen);
+                                          size_t qiov_offset);
 
 /* qed-writeback.c: entries in memory and their writeback */
 void qed_dirty_table_init(QEDDirtyTable *t, uint64_t offset, size_t bytes);
@@ -507,6 +511,7 @@ uint64_t qed_l2_cache_dirty_sectors(QEDL2Cache *c);
 uint64_t qed_l2_cache_resident(QEDL2Cache *c);
 uint64_t qed_l2_cache_over_limit(QEDL2Cache *c);
 uint64_t qed_l2_cache_max(QEDL2Cache *c);
+uint64_t qed_l2_cache_clean_unused(QEDL2Cache *c);
 
 /* qed-cluster.c */
 void qed_screen_init(BDRVQEDState *s);

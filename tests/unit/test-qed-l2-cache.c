@@ -243,8 +243,9 @@ static void test_pressure(void)
 
 /*
  * A read table is loaded chunk by chunk and counts only what was loaded,
- * each chunk once; a fresh table is known whole (all zero) and takes
- * memory only where a sector is dirtied.
+ * each chunk once; a fresh table is known whole (all zero), and since
+ * lookups may read any of its entries it counts whole.  Dirty sectors
+ * count the chunks that hold them.
  */
 static void test_chunks(void)
 {
@@ -273,27 +274,30 @@ static void test_chunks(void)
     g_assert_true(test_bit(NCHUNKS - 1, e->t.loaded));
     g_assert_false(test_bit(NCHUNKS - 2, e->t.loaded));
 
+    /* Sector 9 lies in chunk 1 of the read table; sector 10 too */
+    qed_l2_cache_mark_dirty(c, e, 9, 1);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 6 * CHUNK);
+    g_assert_true(test_bit(1, e->resident));
+    qed_l2_cache_mark_dirty(c, e, 10, 1);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 6 * CHUNK);
+    /* Sectors 7 and 8 straddle chunks 0 and 1 */
+    qed_l2_cache_mark_dirty(c, e, SECTORS_PER_CHUNK - 1, 2);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 7 * CHUNK);
+    /* Sectors 40..56: chunks 5, 6 and 7 (5 was loaded already) */
+    qed_l2_cache_mark_dirty(c, e, 5 * SECTORS_PER_CHUNK,
+                            2 * SECTORS_PER_CHUNK + 1);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 9 * CHUNK);
+    g_assert_cmpuint(e->nresident, ==, 9);
+    g_assert_false(test_bit(8, e->resident));
+
     f = qed_l2_cache_insert(c, off(1), true);
     g_assert_true(f->fresh);
     g_assert_cmpuint(find_first_zero_bit(f->t.loaded, NCHUNKS), ==, NCHUNKS);
-    g_assert_cmpuint(f->nresident, ==, 0);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 5 * CHUNK);
-
-    /* Sector 9 lies in chunk 1; sector 10 too */
-    qed_l2_cache_mark_dirty(c, f, 9, 1);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 6 * CHUNK);
-    g_assert_true(test_bit(1, f->resident));
-    qed_l2_cache_mark_dirty(c, f, 10, 1);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 6 * CHUNK);
-    /* Sectors 7 and 8 straddle chunks 0 and 1 */
-    qed_l2_cache_mark_dirty(c, f, SECTORS_PER_CHUNK - 1, 2);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 7 * CHUNK);
-    /* Sectors 16..32: chunks 2, 3 and 4 */
-    qed_l2_cache_mark_dirty(c, f, 2 * SECTORS_PER_CHUNK,
-                            2 * SECTORS_PER_CHUNK + 1);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 10 * CHUNK);
-    g_assert_cmpuint(f->nresident, ==, 5);
-    g_assert_false(test_bit(5, f->resident));
+    g_assert_cmpuint(f->nresident, ==, NCHUNKS);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, (9 + NCHUNKS) * CHUNK);
+    /* Dirty sectors of a fresh table add nothing */
+    qed_l2_cache_mark_dirty(c, f, 0, NSECTORS);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, (9 + NCHUNKS) * CHUNK);
 
     /* Inserting a table the cache has returns that entry */
     g_assert_true(qed_l2_cache_insert(c, off(1), false) == f);
@@ -303,7 +307,7 @@ static void test_chunks(void)
 
     qed_l2_cache_unref(c, f);
     qed_l2_cache_unref(c, e);
-    g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 1);
+    g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 2);
     qed_l2_cache_free(c);
 }
 
@@ -596,7 +600,8 @@ static void test_drop(void)
     g_assert_cmpint(b->ref, ==, 1);
     g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 0);
     g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 0);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+    /* Its memory is still there, and counts, until its user lets go */
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, CHUNK);
     g_assert_null(qed_l2_cache_find(c, off(1)));
     /* Its user still reads it */
     g_assert_cmphex(b->t.table->offsets[0], ==, 42);
@@ -611,6 +616,7 @@ static void test_drop(void)
     g_assert_true(mapped(tb));
     qed_l2_cache_unref(c, b);
     g_assert_false(mapped(tb));
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
     qed_l2_cache_free(c);
 }
 
@@ -650,7 +656,7 @@ static void test_set_max(void)
 /* free with nothing in use releases every table, whatever its state */
 static void test_free(void)
 {
-    QEDL2Cache *c = qed_l2_cache_new(8 * CHUNK, TABLE_BYTES);
+    QEDL2Cache *c = qed_l2_cache_new(64 * CHUNK, TABLE_BYTES);
     QEDCachedTable *e;
     QEDTable *t[5];
 
@@ -673,7 +679,8 @@ static void test_free(void)
     qed_l2_cache_mark_dirty(c, e, 0, 1);
     qed_l2_cache_unref(c, e);
     g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 1);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 6 * CHUNK);
+    /* 2 + 2 read, two fresh tables whole, 1 read */
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, (5 + 2 * NCHUNKS) * CHUNK);
 
     for (unsigned int i = 0; i < 5; i++) {
         g_assert_true(mapped(t[i]));
@@ -683,6 +690,271 @@ static void test_free(void)
         g_assert_false(mapped(t[i]));
     }
     qed_l2_cache_free(NULL);
+}
+
+/* Bytes of the table mapped at @t that are in core (touched pages) */
+static uint64_t core_bytes(QEDTable *t)
+{
+    size_t ps = qemu_real_host_page_size();
+    unsigned char v[TABLE_BYTES / 4096 + 1];
+    uint64_t n = 0;
+
+    if (mincore(t, TABLE_BYTES, v) < 0) {
+        g_assert_cmpint(errno, ==, ENOMEM);     /* unmapped: freed */
+        return 0;
+    }
+    for (size_t i = 0; i < TABLE_BYTES / ps; i++) {
+        n += (v[i] & 1) * ps;
+    }
+    return n;
+}
+
+/*
+ * What lookups do: read every entry of the loaded chunks of @e (the
+ * driver reads only loaded chunks).  Reading an untouched page may take
+ * memory (it does on kernels that do not map the shared zero page there;
+ * where they do, mincore() still counts the page).
+ */
+static uint64_t read_loaded(QEDCachedTable *e)
+{
+    volatile uint64_t *ent = e->t.table->offsets;
+    uint64_t sum = 0;
+
+    for (unsigned long c = find_first_bit(e->t.loaded, NCHUNKS); c < NCHUNKS;
+         c = find_next_bit(e->t.loaded, NCHUNKS, c + 1)) {
+        for (unsigned int i = 0; i < ENTRIES_PER_CHUNK; i++) {
+            sum += ent[c * ENTRIES_PER_CHUNK + i];
+        }
+    }
+    return sum;
+}
+
+/*
+ * The accounting matches the memory: a fresh table whose entries are all
+ * read (lookups over a new table) counts every page it touched.  The
+ * driver once counted only its dirty chunks, and 512 fresh tables took
+ * 100 MiB at l2-cache-size=8M.
+ */
+static void test_resident_fresh(void)
+{
+    QEDL2Cache *c;
+    QEDCachedTable *f;
+
+    if (qemu_real_host_page_size() > CHUNK) {
+        g_test_skip("host pages are larger than a chunk");
+        return;
+    }
+    c = qed_l2_cache_new(64 * CHUNK, TABLE_BYTES);
+    f = qed_l2_cache_insert(c, off(0), true);
+    qed_l2_cache_mark_dirty(c, f, 0, 1);
+    read_loaded(f);
+    g_assert_cmpuint(core_bytes(f->t.table), ==, TABLE_BYTES);
+    g_assert_cmpuint(core_bytes(f->t.table), <=, qed_l2_cache_resident(c));
+    qed_l2_cache_unref(c, f);
+    qed_l2_cache_forget_dirty(c);
+    qed_l2_cache_free(c);
+}
+
+/* Every table mapping the model has seen, by address, and the total */
+static uint64_t core_total(GHashTable *seen)
+{
+    GHashTableIter it;
+    gpointer key;
+    uint64_t n = 0;
+
+    g_hash_table_iter_init(&it, seen);
+    while (g_hash_table_iter_next(&it, &key, NULL)) {
+        uint64_t b = core_bytes(key);
+
+        if (b == 0 && !mapped(key)) {
+            g_hash_table_iter_remove(&it);
+        }
+        n += b;
+    }
+    return n;
+}
+
+/*
+ * The cache driven as the driver drives it, at random (GTest prints the
+ * seed; --seed repeats a run), with the memory checked against the
+ * accounting after every step: the pages of every table mapping in core
+ * (mincore) never exceed qed_l2_cache_resident(), and once nothing is in
+ * use or dirty the resident memory fits the limit.  Steps: lookups (a
+ * table found or entered empty, chunks "read from disk" then recorded,
+ * loaded entries read), new tables (fresh, a sector dirty, an entry
+ * set), entry changes in loaded chunks, writeback passes (dirty sectors
+ * and loaded gaps read, cleared, settled), references held across steps
+ * and let go, idle releases, limit changes.
+ */
+static void test_resident_model(void)
+{
+    const unsigned int ntables = 48, steps = 6000;
+    const uint64_t limits[] = { 4 * CHUNK, 16 * CHUNK, 40 * CHUNK };
+    g_autoptr(GHashTable) seen = g_hash_table_new(NULL, NULL);
+    g_autoptr(GPtrArray) held = g_ptr_array_new();
+    g_autoptr(GRand) r = g_rand_new_with_seed(g_test_rand_int());
+    QEDL2Cache *c;
+    bool made[48] = { false };
+    uint64_t max = limits[1];
+
+    if (qemu_real_host_page_size() > CHUNK) {
+        g_test_skip("host pages are larger than a chunk");
+        return;
+    }
+    c = qed_l2_cache_new(max, TABLE_BYTES);
+    for (unsigned int step = 0; step < steps; step++) {
+        unsigned int op = g_rand_int_range(r, 0, 100);
+        unsigned int i = g_rand_int_range(r, 0, ntables);
+        QEDCachedTable *e;
+
+        if (op < 40) {
+            /* A lookup */
+            unsigned long first = g_rand_int_range(r, 0, NCHUNKS);
+            unsigned long n = g_rand_int_range(r, 1, NCHUNKS - first + 1);
+            unsigned long ch;
+
+            e = qed_l2_cache_find(c, off(i));
+            if (!e) {
+                e = qed_l2_cache_insert(c, off(i), false);
+            }
+            g_hash_table_add(seen, e->t.table);
+            for (ch = first; ch < first + n; ch++) {
+                if (!test_bit(ch, e->t.loaded)) {
+                    /* As a read from disk would */
+                    for (unsigned int k = 0; k < ENTRIES_PER_CHUNK; k++) {
+                        e->t.table->offsets[ch * ENTRIES_PER_CHUNK + k] =
+                            (i + 1) * 0x100000ULL + ch;
+                    }
+                    qed_l2_cache_loaded(c, e, ch, 1);
+                }
+            }
+            read_loaded(e);
+            if (g_rand_boolean(r)) {
+                g_ptr_array_add(held, e);
+            } else {
+                qed_l2_cache_unref(c, e);
+            }
+        } else if (op < 50 && !made[i] && !cached(c, i)) {
+            /* A new table (one that never was read) */
+            unsigned int k = g_rand_int_range(r, 0, TABLE_BYTES / 8);
+
+            made[i] = true;
+            e = qed_l2_cache_insert(c, off(i), true);
+            g_hash_table_add(seen, e->t.table);
+            qed_l2_cache_mark_dirty(c, e, 0, 1);
+            e->t.table->offsets[k] = 0x10000ULL * (k + 1);
+            qed_l2_cache_mark_dirty(c, e, k / QED_ENTRIES_PER_SECTOR, 1);
+            qed_l2_cache_unref(c, e);
+        } else if (op < 70 && held->len > 0) {
+            /* An entry of a loaded chunk of a table in use changes */
+            unsigned int h = g_rand_int_range(r, 0, held->len);
+            unsigned long ch;
+
+            e = g_ptr_array_index(held, h);
+            ch = find_first_bit(e->t.loaded, NCHUNKS);
+            if (ch < NCHUNKS && !e->dropped) {
+                unsigned int k = ch * ENTRIES_PER_CHUNK +
+                                 g_rand_int_range(r, 0, ENTRIES_PER_CHUNK);
+
+                e->t.table->offsets[k]++;
+                qed_l2_cache_mark_dirty(c, e, k / QED_ENTRIES_PER_SECTOR, 1);
+            }
+        } else if (op < 80) {
+            /* A writeback pass: it reads what it writes, then settles */
+            GPtrArray *arr = qed_l2_cache_dirty_tables(c);
+
+            for (unsigned int j = 0; j < arr->len; j++) {
+                e = g_ptr_array_index(arr, j);
+                for (unsigned long sec = find_first_bit(e->t.dirty, NSECTORS);
+                     sec < NSECTORS;
+                     sec = find_next_bit(e->t.dirty, NSECTORS, sec + 1)) {
+                    volatile uint64_t *p =
+                        &e->t.table->offsets[sec * QED_ENTRIES_PER_SECTOR];
+
+                    (void)*p;
+                }
+                read_loaded(e);     /* runs joined across loaded gaps */
+                qed_l2_cache_clear_dirty(c, e, 0, NSECTORS);
+            }
+            for (unsigned int j = 0; j < arr->len; j++) {
+                qed_l2_cache_settle(c, g_ptr_array_index(arr, j));
+            }
+            for (unsigned int j = 0; j < arr->len; j++) {
+                qed_l2_cache_unref(c, g_ptr_array_index(arr, j));
+            }
+            g_ptr_array_free(arr, true);
+        } else if (op < 92 && held->len > 0) {
+            unsigned int h = g_rand_int_range(r, 0, held->len);
+
+            qed_l2_cache_unref(c, g_ptr_array_index(held, h));
+            g_ptr_array_remove_index_fast(held, h);
+        } else if (op < 95) {
+            qed_l2_cache_clean_unused(c);
+        } else if (op < 97) {
+            max = limits[g_rand_int_range(r, 0, G_N_ELEMENTS(limits))];
+            qed_l2_cache_set_max(c, max);
+        } else if (op < 98) {
+            /* The check repaired a table (dropped, even in use) */
+            qed_l2_cache_drop(c, off(i));
+        }
+
+        g_assert_cmpuint(core_total(seen), <=, qed_l2_cache_resident(c));
+        if (held->len == 0 && qed_l2_cache_dirty_count(c) == 0) {
+            g_assert_cmpuint(qed_l2_cache_resident(c), <=, max);
+        }
+    }
+    for (unsigned int h = 0; h < held->len; h++) {
+        qed_l2_cache_unref(c, g_ptr_array_index(held, h));
+    }
+    qed_l2_cache_forget_dirty(c);
+    g_assert_cmpuint(qed_l2_cache_resident(c), <=, max);
+    g_assert_cmpuint(core_total(seen), <=, qed_l2_cache_resident(c));
+    qed_l2_cache_free(c);
+    g_assert_cmpuint(core_total(seen), ==, 0);
+}
+
+/*
+ * The idle release gives back the memory of the tables nobody looked up
+ * since the last one: whole tables when unused, the clean chunks of a
+ * table held only by its pin; a table in use, or used since, stays.
+ */
+static void test_clean_unused(void)
+{
+    QEDL2Cache *c = qed_l2_cache_new(1 * MiB, TABLE_BYTES);
+    QEDCachedTable *busy, *pinned;
+    QEDTable *t0, *t1, *t2;
+
+    t0 = load_unref(c, 0, 0, 2);
+    t1 = load_unref(c, 1, 0, 2);
+    busy = load(c, 2, 0, 2);
+    t2 = busy->t.table;
+    pinned = load(c, 3, 0, 4);
+    qed_l2_cache_mark_dirty(c, pinned, SECTORS_PER_CHUNK, 1);
+    qed_l2_cache_unref(c, pinned);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 10 * CHUNK);
+
+    /* Everything was used since the start: nothing goes */
+    g_assert_cmpuint(qed_l2_cache_clean_unused(c), ==, 0);
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 10 * CHUNK);
+
+    /* Table 1 is looked up again; the others are not */
+    g_assert_true(cached(c, 1));
+    g_assert_cmpuint(qed_l2_cache_clean_unused(c),
+                     ==, (2 + 3) * CHUNK);
+    g_assert_false(mapped(t0));
+    g_assert_true(mapped(t1));
+    g_assert_true(mapped(t2));
+    g_assert_false(busy->dropped);
+    g_assert_cmpuint(pinned->nresident, ==, 1);
+    g_assert_true(test_bit(1, pinned->resident));
+    g_assert_cmpuint(qed_l2_cache_resident(c), ==, (2 + 2 + 1) * CHUNK);
+
+    /* Next time table 1 goes too */
+    g_assert_cmpuint(qed_l2_cache_clean_unused(c), ==, 2 * CHUNK);
+    g_assert_false(mapped(t1));
+    qed_l2_cache_unref(c, busy);
+    g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 1);
+    qed_l2_cache_free(c);
 }
 
 int main(int argc, char **argv)
@@ -699,6 +971,9 @@ int main(int argc, char **argv)
     g_test_add_func("/qed-l2-cache/drop", test_drop);
     g_test_add_func("/qed-l2-cache/set-max", test_set_max);
     g_test_add_func("/qed-l2-cache/free", test_free);
+    g_test_add_func("/qed-l2-cache/resident/fresh", test_resident_fresh);
+    g_test_add_func("/qed-l2-cache/resident/model", test_resident_model);
+    g_test_add_func("/qed-l2-cache/clean-unused", test_clean_unused);
     g_test_add_func("/qed-writeback/dirty-set-clear", test_dirty_set_clear);
     return g_test_run();
 }
