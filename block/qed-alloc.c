@@ -735,6 +735,14 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
      * know), but the table is made, its zeros written, before the data
      * is: see above.
      */
+    while (qed_table_making(s, qed_l1_index(s, start))) {
+        /*
+         * Reserve after the table another request is making, so that the
+         * file holds data, table, data...: the space of writes that fail
+         * on a full disk is then last, and goes back with file_end
+         */
+        qemu_co_queue_wait(&s->making_waiters, NULL);
+    }
     alloc->file_offset = qed_reserve(s, end - start, &reused);
     ret = qed_table_for_entries(s, qed_l1_index(s, start), first, n, true,
                                 &e);

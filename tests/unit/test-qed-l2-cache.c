@@ -717,6 +717,7 @@ static uint64_t core_bytes(QEDTable *t)
  */
 static uint64_t read_loaded(QEDCachedTable *e)
 {
+    /* volatile: touching the pages is the point; no read may be dropped */
     volatile uint64_t *ent = e->t.table->offsets;
     uint64_t sum = 0;
 
@@ -868,6 +869,7 @@ static void test_resident_model(void)
                 for (unsigned long sec = find_first_bit(e->t.dirty, NSECTORS);
                      sec < NSECTORS;
                      sec = find_next_bit(e->t.dirty, NSECTORS, sec + 1)) {
+                    /* volatile: the read must touch the page */
                     volatile uint64_t *p =
                         &e->t.table->offsets[sec * QED_ENTRIES_PER_SECTOR];
 
