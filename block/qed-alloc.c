@@ -91,11 +91,14 @@ bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
 static bool qed_claimed_entries_are(QEDCachedTable *e, unsigned int first,
                                     unsigned int n, uint64_t value)
 {
+    const uint64_t *entries;
+
     if (!e) {
         return value == QED_L2_UNALLOCATED;
     }
+    entries = qed_l2_cache_table(e)->table->offsets;
     for (unsigned int i = first; i < first + n; i++) {
-        if (e->t.table->offsets[i] != value) {
+        if (entries[i] != value) {
             return false;
         }
     }
@@ -542,7 +545,11 @@ static int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
      * so the zeros written above are durable before anything names them.
      */
     *e = qed_l2_cache_insert(s->l2_cache, l2_offset, true);
-    (*e)->t.space_ok = true;
+    if (!*e) {
+        /* Written but named by nothing: a leak the check reclaims */
+        return -ENOMEM;
+    }
+    qed_l2_cache_table(*e)->space_ok = true;
     qed_l2_cache_mark_dirty(s->l2_cache, *e, 0, 1);
     qed_screen_new_table(s, l2_offset);
     s->l1.table->offsets[l1i] = l2_offset;
@@ -594,7 +601,7 @@ static int coroutine_fn qed_table_for_entries(BDRVQEDState *s,
     }
     ret = qed_l2_ensure(s, *e, first, first + n);
     if (ret == 0) {
-        ret = qed_secure_space(s, &(*e)->t);
+        ret = qed_secure_space(s, qed_l2_cache_table(*e));
     }
     if (ret < 0) {
         qed_l2_cache_unref(s->l2_cache, *e);
@@ -612,9 +619,11 @@ static void qed_fill_entries(BDRVQEDState *s, QEDCachedTable *e,
                              unsigned int first, unsigned int n,
                              uint64_t value, uint64_t step)
 {
-    qed_screen_forget(s, e->t.offset, first, n);
+    QEDDirtyTable *t = qed_l2_cache_table(e);
+
+    qed_screen_forget(s, t->offset, first, n);
     for (unsigned int i = 0; i < n; i++) {
-        e->t.table->offsets[first + i] = value + i * step;
+        t->table->offsets[first + i] = value + i * step;
     }
     qed_l2_cache_mark_dirty(s->l2_cache, e, first / QED_ENTRIES_PER_SECTOR,
                             DIV_ROUND_UP(first + n, QED_ENTRIES_PER_SECTOR) -

@@ -56,7 +56,7 @@ int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
     }
 
     *entry = qed_l2_cache_insert(s->l2_cache, l2_offset, false);
-    return 0;
+    return *entry ? 0 : -ENOMEM;
 }
 
 /* ---- entries past the end of the file --------------------------------- */
@@ -377,12 +377,14 @@ static void coroutine_fn qed_screen_drop(BDRVQEDState *s)
     g_free(keys);
     for (guint k = 0; k < n && !s->entries_checked; k++) {
         QEDCachedTable *e;
+        uint64_t *entries;
         unsigned long *bad;
         bool ok = true;
 
         if (qed_get_l2_table(s, tables[k], &e) < 0) {
             continue;
         }
+        entries = qed_l2_cache_table(e)->table->offsets;
         /* Load the chunks that hold bad entries; then secure the space */
         for (unsigned int c = 0; ok && c < s->table_nchunks; c++) {
             bad = qed_screen_table_bad(s, s->bad_entries, tables[k], false);
@@ -391,17 +393,17 @@ static void coroutine_fn qed_screen_drop(BDRVQEDState *s)
                 ok = qed_l2_ensure(s, e, c * ce, (c + 1) * ce) == 0;
             }
         }
-        ok = ok && qed_secure_space(s, &e->t) == 0;
+        ok = ok && qed_secure_space(s, qed_l2_cache_table(e)) == 0;
         bad = qed_screen_table_bad(s, s->bad_entries, tables[k], false);
         for (unsigned long i = bad && ok ?
                                find_first_bit(bad, s->table_nelems) :
                                s->table_nelems;
              i < s->table_nelems;
              i = find_next_bit(bad, s->table_nelems, i + 1)) {
-            uint64_t entry = e->t.table->offsets[i];
+            uint64_t entry = entries[i];
 
             if (qed_is_data_offset(entry) && entry >= s->open_end) {
-                e->t.table->offsets[i] = QED_L2_UNALLOCATED;
+                entries[i] = QED_L2_UNALLOCATED;
                 qed_l2_cache_mark_dirty(s->l2_cache, e,
                                         i / QED_ENTRIES_PER_SECTOR, 1);
                 dropped++;
@@ -529,7 +531,7 @@ uint64_t qed_screen_skip(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
 /*
  * Make entries [first, end) of @e hold what the disk holds, reading the
  * chunks that are not in memory yet (adjacent ones in one request).  The
- * caller holds e->lock.  Entries change (and become dirty) only in loaded
+ * caller holds the table's chunk lock.  Entries change (and become dirty) only in loaded
  * chunks, so a chunk read from disk never overwrites a change, and a
  * writeback never writes a sector of a chunk that is being read.
  */
@@ -538,6 +540,7 @@ static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
                                            unsigned int first,
                                            unsigned int end)
 {
+    QEDDirtyTable *t = qed_l2_cache_table(e);
     unsigned int ce = s->chunk_entries;
     unsigned long c = first / ce;
     unsigned long last = (end - 1) / ce;
@@ -546,14 +549,14 @@ static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
         unsigned long run_end;
         int ret;
 
-        c = find_next_zero_bit(e->t.loaded, last + 1, c);
+        c = find_next_zero_bit(t->loaded, last + 1, c);
         if (c > last) {
             break;
         }
-        run_end = find_next_bit(e->t.loaded, last + 1, c);
+        run_end = find_next_bit(t->loaded, last + 1, c);
         BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
-        ret = qed_read_table_entries(s, e->t.offset, c * ce, (run_end - c) * ce,
-                                     &e->t.table->offsets[c * ce]);
+        ret = qed_read_table_entries(s, t->offset, c * ce, (run_end - c) * ce,
+                                     &t->table->offsets[c * ce]);
         if (ret < 0) {
             return ret;
         }
@@ -572,12 +575,12 @@ int coroutine_fn qed_l2_ensure(BDRVQEDState *s, QEDCachedTable *e,
     unsigned long last = (end - 1) / ce;
     int ret;
 
-    if (find_next_zero_bit(e->t.loaded, last + 1, c) > last) {
+    if (find_next_zero_bit(qed_l2_cache_table(e)->loaded, last + 1, c) > last) {
         return 0;
     }
-    qemu_co_mutex_lock(&e->lock);
+    qed_l2_cache_lock_chunks(e);
     ret = qed_l2_load_locked(s, e, first, end);
-    qemu_co_mutex_unlock(&e->lock);
+    qed_l2_cache_unlock_chunks(e);
     return ret;
 }
 
@@ -623,6 +626,7 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
         uint64_t l2_offset = s->l1.table->offsets[l1i];
         uint64_t table_end = (uint64_t)(l1i + 1) << s->l1_shift;
         unsigned long *bad;
+        const uint64_t *entries;
         QEDCachedTable *e;
 
         if (s->bad_l1 && test_bit(l1i, s->bad_l1)) {
@@ -674,11 +678,12 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
         }
 
         bad = g_hash_table_size(s->bad_entries) ?
-              qed_screen_table_bad(s, s->bad_entries, e->t.offset, false) :
+              qed_screen_table_bad(s, s->bad_entries, l2_offset, false) :
               NULL;
+        entries = qed_l2_cache_table(e)->table->offsets;
         for (unsigned int i = qed_l2_index(s, cur);
              i < s->table_nelems && cur < end; i++, cur += cluster_size) {
-            uint64_t entry = e->t.table->offsets[i];
+            uint64_t entry = entries[i];
             QEDExtentType type = qed_entry_type(entry);
             bool is_bad = bad && test_bit(i, bad);
 

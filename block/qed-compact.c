@@ -72,6 +72,7 @@ typedef struct QEDCompact {
     QEDTable *table_buf;
     void *copy_buf;
     uint64_t moved;             /* clusters moved */
+    bool punched_free;          /* qed_compact_punch_free() ran */
 } QEDCompact;
 
 static uint64_t qed_compact_used_end(QEDCompact *c)
@@ -240,6 +241,25 @@ static void coroutine_fn qed_compact_punch(QEDCompact *c, uint64_t cl,
 {
     /* Errors only keep the space */
     bdrv_co_pdiscard(c->s->bs->file, cl * c->cs, n * c->cs);
+}
+
+/*
+ * On a disk with no room even for the first copy: give back the blocks
+ * that free clusters below the end still hold (failed writes leave some),
+ * all of them, so that the copies find room.  Nothing references them.
+ */
+static void coroutine_fn qed_compact_punch_free(QEDCompact *c)
+{
+    uint64_t end = qed_compact_used_end(c);
+    uint64_t i = find_first_zero_bit(c->used, end);
+
+    c->punched_free = true;
+    while (i < end) {
+        uint64_t run_end = find_next_bit(c->used, end, i);
+
+        qed_compact_punch(c, i, run_end - i);
+        i = find_next_zero_bit(c->used, end, run_end);
+    }
 }
 
 /*
@@ -449,7 +469,10 @@ static uint64_t qed_compact_last_free(QEDCompact *c, uint64_t limit)
  * either way.  The free clusters are not punched first: on a full disk
  * the blocks that failed writes left in them are what the first copies
  * need; each batch punches the places it vacated, which makes room for
- * the next.
+ * the next.  When even the first copy finds no room (the lowest free
+ * cluster holds no block, the disk none to spare), every free cluster is
+ * punched once, which gives back whatever failed writes left anywhere,
+ * and the move is tried again.
  */
 int coroutine_fn qed_compact(BDRVQEDState *s, unsigned long *used,
                              uint64_t nbits, uint64_t *moved)
@@ -523,6 +546,10 @@ int coroutine_fn qed_compact(BDRVQEDState *s, unsigned long *used,
                 /* There is a free cluster below it: the highest one */
                 ret = qed_compact_slide(&c, qed_compact_last_free(&c, from));
             }
+        }
+        if (ret == -ENOSPC && !c.punched_free) {
+            qed_compact_punch_free(&c);
+            ret = 0;
         }
     }
 

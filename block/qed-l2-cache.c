@@ -8,8 +8,9 @@
  * dirty table is pinned by a reference of its own until it is clean.
  * Entries are reference counted so that a table in use is never freed.
  *
- * Memory: a table's buffer is mapped whole (qed_table_new) but only the
- * chunks that may be touched take memory ("resident"): those whose
+ * Memory: a table's buffer is allocated whole (qed_table_new, a mapping
+ * of its own unless it is one chunk) but only the chunks that may be
+ * touched take memory ("resident"): those whose
  * entries are known (loaded: read from disk, or all of a new table, which
  * is zeros) and those that changed.  Lookups read only loaded chunks, so
  * nothing else of a table is ever touched.  A known chunk counts even
@@ -21,7 +22,7 @@
  * it, the least recently used tables give their memory back, a whole
  * table when nobody uses it, or only its clean chunks when its one user is
  * the pin of its dirty sectors.  What is dirty stays until a writeback
- * pass has written it (qed_l2_cache_over_limit() tells the driver to run
+ * pass has written it (qed_l2_cache_stats() tells the driver when to run
  * one).  This file knows nothing of I/O.
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
@@ -36,6 +37,24 @@
 
 /* At most this many tables, whatever the limit: each costs address space */
 #define QED_L2_CACHE_MAX_TABLES 65536
+
+/*
+ * One L2 table held by the cache.  Its users hold references; a dirty
+ * table is pinned (holds a reference of its own) until it is clean again.
+ */
+struct QEDCachedTable {
+    QEDDirtyTable t;
+    int ref;                /* users; never freed while > 0 */
+    bool dropped;           /* no longer in the cache, freed at last unref */
+    bool fresh;             /* new table, not written to disk yet */
+    bool on_dirty_list;
+    bool used;              /* looked up since the last idle release */
+    unsigned long *resident;    /* chunks that take memory */
+    unsigned int nresident;
+    CoMutex lock;           /* held to load chunks */
+    QTAILQ_ENTRY(QEDCachedTable) lru;
+    QTAILQ_ENTRY(QEDCachedTable) dirty_next;
+};
 
 struct QEDL2Cache {
     GHashTable *by_offset;              /* uint64_t offset -> table */
@@ -243,7 +262,8 @@ QEDCachedTable *qed_l2_cache_find(QEDL2Cache *c, uint64_t offset)
  * @fresh table is new: its entries are all zero (so all of them are
  * known, and count as resident: lookups may read any of them); otherwise
  * its chunks are read as they are used (qed_l2_cache_loaded).  If the
- * cache has the table already, that entry is returned.
+ * cache has the table already, that entry is returned.  NULL: out of
+ * memory.
  */
 QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
                                     bool fresh)
@@ -256,6 +276,10 @@ QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
 
     e = g_new0(QEDCachedTable, 1);
     e->t.table = qed_table_new(c->table_bytes);
+    if (!e->t.table) {
+        g_free(e);
+        return NULL;
+    }
     e->t.offset = offset;
     e->t.loaded = bitmap_new(c->nchunks);
     e->t.dirty = bitmap_new(c->nsectors);
@@ -273,6 +297,26 @@ QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
     c->n_tables++;
     qed_l2_cache_shrink(c);
     return e;
+}
+
+/* The entries of @e, and their dirty sectors */
+QEDDirtyTable *qed_l2_cache_table(QEDCachedTable *e)
+{
+    return &e->t;
+}
+
+/*
+ * Held while chunks of @e are read (qed_l2_ensure()), so that two
+ * lookups never read the same chunk at once
+ */
+void coroutine_fn qed_l2_cache_lock_chunks(QEDCachedTable *e)
+{
+    qemu_co_mutex_lock(&e->lock);
+}
+
+void coroutine_fn qed_l2_cache_unlock_chunks(QEDCachedTable *e)
+{
+    qemu_co_mutex_unlock(&e->lock);
 }
 
 /* Chunks [first, first + n) of @e were read from disk */
@@ -354,12 +398,37 @@ void qed_l2_cache_mark_dirty(QEDL2Cache *c, QEDCachedTable *e,
     }
 }
 
-/* Sectors [first, first + n) of @e are being written back */
-void qed_l2_cache_clear_dirty(QEDL2Cache *c, QEDCachedTable *e,
-                              unsigned int first, unsigned int n)
+/*
+ * Sectors [first, first + n) of @e are being written back: they are clean
+ * from now on, and the writer holds a reference to @e until it calls
+ * qed_l2_cache_settle() and qed_l2_cache_unref().  Returns whether this is
+ * the first write of a new table (all of whose dirty sectors the writer
+ * takes before it writes any).
+ */
+bool qed_l2_cache_take_dirty(QEDL2Cache *c, QEDCachedTable *e,
+                             unsigned int first, unsigned int n)
 {
+    bool fresh = e->fresh;
+
     c->dirty_sectors -= qed_dirty_clear(&e->t, first, n);
     c->shrink_futile = false;
+    e->ref++;
+    if (e->t.ndirty == 0) {
+        e->fresh = false;
+    }
+    return fresh;
+}
+
+/*
+ * The write of sectors [first, first + n) of @e, taken by
+ * qed_l2_cache_take_dirty() (which said @fresh), failed: dirty again
+ */
+void qed_l2_cache_write_failed(QEDL2Cache *c, QEDCachedTable *e,
+                               unsigned int first, unsigned int n,
+                               bool fresh)
+{
+    qed_l2_cache_mark_dirty(c, e, first, n);
+    e->fresh |= fresh;
 }
 
 /* After a writeback: a table that is clean now leaves the dirty list */
@@ -439,33 +508,30 @@ uint64_t qed_l2_cache_clean_unused(QEDL2Cache *c)
     return before - c->resident_bytes;
 }
 
-unsigned int qed_l2_cache_dirty_count(QEDL2Cache *c)
-{
-    return c->dirty_tables;
-}
-
-uint64_t qed_l2_cache_dirty_sectors(QEDL2Cache *c)
-{
-    return c->dirty_sectors;
-}
-
-uint64_t qed_l2_cache_resident(QEDL2Cache *c)
-{
-    return c->resident_bytes;
-}
-
 /*
- * How far the memory held is past the limit, once everything that can go
- * has gone: what only a writeback pass can free (dirty chunks), and what
- * tables in use hold.
+ * How much the cache holds.  Past the limit (resident > max) once
+ * everything that can go has gone, the rest is what only a writeback pass
+ * can free (dirty chunks), and what tables in use hold.
  */
-uint64_t qed_l2_cache_over_limit(QEDL2Cache *c)
+void qed_l2_cache_stats(QEDL2Cache *c, QEDL2CacheStats *st)
 {
-    return c->resident_bytes > c->max_bytes ?
-           c->resident_bytes - c->max_bytes : 0;
+    *st = (QEDL2CacheStats) {
+        .dirty_tables = c->dirty_tables,
+        .dirty_sectors = c->dirty_sectors,
+        .resident = c->resident_bytes,
+        .max = c->max_bytes,
+    };
 }
 
-uint64_t qed_l2_cache_max(QEDL2Cache *c)
+/* What the cache knows of @e (for the unit tests) */
+void qed_l2_cache_table_info(QEDCachedTable *e, QEDCachedTableInfo *info)
 {
-    return c->max_bytes;
+    *info = (QEDCachedTableInfo) {
+        .ref = e->ref,
+        .dropped = e->dropped,
+        .fresh = e->fresh,
+        .pinned = e->on_dirty_list,
+        .nresident = e->nresident,
+        .resident = e->resident,
+    };
 }

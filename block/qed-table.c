@@ -1,5 +1,5 @@
 /*
- * QED: reading and writing L1 and L2 tables
+ * QED: L1 and L2 tables: their memory, their dirty sectors, their I/O
  *
  * Tables are little-endian on disk and CPU order in memory; this file is
  * the only place that converts their entries (create's preallocation too
@@ -12,6 +12,7 @@
  */
 
 #include "qemu/osdep.h"
+#include "qemu/bitmap.h"
 #include "qemu/bswap.h"
 #include "qemu/error-report.h"
 #include "qemu/madvise.h"
@@ -35,27 +36,38 @@ void qed_table_buf_free(QEDTable *buf)
 }
 
 /*
- * Tables that live long (the L1 table, cached L2 tables) come straight
- * from mmap: zeroed, page aligned for O_DIRECT, and only the pages touched
- * (the chunks a lookup loaded or a change dirtied) take memory.  A new
- * table needs no memset.  Free it with qed_table_free().
+ * Tables that live long (the L1 table, cached L2 tables): zeroed, page
+ * aligned for O_DIRECT.  Free them with qed_table_free().  NULL when out
+ * of memory: the caller fails with -ENOMEM.
  *
- * Never transparent huge pages: the kernel merges adjacent table mappings
- * into one area, and with THP "always" the first touch of a chunk there
- * could take a whole 2 MiB page, which the cache (counting 4 KiB chunks,
- * qed-l2-cache.c) would not see and madvise(MADV_DONTNEED) of a chunk
- * would not give back.
+ * A table of one chunk or less (4 KiB clusters, table_size 1) comes from
+ * the heap: the cache counts it whole anyway, and a small cache replaces
+ * such tables at every lookup, where a mapping each (mmap, and munmap's
+ * TLB shootdowns) took about a quarter of the time.
+ *
+ * Bigger ones come straight from mmap, so that only the pages touched
+ * (the chunks a lookup loaded or a change dirtied) take memory, and a new
+ * table needs no memset.  Never transparent huge pages: the kernel merges
+ * adjacent table mappings into one area, and with THP "always" the first
+ * touch of a chunk there could take a whole 2 MiB page, which the cache
+ * (counting 4 KiB chunks, qed-l2-cache.c) would not see and
+ * madvise(MADV_DONTNEED) of a chunk would not give back.
  */
 QEDTable *qed_table_new(size_t bytes)
 {
-    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *p;
 
+    if (bytes <= QED_L2_CHUNK_BYTES) {
+        p = qemu_try_memalign(QED_L2_CHUNK_BYTES, bytes);
+        if (p) {
+            memset(p, 0, bytes);
+        }
+        return p;
+    }
+    p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
-        /* Like g_malloc: running out of address space is fatal */
-        error_report("qed: cannot map %zu bytes for a table: %s", bytes,
-                     strerror(errno));
-        abort();
+        return NULL;
     }
     qemu_madvise(p, bytes, QEMU_MADV_NOHUGEPAGE);
     return p;
@@ -63,10 +75,66 @@ QEDTable *qed_table_new(size_t bytes)
 
 void qed_table_free(QEDTable *table, size_t bytes)
 {
-    if (table) {
+    if (!table) {
+        return;
+    }
+    if (bytes <= QED_L2_CHUNK_BYTES) {
+        qemu_vfree(table);
+    } else {
         munmap(table, bytes);
     }
 }
+
+/* ---- dirty sectors ------------------------------------------------------- */
+
+/*
+ * A table of @bytes at file offset @offset that is in memory whole (the L1
+ * table): its entries (zero) and its dirty bitmap
+ */
+int qed_dirty_table_init(QEDDirtyTable *t, uint64_t offset, size_t bytes)
+{
+    *t = (QEDDirtyTable) {
+        .table = qed_table_new(bytes),
+        .offset = offset,
+        .dirty = bitmap_new(bytes / BDRV_SECTOR_SIZE),
+    };
+    return t->table ? 0 : -ENOMEM;
+}
+
+void qed_dirty_table_destroy(QEDDirtyTable *t, size_t bytes)
+{
+    qed_table_free(t->table, bytes);
+    g_free(t->dirty);
+    *t = (QEDDirtyTable) {};
+}
+
+/* Mark sectors [first, first + n) of @t dirty; returns how many were not */
+unsigned int qed_dirty_set(QEDDirtyTable *t, unsigned int first,
+                           unsigned int n)
+{
+    unsigned int added = 0;
+
+    for (unsigned int i = first; i < first + n; i++) {
+        added += !test_and_set_bit(i, t->dirty);
+    }
+    t->ndirty += added;
+    return added;
+}
+
+/* Mark sectors [first, first + n) of @t clean; returns how many were dirty */
+unsigned int qed_dirty_clear(QEDDirtyTable *t, unsigned int first,
+                             unsigned int n)
+{
+    unsigned int cleared = 0;
+
+    for (unsigned int i = first; i < first + n; i++) {
+        cleared += test_and_clear_bit(i, t->dirty);
+    }
+    t->ndirty -= cleared;
+    return cleared;
+}
+
+/* ---- table I/O ----------------------------------------------------------- */
 
 static void qed_table_to_cpu(uint64_t *entries, size_t n)
 {

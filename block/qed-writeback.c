@@ -40,12 +40,6 @@
 #define QED_WB_MAX_GAP 128
 
 /*
- * Snapshots of one batch of a pass: a pass over many dirty tables copies
- * at most this much at once (the memory bound of l2-cache-size)
- */
-#define QED_WB_SNAPSHOT_BYTES (2 * MiB)
-
-/*
  * How far past l2-cache-size dirty chunks may take the cache before an
  * allocating write waits for a writeback pass (an eighth of the limit if
  * that is less)
@@ -63,55 +57,12 @@
  * file one flush serves a whole pass.
  */
 
-/*
- * A table of @bytes at file offset @offset that is in memory whole (the L1
- * table): its entries (zero) and its dirty bitmap
- */
-void qed_dirty_table_init(QEDDirtyTable *t, uint64_t offset, size_t bytes)
-{
-    *t = (QEDDirtyTable) {
-        .table = qed_table_new(bytes),
-        .offset = offset,
-        .dirty = bitmap_new(bytes / BDRV_SECTOR_SIZE),
-    };
-}
-
-void qed_dirty_table_destroy(QEDDirtyTable *t, size_t bytes)
-{
-    qed_table_free(t->table, bytes);
-    g_free(t->dirty);
-    *t = (QEDDirtyTable) {};
-}
-
-/* Mark sectors [first, first + n) of @t dirty; returns how many were not */
-unsigned int qed_dirty_set(QEDDirtyTable *t, unsigned int first,
-                           unsigned int n)
-{
-    unsigned int added = 0;
-
-    for (unsigned int i = first; i < first + n; i++) {
-        added += !test_and_set_bit(i, t->dirty);
-    }
-    t->ndirty += added;
-    return added;
-}
-
-/* Mark sectors [first, first + n) of @t clean; returns how many were dirty */
-unsigned int qed_dirty_clear(QEDDirtyTable *t, unsigned int first,
-                             unsigned int n)
-{
-    unsigned int cleared = 0;
-
-    for (unsigned int i = first; i < first + n; i++) {
-        cleared += test_and_clear_bit(i, t->dirty);
-    }
-    t->ndirty -= cleared;
-    return cleared;
-}
-
 bool qed_tables_dirty(BDRVQEDState *s)
 {
-    return qed_l2_cache_dirty_count(s->l2_cache) > 0 || s->l1.ndirty > 0;
+    QEDL2CacheStats st;
+
+    qed_l2_cache_stats(s->l2_cache, &st);
+    return st.dirty_tables > 0 || s->l1.ndirty > 0;
 }
 
 /* One run of adjacent dirty sectors of a table, copied for writing */
@@ -229,7 +180,6 @@ static bool qed_wb_collect(BDRVQEDState *s, QEDDirtyTable *t,
             .e = e,
             .first = i,
             .n = end - i,
-            .fresh = e && e->fresh,
             .snapshot = qed_wb_arena_take(arena,
                                           (end - i) * BDRV_SECTOR_SIZE),
             .ret = -EINPROGRESS,
@@ -238,21 +188,14 @@ static bool qed_wb_collect(BDRVQEDState *s, QEDDirtyTable *t,
         qed_table_snapshot(&t->table->offsets[i * QED_ENTRIES_PER_SECTOR],
                            (end - i) * QED_ENTRIES_PER_SECTOR, job.snapshot);
         if (e) {
-            qed_l2_cache_clear_dirty(s->l2_cache, e, i, end - i);
-            e->ref++;
+            job.fresh = qed_l2_cache_take_dirty(s->l2_cache, e, i, end - i);
         } else {
             qed_dirty_clear(t, i, end - i);
         }
         g_array_append_val(jobs, job);
         i = find_next_bit(t->dirty, nsectors, end);
     }
-    if (i < nsectors) {
-        return false;
-    }
-    if (e) {
-        e->fresh = false;
-    }
-    return true;
+    return i >= nsectors;
 }
 
 static int coroutine_fn qed_wb_task_run(AioTask *task)
@@ -326,8 +269,8 @@ static void qed_wb_finish(BDRVQEDState *s, GArray *jobs)
 
         if (job->ret != 0) {
             if (job->e) {
-                qed_l2_cache_mark_dirty(c, job->e, job->first, job->n);
-                job->e->fresh |= job->fresh;
+                qed_l2_cache_write_failed(c, job->e, job->first, job->n,
+                                          job->fresh);
             } else {
                 qed_dirty_set(job->t, job->first, job->n);
             }
@@ -375,7 +318,7 @@ static int coroutine_fn qed_wb_flush(BDRVQEDState *s, uint64_t *gen)
 
 /*
  * Write the dirty sectors of @tables (cache entries, each with a
- * reference), in batches of at most QED_WB_SNAPSHOT_BYTES of snapshots
+ * reference), in batches of at most QED_WB_MAX_BATCH_BYTES of snapshots
  * (one buffer, reused by every batch and pass), so that a pass over many
  * tables never copies them all at once.
  *
@@ -396,17 +339,17 @@ static int coroutine_fn qed_wb_write_l2(BDRVQEDState *s, GPtrArray *tables)
     unsigned int i = 0;
     int ret = 0;
 
-    qed_wb_arena_init(s, &arena, &s->wb_l2_buf, QED_WB_SNAPSHOT_BYTES);
+    qed_wb_arena_init(s, &arena, &s->wb_l2_buf, QED_WB_MAX_BATCH_BYTES);
     if (s->wb_batch_bytes) {
-        /* Smaller batches (the schedule harness's memory-pressure seeds) */
-        arena.size = MIN(s->wb_batch_bytes, QED_WB_SNAPSHOT_BYTES);
+        /* x-writeback-batch: the schedule harness's memory-pressure seeds */
+        arena.size = s->wb_batch_bytes;
     }
     while (ret == 0 && i < tables->len) {
         arena.used = 0;
         while (i < tables->len && qed_wb_arena_room(&arena) > 0) {
             QEDCachedTable *e = g_ptr_array_index(tables, i);
 
-            if (qed_wb_collect(s, &e->t, e, jobs, &arena)) {
+            if (qed_wb_collect(s, qed_l2_cache_table(e), e, jobs, &arena)) {
                 i++;
             }
         }
@@ -547,17 +490,18 @@ static void coroutine_fn qed_wb_background_entry(void *opaque)
  */
 void coroutine_fn qed_wb_throttle(BDRVQEDState *s)
 {
-    QEDL2Cache *c = s->l2_cache;
-    uint64_t dirty = qed_l2_cache_dirty_sectors(c);
-    uint64_t over = qed_l2_cache_over_limit(c);
-    uint64_t slack = MIN(qed_l2_cache_max(c) / 8, QED_WB_MEMORY_SLACK);
+    QEDL2CacheStats st;
+    uint64_t over, slack;
 
-    if (dirty > QED_WB_HARD_SECTORS || over > slack) {
-        trace_qed_writeback_wait(s, dirty, over);
+    qed_l2_cache_stats(s->l2_cache, &st);
+    over = st.resident > st.max ? st.resident - st.max : 0;
+    slack = MIN(st.max / 8, QED_WB_MEMORY_SLACK);
+    if (st.dirty_sectors > QED_WB_HARD_SECTORS || over > slack) {
+        trace_qed_writeback_wait(s, st.dirty_sectors, over);
         qed_writeback(s);
-    } else if ((dirty > QED_WB_SOFT_SECTORS || over > 0) &&
+    } else if ((st.dirty_sectors > QED_WB_SOFT_SECTORS || over > 0) &&
                !s->wb_background) {
-        trace_qed_writeback_kick(s, dirty, qed_l2_cache_dirty_count(c));
+        trace_qed_writeback_kick(s, st.dirty_sectors, st.dirty_tables);
         s->wb_background = true;
         bdrv_inc_in_flight(s->bs);
         aio_co_enter(bdrv_get_aio_context(s->bs),

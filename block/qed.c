@@ -33,6 +33,7 @@
 
 #define QED_OPT_L2_CACHE_SIZE "l2-cache-size"
 #define QED_OPT_CACHE_CLEAN_INTERVAL "cache-clean-interval"
+#define QED_OPT_WRITEBACK_BATCH "x-writeback-batch"
 
 /*
  * Default l2-cache-size: the memory that L2 table chunks may take.  As
@@ -118,7 +119,8 @@ int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
         if (s->file_size > s->file_end) {
             ret = qed_resize_file(s, s->file_end);
         }
-        if (ret == 0 && (s->header.features & QED_F_NEED_CHECK)) {
+        if (ret == 0 && (s->header.features & QED_F_NEED_CHECK) &&
+            !s->unrepaired) {
             ret = bdrv_co_flush(s->bs->file->bs);
             if (ret == 0) {
                 h = s->header;
@@ -233,8 +235,11 @@ void qed_cancel_timer(BDRVQEDState *s)
 static void qed_cache_clean_timer_cb(void *opaque)
 {
     BDRVQEDState *s = opaque;
+    uint64_t released = qed_l2_cache_clean_unused(s->l2_cache);
+    QEDL2CacheStats st;
 
-    qed_l2_cache_clean_unused(s->l2_cache);
+    qed_l2_cache_stats(s->l2_cache, &st);
+    trace_qed_cache_clean(s, released, st.resident);
     timer_mod(s->cache_clean_timer, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
               (int64_t)s->cache_clean_interval * 1000);
 }
@@ -365,16 +370,31 @@ static int coroutine_fn qed_trim_file_tail(BDRVQEDState *s, void *opaque)
  * moves the last clusters in use into it and cuts the file (the check's
  * leak repair, crash-safe move by move), so that a full disk leaves
  * nothing behind.  Only ever after a failed write.
+ *
+ * A move needs room for its copy: on a file system with no free block
+ * left (the writes in flight when the disk filled took it all, and those
+ * that failed left holes below the ones that landed) the leaks stay.
+ * Then, without a backing file, the image is closed with NEED_CHECK set:
+ * the next writable open repairs it (its leak repair included) once
+ * there is room, instead of every check reporting the leak until someone
+ * runs `qemu-img check -r leaks`.  An image with a backing file is never
+ * marked dirty (qed_set_need_check() does nothing): its leak stays for
+ * `check -r leaks`, as the original driver's do.
  */
 static int coroutine_fn qed_reclaim_free_space(BDRVQEDState *s, void *opaque)
 {
     BdrvCheckResult result = {0};
+    int ret;
 
     if (qed_free_space_bytes(s) == 0) {
         return 0;
     }
     trace_qed_reclaim_free_space(s, qed_free_space_bytes(s));
-    return qed_check(s, &result, BDRV_FIX_LEAKS, true);
+    ret = qed_check(s, &result, BDRV_FIX_LEAKS, true);
+    if (ret < 0 || result.leaks > 0) {
+        qed_set_need_check(s);
+    }
+    return ret;
 }
 /* ---- open and close ----------------------------------------------------- */
 
@@ -393,14 +413,25 @@ static QemuOptsList qed_runtime_opts = {
             .help = "Give back the memory of L2 tables unused for this "
                     "many seconds (0: never)",
         },
+        {
+            .name = QED_OPT_WRITEBACK_BATCH,
+            .type = QEMU_OPT_SIZE,
+            .help = "For testing: the most bytes of table sectors one "
+                    "batch of a writeback pass copies (0: 2 MiB)",
+        },
         { /* end of list */ }
     },
 };
 
-/* Parse l2-cache-size (bytes) and cache-clean-interval (seconds) */
-static bool qed_parse_cache_opts(BDRVQEDState *s, QDict *options,
-                                 uint64_t *cache_size,
-                                 uint64_t *clean_interval, Error **errp)
+/* The runtime options, parsed */
+typedef struct QEDRuntimeOpts {
+    uint64_t cache_size;        /* l2-cache-size, bytes */
+    uint64_t clean_interval;    /* cache-clean-interval, seconds */
+    uint64_t wb_batch;          /* x-writeback-batch, bytes; 0: default */
+} QEDRuntimeOpts;
+
+static bool qed_parse_runtime_opts(BDRVQEDState *s, QDict *options,
+                                   QEDRuntimeOpts *r, Error **errp)
 {
     QemuOpts *opts = qemu_opts_create(&qed_runtime_opts, NULL, 0,
                                       &error_abort);
@@ -411,41 +442,41 @@ static bool qed_parse_cache_opts(BDRVQEDState *s, QDict *options,
         return false;
     }
     /* The default holds one table at least, whatever its size */
-    *cache_size = qemu_opt_get_size(opts, QED_OPT_L2_CACHE_SIZE,
-                                    MAX(QED_DEFAULT_L2_CACHE_SIZE,
-                                        table_bytes));
-    *clean_interval = qemu_opt_get_number(opts, QED_OPT_CACHE_CLEAN_INTERVAL,
-                                          QED_DEFAULT_CACHE_CLEAN_INTERVAL);
+    r->cache_size = qemu_opt_get_size(opts, QED_OPT_L2_CACHE_SIZE,
+                                      MAX(QED_DEFAULT_L2_CACHE_SIZE,
+                                          table_bytes));
+    r->clean_interval = qemu_opt_get_number(opts,
+                                            QED_OPT_CACHE_CLEAN_INTERVAL,
+                                            QED_DEFAULT_CACHE_CLEAN_INTERVAL);
+    r->wb_batch = qemu_opt_get_size(opts, QED_OPT_WRITEBACK_BATCH, 0);
     qemu_opts_del(opts);
 
-    if (*cache_size < table_bytes) {
+    if (r->cache_size < table_bytes) {
         error_setg(errp, "Invalid %s %" PRIu64 ": must hold at least one "
                    "L2 table (%" PRIu64 " bytes)", QED_OPT_L2_CACHE_SIZE,
-                   *cache_size, table_bytes);
+                   r->cache_size, table_bytes);
         return false;
     }
-    if (*clean_interval > UINT_MAX) {
+    if (r->clean_interval > UINT_MAX) {
         error_setg(errp, "%s must be between 0 and %u",
                    QED_OPT_CACHE_CLEAN_INTERVAL, UINT_MAX);
+        return false;
+    }
+    if (r->wb_batch > QED_WB_MAX_BATCH_BYTES ||
+        r->wb_batch % BDRV_SECTOR_SIZE) {
+        error_setg(errp, "%s must be a multiple of %d up to %d",
+                   QED_OPT_WRITEBACK_BATCH, (int)BDRV_SECTOR_SIZE,
+                   (int)QED_WB_MAX_BATCH_BYTES);
         return false;
     }
     return true;
 }
 
-/*
- * At open: l2-cache-size in bytes (0 on error); cache-clean-interval goes
- * to @s (qed_open() starts its timer)
- */
-static uint64_t qed_parse_cache_size(BDRVQEDState *s, QDict *options,
-                                     Error **errp)
+/* What does not need the cache itself: to @s */
+static void qed_apply_runtime_opts(BDRVQEDState *s, const QEDRuntimeOpts *r)
 {
-    uint64_t bytes, interval;
-
-    if (!qed_parse_cache_opts(s, options, &bytes, &interval, errp)) {
-        return 0;
-    }
-    s->cache_clean_interval = interval;
-    return bytes;
+    s->cache_clean_interval = r->clean_interval;
+    s->wb_batch_bytes = r->wb_batch;
 }
 
 static void qed_free_state(BDRVQEDState *s)
@@ -551,6 +582,7 @@ static int coroutine_fn qed_repair_on_open(BlockDriverState *bs, int flags,
     int ret;
 
     if (!(flags & BDRV_O_RDWR)) {
+        s->unrepaired = true;
         ret = qed_check(s, &result, 0, false);
         if (ret == 0 && result.corruptions) {
             warn_report("%s: QED image needs repair (%d corruptions); "
@@ -562,8 +594,10 @@ static int coroutine_fn qed_repair_on_open(BlockDriverState *bs, int flags,
     }
 
     /* Repair, then mark the image clean */
+    s->unrepaired = false;
     ret = qed_check(s, &result, BDRV_FIX_ERRORS | BDRV_FIX_LEAKS, false);
     if (ret < 0 || result.corruptions || result.check_errors) {
+        s->unrepaired = true;
         error_setg(errp, "Image is corrupt and could not be repaired "
                    "(%d corruptions, %d errors left); run "
                    "'qemu-img check -r all' on it by hand",
@@ -583,7 +617,7 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     BDRVQEDState *s = bs->opaque;
     QEDHeader le;
     int64_t file_size;
-    uint64_t cache_size;
+    QEDRuntimeOpts ropts;
     int ret;
 
     s->bs = bs;
@@ -623,14 +657,18 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
         }
     }
 
-    cache_size = qed_parse_cache_size(s, options, errp);
-    if (cache_size == 0) {
+    if (!qed_parse_runtime_opts(s, options, &ropts, errp)) {
         return -EINVAL;
     }
-    s->l2_cache = qed_l2_cache_new(cache_size, qed_table_bytes(s));
+    qed_apply_runtime_opts(s, &ropts);
+    s->l2_cache = qed_l2_cache_new(ropts.cache_size, qed_table_bytes(s));
 
-    qed_dirty_table_init(&s->l1, s->header.l1_table_offset,
-                         qed_table_bytes(s));
+    ret = qed_dirty_table_init(&s->l1, s->header.l1_table_offset,
+                               qed_table_bytes(s));
+    if (ret < 0) {
+        error_setg(errp, "Could not allocate the L1 table");
+        goto fail;
+    }
     ret = qed_read_l1_table(s);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not read the L1 table");
@@ -766,20 +804,14 @@ static void coroutine_fn qed_co_invalidate_cache(BlockDriverState *bs,
     }
 }
 
-typedef struct QEDReopenState {
-    uint64_t cache_size;
-    uint64_t cache_clean_interval;
-} QEDReopenState;
-
 static int qed_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
                               Error **errp)
 {
     BDRVQEDState *s = state->bs->opaque;
-    QEDReopenState *r = g_new0(QEDReopenState, 1);
+    QEDRuntimeOpts *r = g_new0(QEDRuntimeOpts, 1);
     int ret;
 
-    if (!qed_parse_cache_opts(s, state->options, &r->cache_size,
-                              &r->cache_clean_interval, errp)) {
+    if (!qed_parse_runtime_opts(s, state->options, r, errp)) {
         g_free(r);
         return -EINVAL;
     }
@@ -802,16 +834,52 @@ static int qed_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
 static void qed_reopen_commit(BDRVReopenState *state)
 {
     BDRVQEDState *s = state->bs->opaque;
-    QEDReopenState *r = state->opaque;
+    QEDRuntimeOpts *r = state->opaque;
+    bool new_interval = r->clean_interval != s->cache_clean_interval;
 
     qed_l2_cache_set_max(s->l2_cache, r->cache_size);
-    if (r->cache_clean_interval != s->cache_clean_interval) {
+    if (new_interval) {
         qed_cache_clean_timer_del(s);
-        s->cache_clean_interval = r->cache_clean_interval;
+    }
+    qed_apply_runtime_opts(s, r);
+    if (new_interval) {
         qed_cache_clean_timer_init(s, bdrv_get_aio_context(state->bs));
     }
     g_free(r);
     state->opaque = NULL;
+}
+
+typedef struct QEDRepairArgs {
+    int flags;
+    Error **errp;
+} QEDRepairArgs;
+
+static int coroutine_fn qed_co_repair(BDRVQEDState *s, void *opaque)
+{
+    QEDRepairArgs *args = opaque;
+
+    return qed_repair_on_open(s->bs, args->flags, args->errp);
+}
+
+/*
+ * Read-write now, with NEED_CHECK set at a read-only open (a backing file
+ * that `qemu-img commit` or block-commit writes into): the repair that
+ * open skipped, before anything clears the bit.  (Here, not in prepare:
+ * the file is writable only once every node has committed.)  If it
+ * fails, the bit stays and the next open repairs.
+ */
+static void qed_reopen_commit_post(BDRVReopenState *state)
+{
+    BDRVQEDState *s = state->bs->opaque;
+    Error *local_err = NULL;
+    QEDRepairArgs args = { .flags = state->flags, .errp = &local_err };
+
+    if (s->unrepaired && (state->flags & BDRV_O_RDWR) &&
+        !(state->flags & BDRV_O_INACTIVE)) {
+        if (qed_call_in_coroutine(s, qed_co_repair, &args) < 0) {
+            error_report_err(local_err);
+        }
+    }
 }
 
 static void qed_reopen_abort(BDRVReopenState *state)
@@ -1235,7 +1303,8 @@ static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
     ret = qed_set_need_check(s);
     if (ret == 0) {
         zero = qed_table_new(bytes);
-        ret = qed_write_l1_table(s, zero, 0, s->table_nelems);
+        ret = zero ? qed_write_l1_table(s, zero, 0, s->table_nelems) :
+                     -ENOMEM;
         qed_table_free(zero, bytes);
     }
     if (ret == 0) {
@@ -1336,6 +1405,7 @@ static const char *const qed_strong_runtime_opts[] = {
 static const char *const qed_mutable_opts[] = {
     QED_OPT_L2_CACHE_SIZE,
     QED_OPT_CACHE_CLEAN_INTERVAL,
+    QED_OPT_WRITEBACK_BATCH,
     NULL
 };
 
@@ -1354,6 +1424,7 @@ static BlockDriver bdrv_qed = {
     .bdrv_close                 = qed_close,
     .bdrv_reopen_prepare        = qed_reopen_prepare,
     .bdrv_reopen_commit         = qed_reopen_commit,
+    .bdrv_reopen_commit_post    = qed_reopen_commit_post,
     .bdrv_reopen_abort          = qed_reopen_abort,
     .bdrv_child_perm            = bdrv_default_perms,
     .bdrv_co_create             = qed_co_create,

@@ -48,6 +48,7 @@
 #include "qemu/cutils.h"
 #include "qemu/coroutine.h"
 #include "qemu/queue.h"
+#include "qemu/units.h"
 
 /*
  * On-disk layout
@@ -130,6 +131,13 @@ typedef struct QEDTable {
 #define QED_ENTRIES_PER_SECTOR (BDRV_SECTOR_SIZE / sizeof(uint64_t))
 
 /*
+ * Snapshots of one batch of a writeback pass: a pass over many dirty
+ * tables copies at most this much at once (the memory bound of
+ * l2-cache-size); x-writeback-batch makes it smaller, for tests
+ */
+#define QED_WB_MAX_BATCH_BYTES (2 * MiB)
+
+/*
  * A table whose changes are written back sector by sector: the L1 table,
  * or an L2 table in the cache (QEDCachedTable).  Entries change in memory
  * and their sectors are marked dirty; qed-writeback.c writes dirty
@@ -149,25 +157,29 @@ typedef struct QEDDirtyTable {
 } QEDDirtyTable;
 
 /*
- * One L2 table held by the cache (qed-l2-cache.c).  A dirty table is
- * pinned (holds a reference) until it is clean again.
+ * The L2 table cache and one table held by it, with a reference
+ * (qed_l2_cache_table() gives its entries); private to qed-l2-cache.c
  */
-typedef struct QEDCachedTable {
-    QEDDirtyTable t;
-    int ref;                /* users; never freed while > 0 */
-    bool dropped;           /* no longer in the cache, freed at last unref */
-    bool fresh;             /* new table, not written to disk yet */
-    bool on_dirty_list;
-    bool used;              /* looked up since the last idle release */
-    unsigned long *resident;    /* chunks that take memory */
-    unsigned int nresident;
-    CoMutex lock;           /* held to load chunks */
-    QTAILQ_ENTRY(QEDCachedTable) lru;
-    QTAILQ_ENTRY(QEDCachedTable) dirty_next;
-} QEDCachedTable;
-
-/* The L2 table cache; private to qed-l2-cache.c */
 typedef struct QEDL2Cache QEDL2Cache;
+typedef struct QEDCachedTable QEDCachedTable;
+
+/* One table as the cache sees it (qed_l2_cache_table_info(): tests) */
+typedef struct QEDCachedTableInfo {
+    int ref;                    /* users, the pin of dirty sectors too */
+    bool dropped;               /* out of the cache, freed at last unref */
+    bool fresh;                 /* new, not written to disk yet */
+    bool pinned;                /* on the dirty list */
+    unsigned int nresident;     /* chunks that take memory */
+    const unsigned long *resident;  /* which ones */
+} QEDCachedTableInfo;
+
+/* What the cache holds, for the writeback's throttle and the tests */
+typedef struct QEDL2CacheStats {
+    unsigned int dirty_tables;
+    uint64_t dirty_sectors;     /* in all tables */
+    uint64_t resident;          /* bytes of memory its tables take */
+    uint64_t max;               /* l2-cache-size */
+} QEDL2CacheStats;
 
 /* What a range of the virtual disk maps to */
 typedef enum QEDExtentType {
@@ -276,7 +288,7 @@ typedef struct BDRVQEDState {
     CoMutex wb_lock;
     void *wb_l2_buf;            /* snapshots of a pass: L2 batches */
     void *wb_l1_buf;            /* and the L1 table's */
-    /* 0, or a smaller cap on a batch's snapshots (tests/qed-sim) */
+    /* x-writeback-batch: 0, or a smaller cap on a batch's snapshots */
     size_t wb_batch_bytes;
     bool wb_background;         /* a background pass is running */
     /* L2 sectors were written and no flush has succeeded since */
@@ -292,6 +304,12 @@ typedef struct BDRVQEDState {
     bool need_check_ready;
     QEMUTimer *need_check_timer;
     bool timer_running;         /* the clearing coroutine has been started */
+    /*
+     * NEED_CHECK was set at a read-only open, which only looks: the bit
+     * stays until a repair (a reopen read-write runs it), whatever this
+     * open writes
+     */
+    bool unrepaired;
 
     unsigned int error_reports; /* rate limit for corrupt-metadata messages */
 
@@ -435,13 +453,7 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s, uint64_t pos,
                                           QEMUIOVector *qiov,
                                           size_t qiov_offset);
 
-/* qed-writeback.c: entries in memory and their writeback */
-void qed_dirty_table_init(QEDDirtyTable *t, uint64_t offset, size_t bytes);
-void qed_dirty_table_destroy(QEDDirtyTable *t, size_t bytes);
-unsigned int qed_dirty_set(QEDDirtyTable *t, unsigned int first,
-                           unsigned int n);
-unsigned int qed_dirty_clear(QEDDirtyTable *t, unsigned int first,
-                             unsigned int n);
+/* qed-writeback.c: the writeback passes of dirty table sectors */
 bool qed_tables_dirty(BDRVQEDState *s);
 int coroutine_fn qed_writeback(BDRVQEDState *s);
 void qed_wb_free_buffers(BDRVQEDState *s);
@@ -459,11 +471,20 @@ int qed_amend_options(BlockDriverState *bs, QemuOpts *opts,
 BlockMeasureInfo *qed_measure(QemuOpts *opts, BlockDriverState *in_bs,
                               Error **errp);
 
-/* qed-table.c: table I/O; table entries change byte order only here */
+/*
+ * qed-table.c: table memory, dirty sectors and table I/O; table entries
+ * change byte order only here
+ */
 QEDTable *qed_table_buf_new(BDRVQEDState *s);
 void qed_table_buf_free(QEDTable *buf);
 QEDTable *qed_table_new(size_t bytes);
 void qed_table_free(QEDTable *table, size_t bytes);
+int qed_dirty_table_init(QEDDirtyTable *t, uint64_t offset, size_t bytes);
+void qed_dirty_table_destroy(QEDDirtyTable *t, size_t bytes);
+unsigned int qed_dirty_set(QEDDirtyTable *t, unsigned int first,
+                           unsigned int n);
+unsigned int qed_dirty_clear(QEDDirtyTable *t, unsigned int first,
+                             unsigned int n);
 void qed_table_snapshot(const uint64_t *entries, unsigned int n,
                         uint64_t *dest);
 int coroutine_fn qed_write_table_snapshot(BDRVQEDState *s,
@@ -493,6 +514,9 @@ void qed_l2_cache_free(QEDL2Cache *c);
 QEDCachedTable *qed_l2_cache_find(QEDL2Cache *c, uint64_t offset);
 QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
                                     bool fresh);
+QEDDirtyTable *qed_l2_cache_table(QEDCachedTable *e);
+void coroutine_fn qed_l2_cache_lock_chunks(QEDCachedTable *e);
+void coroutine_fn qed_l2_cache_unlock_chunks(QEDCachedTable *e);
 void qed_l2_cache_loaded(QEDL2Cache *c, QEDCachedTable *e,
                          unsigned long first, unsigned long n);
 void qed_l2_cache_unref(QEDL2Cache *c, QEDCachedTable *e);
@@ -501,16 +525,16 @@ void qed_l2_cache_clear(QEDL2Cache *c);
 void qed_l2_cache_set_max(QEDL2Cache *c, uint64_t max_bytes);
 void qed_l2_cache_mark_dirty(QEDL2Cache *c, QEDCachedTable *e,
                              unsigned int first_sector, unsigned int n);
-void qed_l2_cache_clear_dirty(QEDL2Cache *c, QEDCachedTable *e,
-                              unsigned int first_sector, unsigned int n);
+bool qed_l2_cache_take_dirty(QEDL2Cache *c, QEDCachedTable *e,
+                             unsigned int first_sector, unsigned int n);
+void qed_l2_cache_write_failed(QEDL2Cache *c, QEDCachedTable *e,
+                               unsigned int first_sector, unsigned int n,
+                               bool fresh);
 void qed_l2_cache_settle(QEDL2Cache *c, QEDCachedTable *e);
 GPtrArray *qed_l2_cache_dirty_tables(QEDL2Cache *c);
 unsigned int qed_l2_cache_forget_dirty(QEDL2Cache *c);
-unsigned int qed_l2_cache_dirty_count(QEDL2Cache *c);
-uint64_t qed_l2_cache_dirty_sectors(QEDL2Cache *c);
-uint64_t qed_l2_cache_resident(QEDL2Cache *c);
-uint64_t qed_l2_cache_over_limit(QEDL2Cache *c);
-uint64_t qed_l2_cache_max(QEDL2Cache *c);
+void qed_l2_cache_stats(QEDL2Cache *c, QEDL2CacheStats *st);
+void qed_l2_cache_table_info(QEDCachedTable *e, QEDCachedTableInfo *info);
 uint64_t qed_l2_cache_clean_unused(QEDL2Cache *c);
 
 /* qed-cluster.c */

@@ -459,8 +459,7 @@ static G_NORETURN void sim_fail(const char *fmt, ...)
 /* ---- the NEED_CHECK timer ------------------------------------------------ */
 
 /*
- * One of the two places that look into the driver's state (the other sets
- * small writeback batches at open): its NEED_CHECK timer
+ * The one place that looks into the driver's state: its NEED_CHECK timer
  * (QEMU_CLOCK_REALTIME, 5 s) must not fire by the wall clock, only when
  * the schedule says so.  @fire: run it at the next aio_poll; otherwise
  * push an armed timer an hour away (an expiry of 0 is a firing of ours).
@@ -1306,6 +1305,12 @@ static BlockBackend *sim_open(void)
     if (sim.geo.small_cache) {
         qdict_put_int(opts, "l2-cache-size", (uint64_t)sim.geo.cluster_size *
                       sim.geo.table_size);
+        /*
+         * Memory pressure: writeback passes in batches of 8 KiB of table
+         * sectors, so that a pass spans many batches (and, over a backing
+         * file, flushes between them when entries were set meanwhile)
+         */
+        qdict_put_int(opts, "x-writeback-batch", 8 * KiB);
     }
     vlog("open");
     BLOCKING(blk = blk_new_open(NULL, NULL, opts,
@@ -1315,14 +1320,6 @@ static BlockBackend *sim_open(void)
     }
     sim.blk = blk;
     sim.qed_bs = blk_bs(blk);
-    if (sim.geo.small_cache) {
-        /*
-         * Memory pressure: writeback passes in batches of 8 KiB of table
-         * sectors, so that a pass spans many batches (and, over a backing
-         * file, flushes between them when entries were set meanwhile)
-         */
-        ((BDRVQEDState *)sim.qed_bs->opaque)->wb_batch_bytes = 8 * KiB;
-    }
     return blk;
 }
 

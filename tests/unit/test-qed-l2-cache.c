@@ -1,7 +1,7 @@
 /*
  * Unit tests of our QED driver's L2 table cache (block/qed-l2-cache.c) and
- * of the dirty-sector bookkeeping of its writeback (qed_dirty_set and
- * qed_dirty_clear in block/qed-writeback.c).
+ * of the dirty-sector bookkeeping of tables (qed_dirty_set and
+ * qed_dirty_clear in block/qed-table.c).
  *
  * The cache is pure memory: these tests drive it as the driver does
  * (insert, load chunks, mark sectors dirty, write back, settle) without an
@@ -28,6 +28,52 @@
 #define SECTORS_PER_CHUNK   (CHUNK / BDRV_SECTOR_SIZE)
 #define ENTRIES_PER_CHUNK   (CHUNK / sizeof(uint64_t))
 
+static QEDDirtyTable *tbl(QEDCachedTable *e)
+{
+    return qed_l2_cache_table(e);
+}
+
+static QEDCachedTableInfo info(QEDCachedTable *e)
+{
+    QEDCachedTableInfo i;
+
+    qed_l2_cache_table_info(e, &i);
+    return i;
+}
+
+static QEDL2CacheStats stats(QEDL2Cache *c)
+{
+    QEDL2CacheStats st;
+
+    qed_l2_cache_stats(c, &st);
+    return st;
+}
+
+/* Past the limit: what only a writeback or a user's unref can free */
+static uint64_t over_limit(QEDL2Cache *c)
+{
+    QEDL2CacheStats st = stats(c);
+
+    return st.resident > st.max ? st.resident - st.max : 0;
+}
+
+/*
+ * Sectors [first, first + n) of @e are written back, as a writeback pass
+ * does it: taken, with a reference held until done()
+ */
+static void written(QEDL2Cache *c, QEDCachedTable *e, unsigned int first,
+                    unsigned int n)
+{
+    qed_l2_cache_take_dirty(c, e, first, n);
+}
+
+/* The pass is over: settled, and its reference dropped */
+static void done(QEDL2Cache *c, QEDCachedTable *e)
+{
+    qed_l2_cache_settle(c, e);
+    qed_l2_cache_unref(c, e);
+}
+
 static uint64_t off(unsigned int i)
 {
     return (uint64_t)(i + 1) * TABLE_BYTES;
@@ -48,7 +94,7 @@ static QEDTable *load_unref(QEDL2Cache *c, unsigned int i,
                             unsigned long first, unsigned long n)
 {
     QEDCachedTable *e = load(c, i, first, n);
-    QEDTable *t = e->t.table;
+    QEDTable *t = tbl(e)->table;
 
     qed_l2_cache_unref(c, e);
     return t;
@@ -113,7 +159,7 @@ static void test_lru_order(void)
     load_unref(c, 1, 0, 1);
     t2 = load_unref(c, 2, 0, 1);
     t3 = load_unref(c, 3, 0, 1);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 4 * CHUNK);
 
     /* Most recent first: 3 2 1 0; a lookup of 1 makes it 1 3 2 0 */
     g_assert_true(cached(c, 1));
@@ -121,23 +167,23 @@ static void test_lru_order(void)
     /* A fifth table: 0 is the oldest but in use, so 2 goes */
     load_unref(c, 4, 0, 1);
     g_assert_false(mapped(t2));
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 4 * CHUNK);
     /* 4 1 3 0: the next one to go is 3, not 1 */
     load_unref(c, 5, 0, 1);
     g_assert_false(mapped(t3));
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 4 * CHUNK);
 
     g_assert_false(cached(c, 2));
     g_assert_false(cached(c, 3));
     g_assert_true(cached(c, 1));
     g_assert_true(cached(c, 4));
     g_assert_true(cached(c, 5));
-    g_assert_false(busy->dropped);
+    g_assert_false(info(busy).dropped);
     g_assert_true(qed_l2_cache_find(c, off(0)) == busy);
-    g_assert_cmpint(busy->ref, ==, 2);
+    g_assert_cmpint(info(busy).ref, ==, 2);
     qed_l2_cache_unref(c, busy);
     qed_l2_cache_unref(c, busy);
-    g_assert_cmpint(busy->ref, ==, 0);
+    g_assert_cmpint(info(busy).ref, ==, 0);
     qed_l2_cache_free(c);
 }
 
@@ -153,35 +199,35 @@ static void test_pin(void)
 
     e = load(c, 0, 0, 2);
     qed_l2_cache_mark_dirty(c, e, 3, 1);
-    g_assert_cmpint(e->ref, ==, 2);
+    g_assert_cmpint(info(e).ref, ==, 2);
     qed_l2_cache_unref(c, e);
-    g_assert_cmpint(e->ref, ==, 1);         /* the pin */
-    g_assert_true(e->on_dirty_list);
-    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 1);
+    g_assert_cmpint(info(e).ref, ==, 1);         /* the pin */
+    g_assert_true(info(e).pinned);
+    g_assert_cmpuint(stats(c).dirty_tables, ==, 1);
 
     /* Room for 2 chunks and 2 tables: each new table pushes one out */
     for (unsigned int i = 1; i <= 8; i++) {
         load_unref(c, i, 0, 1);
-        g_assert_cmpuint(qed_l2_cache_resident(c), <=, 2 * CHUNK);
+        g_assert_cmpuint(stats(c).resident, <=, 2 * CHUNK);
     }
     g_assert_false(cached(c, 7));
-    g_assert_false(e->dropped);
+    g_assert_false(info(e).dropped);
     g_assert_true(qed_l2_cache_find(c, off(0)) == e);
-    g_assert_cmpuint(e->t.ndirty, ==, 1);
-    g_assert_true(test_bit(3, e->t.dirty));
+    g_assert_cmpuint(tbl(e)->ndirty, ==, 1);
+    g_assert_true(test_bit(3, tbl(e)->dirty));
     qed_l2_cache_unref(c, e);
 
     /* Written back, but not settled yet: still pinned */
-    qed_l2_cache_clear_dirty(c, e, 3, 1);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 0);
-    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 1);
-    g_assert_cmpint(e->ref, ==, 1);
-    g_assert_true(e->on_dirty_list);
+    written(c, e, 3, 1);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 0);
+    g_assert_cmpuint(stats(c).dirty_tables, ==, 1);
+    g_assert_cmpint(info(e).ref, ==, 2);     /* the pin and the writer */
+    g_assert_true(info(e).pinned);
 
-    qed_l2_cache_settle(c, e);
-    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 0);
-    g_assert_false(e->on_dirty_list);
-    g_assert_cmpint(e->ref, ==, 0);
+    done(c, e);
+    g_assert_cmpuint(stats(c).dirty_tables, ==, 0);
+    g_assert_false(info(e).pinned);
+    g_assert_cmpint(info(e).ref, ==, 0);
 
     /* 0 (looked up last) and 8 are cached; two new tables push both out */
     load_unref(c, 9, 0, 1);
@@ -204,39 +250,39 @@ static void test_pressure(void)
     for (unsigned int i = 0; i < 40; i++) {
         QEDCachedTable *e = load(c, i, i % (NCHUNKS - 2), 3);
 
-        g_assert_cmpuint(e->nresident, ==, 3);
+        g_assert_cmpuint(info(e).nresident, ==, 3);
         qed_l2_cache_unref(c, e);
-        g_assert_cmpuint(qed_l2_cache_resident(c), <=, 8 * CHUNK);
-        g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, 0);
+        g_assert_cmpuint(stats(c).resident, <=, 8 * CHUNK);
+        g_assert_cmpuint(over_limit(c), ==, 0);
         /* The most recent table is the last to go */
         g_assert_true(cached(c, i));
     }
 
     /* A table in use with all its 16 chunks: everything else goes */
     big = load(c, 100, 0, NCHUNKS);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, NCHUNKS * CHUNK);
-    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, (NCHUNKS - 8) * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, NCHUNKS * CHUNK);
+    g_assert_cmpuint(over_limit(c), ==, (NCHUNKS - 8) * CHUNK);
     g_assert_false(cached(c, 39));
 
     /* A new table dirty in every sector, pinned once its user is done */
     d = qed_l2_cache_insert(c, off(101), true);
     qed_l2_cache_mark_dirty(c, d, 0, NSECTORS);
     qed_l2_cache_unref(c, d);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 2 * NCHUNKS * CHUNK);
-    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==,
+    g_assert_cmpuint(stats(c).resident, ==, 2 * NCHUNKS * CHUNK);
+    g_assert_cmpuint(over_limit(c), ==,
                      (2 * NCHUNKS - 8) * CHUNK);
 
     /* The big table unused: it goes; the dirty chunks stay */
     qed_l2_cache_unref(c, big);
     g_assert_false(cached(c, 100));
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, NCHUNKS * CHUNK);
-    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, (NCHUNKS - 8) * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, NCHUNKS * CHUNK);
+    g_assert_cmpuint(over_limit(c), ==, (NCHUNKS - 8) * CHUNK);
 
     /* Written back and settled: nothing holds it, it goes whole */
-    qed_l2_cache_clear_dirty(c, d, 0, NSECTORS);
-    qed_l2_cache_settle(c, d);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
-    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, 0);
+    written(c, d, 0, NSECTORS);
+    done(c, d);
+    g_assert_cmpuint(stats(c).resident, ==, 0);
+    g_assert_cmpuint(over_limit(c), ==, 0);
     g_assert_false(cached(c, 101));
     qed_l2_cache_free(c);
 }
@@ -253,56 +299,56 @@ static void test_chunks(void)
     QEDCachedTable *e, *f;
 
     e = qed_l2_cache_insert(c, off(0), false);
-    g_assert_false(e->fresh);
-    g_assert_cmpuint(find_first_bit(e->t.loaded, NCHUNKS), ==, NCHUNKS);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+    g_assert_false(info(e).fresh);
+    g_assert_cmpuint(find_first_bit(tbl(e)->loaded, NCHUNKS), ==, NCHUNKS);
+    g_assert_cmpuint(stats(c).resident, ==, 0);
 
     qed_l2_cache_loaded(c, e, 2, 3);
-    g_assert_cmpuint(find_first_bit(e->t.loaded, NCHUNKS), ==, 2);
-    g_assert_cmpuint(find_next_zero_bit(e->t.loaded, NCHUNKS, 2), ==, 5);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 3 * CHUNK);
+    g_assert_cmpuint(find_first_bit(tbl(e)->loaded, NCHUNKS), ==, 2);
+    g_assert_cmpuint(find_next_zero_bit(tbl(e)->loaded, NCHUNKS, 2), ==, 5);
+    g_assert_cmpuint(stats(c).resident, ==, 3 * CHUNK);
 
     /* Again: counted once */
     qed_l2_cache_loaded(c, e, 3, 1);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 3 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 3 * CHUNK);
     /* Overlapping: only chunk 5 is new */
     qed_l2_cache_loaded(c, e, 4, 2);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 4 * CHUNK);
     qed_l2_cache_loaded(c, e, NCHUNKS - 1, 1);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 5 * CHUNK);
-    g_assert_cmpuint(e->nresident, ==, 5);
-    g_assert_true(test_bit(NCHUNKS - 1, e->t.loaded));
-    g_assert_false(test_bit(NCHUNKS - 2, e->t.loaded));
+    g_assert_cmpuint(stats(c).resident, ==, 5 * CHUNK);
+    g_assert_cmpuint(info(e).nresident, ==, 5);
+    g_assert_true(test_bit(NCHUNKS - 1, tbl(e)->loaded));
+    g_assert_false(test_bit(NCHUNKS - 2, tbl(e)->loaded));
 
     /* Sector 9 lies in chunk 1 of the read table; sector 10 too */
     qed_l2_cache_mark_dirty(c, e, 9, 1);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 6 * CHUNK);
-    g_assert_true(test_bit(1, e->resident));
+    g_assert_cmpuint(stats(c).resident, ==, 6 * CHUNK);
+    g_assert_true(test_bit(1, info(e).resident));
     qed_l2_cache_mark_dirty(c, e, 10, 1);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 6 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 6 * CHUNK);
     /* Sectors 7 and 8 straddle chunks 0 and 1 */
     qed_l2_cache_mark_dirty(c, e, SECTORS_PER_CHUNK - 1, 2);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 7 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 7 * CHUNK);
     /* Sectors 40..56: chunks 5, 6 and 7 (5 was loaded already) */
     qed_l2_cache_mark_dirty(c, e, 5 * SECTORS_PER_CHUNK,
                             2 * SECTORS_PER_CHUNK + 1);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 9 * CHUNK);
-    g_assert_cmpuint(e->nresident, ==, 9);
-    g_assert_false(test_bit(8, e->resident));
+    g_assert_cmpuint(stats(c).resident, ==, 9 * CHUNK);
+    g_assert_cmpuint(info(e).nresident, ==, 9);
+    g_assert_false(test_bit(8, info(e).resident));
 
     f = qed_l2_cache_insert(c, off(1), true);
-    g_assert_true(f->fresh);
-    g_assert_cmpuint(find_first_zero_bit(f->t.loaded, NCHUNKS), ==, NCHUNKS);
-    g_assert_cmpuint(f->nresident, ==, NCHUNKS);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, (9 + NCHUNKS) * CHUNK);
+    g_assert_true(info(f).fresh);
+    g_assert_cmpuint(find_first_zero_bit(tbl(f)->loaded, NCHUNKS), ==, NCHUNKS);
+    g_assert_cmpuint(info(f).nresident, ==, NCHUNKS);
+    g_assert_cmpuint(stats(c).resident, ==, (9 + NCHUNKS) * CHUNK);
     /* Dirty sectors of a fresh table add nothing */
     qed_l2_cache_mark_dirty(c, f, 0, NSECTORS);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, (9 + NCHUNKS) * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, (9 + NCHUNKS) * CHUNK);
 
     /* Inserting a table the cache has returns that entry */
     g_assert_true(qed_l2_cache_insert(c, off(1), false) == f);
-    g_assert_true(f->fresh);
-    g_assert_cmpint(f->ref, ==, 3);     /* two users and the pin */
+    g_assert_true(info(f).fresh);
+    g_assert_cmpint(info(f).ref, ==, 3);     /* two users and the pin */
     qed_l2_cache_unref(c, f);
 
     qed_l2_cache_unref(c, f);
@@ -330,7 +376,7 @@ static void test_release_clean(void)
     }
     c = qed_l2_cache_new(16 * CHUNK, TABLE_BYTES);
     p = qed_l2_cache_insert(c, off(0), false);
-    ent = p->t.table->offsets;
+    ent = tbl(p)->table->offsets;
     /* As if chunks 0-3 were read from disk */
     for (unsigned int i = 0; i < 4 * ENTRIES_PER_CHUNK; i++) {
         ent[i] = (i + 1) * 0x10000ULL;
@@ -342,23 +388,23 @@ static void test_release_clean(void)
 
     /* In use: nothing is given back */
     qed_l2_cache_set_max(c, 2 * CHUNK);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
-    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, 2 * CHUNK);
-    g_assert_cmpuint(find_first_zero_bit(p->t.loaded, NCHUNKS), ==, 4);
+    g_assert_cmpuint(stats(c).resident, ==, 4 * CHUNK);
+    g_assert_cmpuint(over_limit(c), ==, 2 * CHUNK);
+    g_assert_cmpuint(find_first_zero_bit(tbl(p)->loaded, NCHUNKS), ==, 4);
 
     /* Only the pin left: the clean chunks 0, 2 and 3 go */
     qed_l2_cache_unref(c, p);
-    g_assert_cmpint(p->ref, ==, 1);
-    g_assert_false(p->dropped);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, CHUNK);
-    g_assert_cmpuint(qed_l2_cache_over_limit(c), ==, 0);
-    g_assert_cmpuint(p->nresident, ==, 1);
-    g_assert_true(test_bit(1, p->t.loaded));
-    g_assert_true(test_bit(1, p->resident));
+    g_assert_cmpint(info(p).ref, ==, 1);
+    g_assert_false(info(p).dropped);
+    g_assert_cmpuint(stats(c).resident, ==, CHUNK);
+    g_assert_cmpuint(over_limit(c), ==, 0);
+    g_assert_cmpuint(info(p).nresident, ==, 1);
+    g_assert_true(test_bit(1, tbl(p)->loaded));
+    g_assert_true(test_bit(1, info(p).resident));
     for (unsigned int i = 0; i < 4; i++) {
         if (i != 1) {
-            g_assert_false(test_bit(i, p->t.loaded));
-            g_assert_false(test_bit(i, p->resident));
+            g_assert_false(test_bit(i, tbl(p)->loaded));
+            g_assert_false(test_bit(i, info(p).resident));
         }
     }
     /* The host has the memory back (asked before reading it again) */
@@ -379,9 +425,9 @@ static void test_release_clean(void)
     g_assert_true(qed_l2_cache_find(c, off(0)) == p);
     qed_l2_cache_unref(c, p);
 
-    qed_l2_cache_clear_dirty(c, p, 0, NSECTORS);
-    qed_l2_cache_settle(c, p);
-    g_assert_cmpint(p->ref, ==, 0);
+    written(c, p, 0, NSECTORS);
+    done(c, p);
+    g_assert_cmpint(info(p).ref, ==, 0);
     qed_l2_cache_free(c);
 }
 
@@ -397,38 +443,41 @@ static void test_dirty_merge_clear(void)
     QEDCachedTable *f = qed_l2_cache_insert(c, off(1), true);
 
     qed_l2_cache_mark_dirty(c, e, 0, 10);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 10);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 10);
     qed_l2_cache_mark_dirty(c, e, 5, 10);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 15);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 15);
     qed_l2_cache_mark_dirty(c, e, 0, 15);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 15);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 15);
     qed_l2_cache_mark_dirty(c, e, 100, 4);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 19);
-    g_assert_cmpuint(e->t.ndirty, ==, 19);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 19);
+    g_assert_cmpuint(tbl(e)->ndirty, ==, 19);
     qed_l2_cache_mark_dirty(c, f, 0, 3);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 22);
-    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 2);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 22);
+    g_assert_cmpuint(stats(c).dirty_tables, ==, 2);
 
     /* 8..27: of those, 8..14 are dirty */
-    qed_l2_cache_clear_dirty(c, e, 8, 20);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 15);
-    g_assert_cmpuint(e->t.ndirty, ==, 12);
-    qed_l2_cache_clear_dirty(c, e, 8, 20);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 15);
+    written(c, e, 8, 20);
+    done(c, e);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 15);
+    g_assert_cmpuint(tbl(e)->ndirty, ==, 12);
+    written(c, e, 8, 20);
+    done(c, e);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 15);
     /* 102..127: 102 and 103 */
-    qed_l2_cache_clear_dirty(c, e, 102, NSECTORS - 102);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 13);
-    g_assert_cmpuint(e->t.ndirty, ==, 10);
-    g_assert_true(test_bit(7, e->t.dirty));
-    g_assert_false(test_bit(8, e->t.dirty));
-    g_assert_true(test_bit(101, e->t.dirty));
-    g_assert_false(test_bit(102, e->t.dirty));
-    g_assert_cmpuint(f->t.ndirty, ==, 3);
+    written(c, e, 102, NSECTORS - 102);
+    done(c, e);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 13);
+    g_assert_cmpuint(tbl(e)->ndirty, ==, 10);
+    g_assert_true(test_bit(7, tbl(e)->dirty));
+    g_assert_false(test_bit(8, tbl(e)->dirty));
+    g_assert_true(test_bit(101, tbl(e)->dirty));
+    g_assert_false(test_bit(102, tbl(e)->dirty));
+    g_assert_cmpuint(tbl(f)->ndirty, ==, 3);
 
     qed_l2_cache_unref(c, e);
     qed_l2_cache_unref(c, f);
     g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 2);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 0);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 0);
     qed_l2_cache_free(c);
 }
 
@@ -490,23 +539,23 @@ static void test_dirty_tables(void)
     g_assert_true(g_ptr_array_index(arr, 0) == b);
     g_assert_true(g_ptr_array_index(arr, 1) == a);
     g_assert_true(g_ptr_array_index(arr, 2) == d);
-    g_assert_cmpint(a->ref, ==, 2);
-    g_assert_cmpint(b->ref, ==, 2);
-    g_assert_cmpint(d->ref, ==, 2);
-    g_assert_cmpint(clean->ref, ==, 0);
+    g_assert_cmpint(info(a).ref, ==, 2);
+    g_assert_cmpint(info(b).ref, ==, 2);
+    g_assert_cmpint(info(d).ref, ==, 2);
+    g_assert_cmpint(info(clean).ref, ==, 0);
 
     /* a written back and settled: unpinned, alive through the list */
-    qed_l2_cache_clear_dirty(c, a, 5, 1);
-    qed_l2_cache_settle(c, a);
-    g_assert_cmpint(a->ref, ==, 1);
-    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 2);
+    written(c, a, 5, 1);
+    done(c, a);
+    g_assert_cmpint(info(a).ref, ==, 1);
+    g_assert_cmpuint(stats(c).dirty_tables, ==, 2);
     for (unsigned int i = 0; i < arr->len; i++) {
         qed_l2_cache_unref(c, g_ptr_array_index(arr, i));
     }
     g_ptr_array_free(arr, true);
-    g_assert_cmpint(a->ref, ==, 0);
-    g_assert_cmpint(b->ref, ==, 1);
-    g_assert_cmpint(d->ref, ==, 1);
+    g_assert_cmpint(info(a).ref, ==, 0);
+    g_assert_cmpint(info(b).ref, ==, 1);
+    g_assert_cmpint(info(d).ref, ==, 1);
 
     arr = qed_l2_cache_dirty_tables(c);
     g_assert_cmpuint(arr->len, ==, 2);
@@ -540,21 +589,24 @@ static void test_forget_dirty(void)
     qed_l2_cache_mark_dirty(c, e[1], 8, 1);
     qed_l2_cache_mark_dirty(c, e[2], 16, 1);
     /* e[2] written back but not settled: pinned, with nothing to lose */
-    qed_l2_cache_clear_dirty(c, e[2], 16, 1);
+    written(c, e[2], 16, 1);
     for (unsigned int i = 0; i < 3; i++) {
         qed_l2_cache_unref(c, e[i]);
     }
-    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 3);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 5);
+    g_assert_cmpuint(stats(c).dirty_tables, ==, 3);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 5);
 
     g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 2);
-    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 0);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 0);
+    g_assert_cmpuint(stats(c).dirty_tables, ==, 0);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 0);
+    /* The writer of e[2] lets go */
+    g_assert_cmpint(info(e[2]).ref, ==, 1);
+    qed_l2_cache_unref(c, e[2]);
     for (unsigned int i = 0; i < 3; i++) {
-        g_assert_cmpint(e[i]->ref, ==, 0);
-        g_assert_false(e[i]->on_dirty_list);
-        g_assert_cmpuint(e[i]->t.ndirty, ==, 0);
-        g_assert_cmpuint(find_first_bit(e[i]->t.dirty, NSECTORS), ==,
+        g_assert_cmpint(info(e[i]).ref, ==, 0);
+        g_assert_false(info(e[i]).pinned);
+        g_assert_cmpuint(tbl(e[i])->ndirty, ==, 0);
+        g_assert_cmpuint(find_first_bit(tbl(e[i])->dirty, NSECTORS), ==,
                          NSECTORS);
         g_assert_true(cached(c, i));
     }
@@ -575,48 +627,48 @@ static void test_drop(void)
     a = load(c, 0, 0, 2);
     qed_l2_cache_mark_dirty(c, a, 0, SECTORS_PER_CHUNK);
     qed_l2_cache_mark_dirty(c, a, 3 * SECTORS_PER_CHUNK, 1);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 3 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 3 * CHUNK);
     qed_l2_cache_unref(c, a);
-    ta = a->t.table;
+    ta = tbl(a)->table;
 
     qed_l2_cache_drop(c, off(0));
     g_assert_false(mapped(ta));
-    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 0);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 0);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+    g_assert_cmpuint(stats(c).dirty_tables, ==, 0);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 0);
+    g_assert_cmpuint(stats(c).resident, ==, 0);
     g_assert_false(cached(c, 0));
     /* Dropping what is not cached changes nothing */
     qed_l2_cache_drop(c, off(0));
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+    g_assert_cmpuint(stats(c).resident, ==, 0);
 
     /* Dirty and in use */
     b = load(c, 1, 0, 1);
-    b->t.table->offsets[0] = 42;
+    tbl(b)->table->offsets[0] = 42;
     qed_l2_cache_mark_dirty(c, b, 0, 1);
-    g_assert_cmpint(b->ref, ==, 2);
+    g_assert_cmpint(info(b).ref, ==, 2);
     qed_l2_cache_drop(c, off(1));
-    g_assert_true(b->dropped);
-    g_assert_false(b->on_dirty_list);
-    g_assert_cmpint(b->ref, ==, 1);
-    g_assert_cmpuint(qed_l2_cache_dirty_count(c), ==, 0);
-    g_assert_cmpuint(qed_l2_cache_dirty_sectors(c), ==, 0);
+    g_assert_true(info(b).dropped);
+    g_assert_false(info(b).pinned);
+    g_assert_cmpint(info(b).ref, ==, 1);
+    g_assert_cmpuint(stats(c).dirty_tables, ==, 0);
+    g_assert_cmpuint(stats(c).dirty_sectors, ==, 0);
     /* Its memory is still there, and counts, until its user lets go */
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, CHUNK);
     g_assert_null(qed_l2_cache_find(c, off(1)));
     /* Its user still reads it */
-    g_assert_cmphex(b->t.table->offsets[0], ==, 42);
+    g_assert_cmphex(tbl(b)->table->offsets[0], ==, 42);
 
     /* The offset may be cached anew meanwhile: another entry */
     n = qed_l2_cache_insert(c, off(1), false);
     g_assert_true(n != b);
-    g_assert_cmpuint(find_first_bit(n->t.loaded, NCHUNKS), ==, NCHUNKS);
+    g_assert_cmpuint(find_first_bit(tbl(n)->loaded, NCHUNKS), ==, NCHUNKS);
     qed_l2_cache_unref(c, n);
 
-    tb = b->t.table;
+    tb = tbl(b)->table;
     g_assert_true(mapped(tb));
     qed_l2_cache_unref(c, b);
     g_assert_false(mapped(tb));
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+    g_assert_cmpuint(stats(c).resident, ==, 0);
     qed_l2_cache_free(c);
 }
 
@@ -629,12 +681,12 @@ static void test_set_max(void)
     for (unsigned int i = 0; i < 8; i++) {
         t[i] = load_unref(c, i, 2 * i % NCHUNKS, 2);
     }
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 16 * CHUNK);
-    g_assert_cmpuint(qed_l2_cache_max(c), ==, 16 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 16 * CHUNK);
+    g_assert_cmpuint(stats(c).max, ==, 16 * CHUNK);
 
     qed_l2_cache_set_max(c, 4 * CHUNK);
-    g_assert_cmpuint(qed_l2_cache_max(c), ==, 4 * CHUNK);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 4 * CHUNK);
+    g_assert_cmpuint(stats(c).max, ==, 4 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 4 * CHUNK);
     for (unsigned int i = 0; i < 8; i++) {
         g_assert_true(mapped(t[i]) == (i >= 6));
     }
@@ -643,13 +695,13 @@ static void test_set_max(void)
 
     /* Never below one chunk */
     qed_l2_cache_set_max(c, 0);
-    g_assert_cmpuint(qed_l2_cache_max(c), ==, CHUNK);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 0);
+    g_assert_cmpuint(stats(c).max, ==, CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 0);
     g_assert_false(mapped(t[6]));
     g_assert_false(mapped(t[7]));
 
     qed_l2_cache_set_max(c, 1 * GiB);
-    g_assert_cmpuint(qed_l2_cache_max(c), ==, 1 * GiB);
+    g_assert_cmpuint(stats(c).max, ==, 1 * GiB);
     qed_l2_cache_free(c);
 }
 
@@ -664,23 +716,23 @@ static void test_free(void)
     t[1] = load_unref(c, 1, 5, 2);
     /* fresh, never touched */
     e = qed_l2_cache_insert(c, off(2), true);
-    t[2] = e->t.table;
+    t[2] = tbl(e)->table;
     qed_l2_cache_unref(c, e);
     /* dirty, then written back and settled */
     e = qed_l2_cache_insert(c, off(3), true);
-    t[3] = e->t.table;
+    t[3] = tbl(e)->table;
     qed_l2_cache_mark_dirty(c, e, 0, 1);
-    qed_l2_cache_clear_dirty(c, e, 0, 1);
-    qed_l2_cache_settle(c, e);
+    written(c, e, 0, 1);
+    done(c, e);
     qed_l2_cache_unref(c, e);
     /* dirty, forgotten */
     e = load(c, 4, 0, 1);
-    t[4] = e->t.table;
+    t[4] = tbl(e)->table;
     qed_l2_cache_mark_dirty(c, e, 0, 1);
     qed_l2_cache_unref(c, e);
     g_assert_cmpuint(qed_l2_cache_forget_dirty(c), ==, 1);
     /* 2 + 2 read, two fresh tables whole, 1 read */
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, (5 + 2 * NCHUNKS) * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, (5 + 2 * NCHUNKS) * CHUNK);
 
     for (unsigned int i = 0; i < 5; i++) {
         g_assert_true(mapped(t[i]));
@@ -718,11 +770,11 @@ static uint64_t core_bytes(QEDTable *t)
 static uint64_t read_loaded(QEDCachedTable *e)
 {
     /* volatile: touching the pages is the point; no read may be dropped */
-    volatile uint64_t *ent = e->t.table->offsets;
+    volatile uint64_t *ent = tbl(e)->table->offsets;
     uint64_t sum = 0;
 
-    for (unsigned long c = find_first_bit(e->t.loaded, NCHUNKS); c < NCHUNKS;
-         c = find_next_bit(e->t.loaded, NCHUNKS, c + 1)) {
+    for (unsigned long c = find_first_bit(tbl(e)->loaded, NCHUNKS); c < NCHUNKS;
+         c = find_next_bit(tbl(e)->loaded, NCHUNKS, c + 1)) {
         for (unsigned int i = 0; i < ENTRIES_PER_CHUNK; i++) {
             sum += ent[c * ENTRIES_PER_CHUNK + i];
         }
@@ -749,8 +801,8 @@ static void test_resident_fresh(void)
     f = qed_l2_cache_insert(c, off(0), true);
     qed_l2_cache_mark_dirty(c, f, 0, 1);
     read_loaded(f);
-    g_assert_cmpuint(core_bytes(f->t.table), ==, TABLE_BYTES);
-    g_assert_cmpuint(core_bytes(f->t.table), <=, qed_l2_cache_resident(c));
+    g_assert_cmpuint(core_bytes(tbl(f)->table), ==, TABLE_BYTES);
+    g_assert_cmpuint(core_bytes(tbl(f)->table), <=, stats(c).resident);
     qed_l2_cache_unref(c, f);
     qed_l2_cache_forget_dirty(c);
     qed_l2_cache_free(c);
@@ -818,12 +870,12 @@ static void test_resident_model(void)
             if (!e) {
                 e = qed_l2_cache_insert(c, off(i), false);
             }
-            g_hash_table_add(seen, e->t.table);
+            g_hash_table_add(seen, tbl(e)->table);
             for (ch = first; ch < first + n; ch++) {
-                if (!test_bit(ch, e->t.loaded)) {
+                if (!test_bit(ch, tbl(e)->loaded)) {
                     /* As a read from disk would */
                     for (unsigned int k = 0; k < ENTRIES_PER_CHUNK; k++) {
-                        e->t.table->offsets[ch * ENTRIES_PER_CHUNK + k] =
+                        tbl(e)->table->offsets[ch * ENTRIES_PER_CHUNK + k] =
                             (i + 1) * 0x100000ULL + ch;
                     }
                     qed_l2_cache_loaded(c, e, ch, 1);
@@ -841,9 +893,9 @@ static void test_resident_model(void)
 
             made[i] = true;
             e = qed_l2_cache_insert(c, off(i), true);
-            g_hash_table_add(seen, e->t.table);
+            g_hash_table_add(seen, tbl(e)->table);
             qed_l2_cache_mark_dirty(c, e, 0, 1);
-            e->t.table->offsets[k] = 0x10000ULL * (k + 1);
+            tbl(e)->table->offsets[k] = 0x10000ULL * (k + 1);
             qed_l2_cache_mark_dirty(c, e, k / QED_ENTRIES_PER_SECTOR, 1);
             qed_l2_cache_unref(c, e);
         } else if (op < 70 && held->len > 0) {
@@ -852,12 +904,12 @@ static void test_resident_model(void)
             unsigned long ch;
 
             e = g_ptr_array_index(held, h);
-            ch = find_first_bit(e->t.loaded, NCHUNKS);
-            if (ch < NCHUNKS && !e->dropped) {
+            ch = find_first_bit(tbl(e)->loaded, NCHUNKS);
+            if (ch < NCHUNKS && !info(e).dropped) {
                 unsigned int k = ch * ENTRIES_PER_CHUNK +
                                  g_rand_int_range(r, 0, ENTRIES_PER_CHUNK);
 
-                e->t.table->offsets[k]++;
+                tbl(e)->table->offsets[k]++;
                 qed_l2_cache_mark_dirty(c, e, k / QED_ENTRIES_PER_SECTOR, 1);
             }
         } else if (op < 80) {
@@ -866,20 +918,20 @@ static void test_resident_model(void)
 
             for (unsigned int j = 0; j < arr->len; j++) {
                 e = g_ptr_array_index(arr, j);
-                for (unsigned long sec = find_first_bit(e->t.dirty, NSECTORS);
+                for (unsigned long sec = find_first_bit(tbl(e)->dirty, NSECTORS);
                      sec < NSECTORS;
-                     sec = find_next_bit(e->t.dirty, NSECTORS, sec + 1)) {
+                     sec = find_next_bit(tbl(e)->dirty, NSECTORS, sec + 1)) {
                     /* volatile: the read must touch the page */
                     volatile uint64_t *p =
-                        &e->t.table->offsets[sec * QED_ENTRIES_PER_SECTOR];
+                        &tbl(e)->table->offsets[sec * QED_ENTRIES_PER_SECTOR];
 
                     (void)*p;
                 }
                 read_loaded(e);     /* runs joined across loaded gaps */
-                qed_l2_cache_clear_dirty(c, e, 0, NSECTORS);
+                written(c, e, 0, NSECTORS);
             }
             for (unsigned int j = 0; j < arr->len; j++) {
-                qed_l2_cache_settle(c, g_ptr_array_index(arr, j));
+                done(c, g_ptr_array_index(arr, j));
             }
             for (unsigned int j = 0; j < arr->len; j++) {
                 qed_l2_cache_unref(c, g_ptr_array_index(arr, j));
@@ -900,17 +952,17 @@ static void test_resident_model(void)
             qed_l2_cache_drop(c, off(i));
         }
 
-        g_assert_cmpuint(core_total(seen), <=, qed_l2_cache_resident(c));
-        if (held->len == 0 && qed_l2_cache_dirty_count(c) == 0) {
-            g_assert_cmpuint(qed_l2_cache_resident(c), <=, max);
+        g_assert_cmpuint(core_total(seen), <=, stats(c).resident);
+        if (held->len == 0 && stats(c).dirty_tables == 0) {
+            g_assert_cmpuint(stats(c).resident, <=, max);
         }
     }
     for (unsigned int h = 0; h < held->len; h++) {
         qed_l2_cache_unref(c, g_ptr_array_index(held, h));
     }
     qed_l2_cache_forget_dirty(c);
-    g_assert_cmpuint(qed_l2_cache_resident(c), <=, max);
-    g_assert_cmpuint(core_total(seen), <=, qed_l2_cache_resident(c));
+    g_assert_cmpuint(stats(c).resident, <=, max);
+    g_assert_cmpuint(core_total(seen), <=, stats(c).resident);
     qed_l2_cache_free(c);
     g_assert_cmpuint(core_total(seen), ==, 0);
 }
@@ -929,15 +981,15 @@ static void test_clean_unused(void)
     t0 = load_unref(c, 0, 0, 2);
     t1 = load_unref(c, 1, 0, 2);
     busy = load(c, 2, 0, 2);
-    t2 = busy->t.table;
+    t2 = tbl(busy)->table;
     pinned = load(c, 3, 0, 4);
     qed_l2_cache_mark_dirty(c, pinned, SECTORS_PER_CHUNK, 1);
     qed_l2_cache_unref(c, pinned);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 10 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 10 * CHUNK);
 
     /* Everything was used since the start: nothing goes */
     g_assert_cmpuint(qed_l2_cache_clean_unused(c), ==, 0);
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, 10 * CHUNK);
+    g_assert_cmpuint(stats(c).resident, ==, 10 * CHUNK);
 
     /* Table 1 is looked up again; the others are not */
     g_assert_true(cached(c, 1));
@@ -946,10 +998,10 @@ static void test_clean_unused(void)
     g_assert_false(mapped(t0));
     g_assert_true(mapped(t1));
     g_assert_true(mapped(t2));
-    g_assert_false(busy->dropped);
-    g_assert_cmpuint(pinned->nresident, ==, 1);
-    g_assert_true(test_bit(1, pinned->resident));
-    g_assert_cmpuint(qed_l2_cache_resident(c), ==, (2 + 2 + 1) * CHUNK);
+    g_assert_false(info(busy).dropped);
+    g_assert_cmpuint(info(pinned).nresident, ==, 1);
+    g_assert_true(test_bit(1, info(pinned).resident));
+    g_assert_cmpuint(stats(c).resident, ==, (2 + 2 + 1) * CHUNK);
 
     /* Next time table 1 goes too */
     g_assert_cmpuint(qed_l2_cache_clean_unused(c), ==, 2 * CHUNK);
