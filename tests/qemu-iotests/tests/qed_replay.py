@@ -512,9 +512,11 @@ def parse_log(path: str) -> Tuple[List[tuple], bytes]:
     return entries, data
 
 
-class Recorder:
-    def __init__(self, bins: Dict[str, str], workdir: str, fastdir: str,
-                 aio: Optional[str] = None):
+class RecorderBase:
+    """What both recorders share: the binaries, the folders, and a backing
+    file only where the workload has one"""
+
+    def __init__(self, bins: Dict[str, str], workdir: str, fastdir: str):
         self.bins = bins
         self.workdir = workdir
         # The image and the log live in memory (tmpfs) while recording:
@@ -522,11 +524,22 @@ class Recorder:
         # them (see "Limits" above).  O_DIRECT (--aio) needs a disk file
         # system for the image.
         self.fastdir = fastdir
-        self.aio = aio
 
     def make_backing(self, wl: Workload) -> str:
-        if wl.backing == 'none':
-            return ''
+        """The backing file of WL ('' for none)"""
+        return '' if wl.backing == 'none' else self.write_backing(wl)
+
+    def write_backing(self, wl: Workload) -> str:
+        raise NotImplementedError
+
+
+class Recorder(RecorderBase):
+    def __init__(self, bins: Dict[str, str], workdir: str, fastdir: str,
+                 aio: Optional[str] = None):
+        super().__init__(bins, workdir, fastdir)
+        self.aio = aio
+
+    def write_backing(self, wl: Workload) -> str:
         raw = os.path.join(self.workdir, f'back-{wl.cluster // KiB}k.raw')
         if not os.path.exists(raw):
             with open(raw + '.tmp', 'wb') as f:
@@ -816,20 +829,17 @@ TRACE_MOVE_RE = re.compile(r'qed_compact_move .* (0x[0-9a-f]+) -> '
                            r'(0x[0-9a-f]+) clusters (\d+) table (\d)')
 
 
-class RepairRecorder:
+class RepairRecorder(RecorderBase):
     def __init__(self, bins: Dict[str, str], workdir: str, fastdir: str,
                  seed: int, torn: bool, drop_flushes: bool):
-        self.bins = bins
-        self.workdir = workdir
-        self.fastdir = fastdir
+        super().__init__(bins, workdir, fastdir)
         self.seed = seed
         self.torn = torn
         self.drop_flushes = drop_flushes
 
-    def make_backing(self, wl: RepairWorkload) -> str:
+    def write_backing(self, wl: Workload) -> str:
         """Random data in the first 8 clusters of each table's range"""
-        if wl.backing == 'none':
-            return ''
+        assert isinstance(wl, RepairWorkload)
         raw = os.path.join(self.workdir, f'{wl.name}-back.raw')
         rng = random.Random(f'{self.seed}-{wl.name}-back')
         with open(raw, 'wb') as f:
