@@ -8,7 +8,8 @@ set -euo pipefail
 TOP=$1
 f=block/trace-events
 new=$(mktemp)
-sed -e '/^# qed[-a-z0-9]*\.c$/d' -e '/^qed_/d' "$f" |
+# (our section headers may name several files: "# qed-check.c, qed-compact.c")
+sed -E -e '/^# qed[-a-z0-9]*\.c(, qed[-a-z0-9]*\.c)*$/d' -e '/^qed_/d' "$f" |
     sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' > "$new"
 cat "$TOP/patches/qed-trace-events" >> "$new"
 if cmp -s "$new" "$f"; then
