@@ -531,9 +531,10 @@ uint64_t qed_screen_skip(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
 /*
  * Make entries [first, end) of @e hold what the disk holds, reading the
  * chunks that are not in memory yet (adjacent ones in one request).  The
- * caller holds the table's chunk lock.  Entries change (and become dirty) only in loaded
- * chunks, so a chunk read from disk never overwrites a change, and a
- * writeback never writes a sector of a chunk that is being read.
+ * caller holds the table's chunk lock.  Entries change (and become dirty)
+ * only in loaded chunks, so a chunk read from disk never overwrites a
+ * change, and a writeback never writes a sector of a chunk that is being
+ * read.
  */
 static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
                                            QEDCachedTable *e,

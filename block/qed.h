@@ -254,8 +254,10 @@ typedef struct BDRVQEDState {
     bool length_unsure;
     /* Failed writes may have left bytes below this (qed_reserve) */
     uint64_t garbage_end;
-    /* l2_gen of the last entries set over such space, and of the start
-     * of the last writeback flush that succeeded (qed_wb_write_l2) */
+    /*
+     * l2_gen of the last entries set over such space, and of the start
+     * of the last writeback flush that succeeded (qed_wb_write_l2)
+     */
     uint64_t reuse_gen;
     uint64_t wb_flushed_gen;
     /*

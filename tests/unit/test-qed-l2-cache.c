@@ -917,10 +917,13 @@ static void test_resident_model(void)
             GPtrArray *arr = qed_l2_cache_dirty_tables(c);
 
             for (unsigned int j = 0; j < arr->len; j++) {
+                unsigned long *dirty;
+
                 e = g_ptr_array_index(arr, j);
-                for (unsigned long sec = find_first_bit(tbl(e)->dirty, NSECTORS);
+                dirty = tbl(e)->dirty;
+                for (unsigned long sec = find_first_bit(dirty, NSECTORS);
                      sec < NSECTORS;
-                     sec = find_next_bit(tbl(e)->dirty, NSECTORS, sec + 1)) {
+                     sec = find_next_bit(dirty, NSECTORS, sec + 1)) {
                     /* volatile: the read must touch the page */
                     volatile uint64_t *p =
                         &tbl(e)->table->offsets[sec * QED_ENTRIES_PER_SECTOR];
