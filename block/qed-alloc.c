@@ -298,10 +298,13 @@ void coroutine_fn qed_wait_resize(BDRVQEDState *s, uint64_t end)
 
 /*
  * Every change of the file's length goes through here, one at a time; see
- * qed_wait_resize() for how they are ordered with writes.
+ * qed_wait_resize() for how they are ordered with writes.  A grow
+ * allocates the new blocks (fallocate) while the protocol can: see
+ * qed_grow_file() for why.
  */
 int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size)
 {
+    PreallocMode mode;
     int ret;
 
     while (s->resizing) {
@@ -309,24 +312,68 @@ int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size)
     }
     s->resizing = true;
     s->resize_target = size;
-    ret = bdrv_co_truncate(s->bs->file, size, false, PREALLOC_MODE_OFF, 0,
-                           NULL);
-    trace_qed_resize_file(s, s->file_size, size, ret);
+    mode = size > s->file_size && s->grow_falloc ? PREALLOC_MODE_FALLOC :
+                                                   PREALLOC_MODE_OFF;
+    ret = bdrv_co_truncate(s->bs->file, size, false, mode, 0, NULL);
+    trace_qed_resize_file(s, s->file_size, size, mode == PREALLOC_MODE_FALLOC,
+                          ret);
     if (ret == 0) {
+        if (size < s->file_size) {
+            /* Cut to what is used: the next grow may go ahead again */
+            s->grow_tight = false;
+        }
         s->file_size = size;
+    } else if (mode == PREALLOC_MODE_FALLOC && ret != -ENOSPC &&
+               ret != -EDQUOT && ret != -EFBIG) {
+        /*
+         * Not an allocating grow on this protocol (EOPNOTSUPP, EINVAL for
+         * glibc's emulation on O_DIRECT, ENOTSUP for network protocols):
+         * sparse growth from now on, and this size change again so
+         */
+        s->grow_falloc = false;
+        ret = bdrv_co_truncate(s->bs->file, size, false, PREALLOC_MODE_OFF, 0,
+                               NULL);
+        trace_qed_resize_file(s, s->file_size, size, false, ret);
+        if (ret == 0) {
+            s->file_size = size;
+        }
     }
     s->resizing = false;
     qemu_co_queue_restart_all(&s->resize_waiters);
     return ret;
 }
 
+static bool qed_no_room(int ret)
+{
+    return ret == -ENOSPC || ret == -EDQUOT || ret == -EFBIG;
+}
+
 /*
- * Grow the file ahead of allocation, in large steps: writes that extend a
- * file are slow (with O_DIRECT and native AIO they even block submission),
- * writes into its sparse tail are not.  The new size reaches the disk with
- * the flush that precedes table writes (images with a backing file), or
- * the check repairs what a crash leaves (NEED_CHECK): a crash never leaves
- * an entry past the end of the file unrepaired.
+ * Give the file a length of at least @end, the end of space that the
+ * caller reserved: returns 0 once the file holds it (or when the file
+ * cannot be grown at all, and the caller's write extends it), or
+ * -ENOSPC (-EDQUOT, -EFBIG) when there is no room for it.
+ *
+ * The file grows ahead of allocation, in large steps: writes that extend
+ * a file are slow (with O_DIRECT and native AIO they even block
+ * submission), writes into space it already has are not.  The new size
+ * reaches the disk with the flush that precedes table writes (images with
+ * a backing file), or the check repairs what a crash leaves (NEED_CHECK):
+ * a crash never leaves an entry past the end of the file unrepaired.
+ *
+ * Growth allocates its blocks (fallocate), in the order that space is
+ * reserved, and a write into space reserved for it waits until its grow
+ * has landed: so on a disk about to fill up, it is the grow that fails,
+ * for the last reservations, not the writes, and they fail before
+ * writing anything.  Their space, at the end, goes back with file_end;
+ * every byte below the file's length has its blocks, so the compaction
+ * at close can move clusters into any gap without one free block.  (A
+ * sparse grow let a write low in the new space fail while one above it
+ * took the last blocks: a hole below data that no repair can fill on a
+ * full disk.)  When the step ahead finds no room, the file grows to what
+ * has been reserved, then to what this request needs, and stays tight
+ * (grows to fit) until it is next cut.  Protocols that cannot allocate
+ * grow sparse, as before (qed_resize_file()).
  *
  * Crash ordering 8: the tail is on disk only while NEED_CHECK is: the bit
  * is set and flushed before the file grows, and qed_clear_need_check()
@@ -339,49 +386,64 @@ int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size)
  * dirty (the original design's promise; it flushes before table updates
  * instead, crash ordering 3), so a tail that a crash left would stay, a
  * leak that every check reports.  Its file grows to fit: to file_end,
- * what has been handed out, no further, so that its data writes do not
- * extend the file (which would serialize them) and a crash leaves at
- * most the clusters of the writes in flight unreferenced, as the
- * original driver does.  Reservations made while such a size change is
- * in flight are covered by the next one, so under load one truncate
- * serves many writes.
- *
- * Returns once the length that the size change in flight (if any) sets
- * covers everything allocated, so that writes there need not wait.
+ * what has been handed out, no further, and a crash leaves at most the
+ * clusters of the writes in flight unreferenced, as the original driver
+ * does.  Reservations made while such a size change is in flight are
+ * covered by the next one, so under load one grow serves many writes.
  */
-static void coroutine_fn qed_grow_file(BDRVQEDState *s)
+static int coroutine_fn qed_grow_file(BDRVQEDState *s, uint64_t end)
 {
-    while (s->can_grow &&
-           s->file_end > (s->resizing ? s->resize_target : s->file_size)) {
-        uint64_t step, new_size;
+    while (s->can_grow && end > s->file_size) {
+        uint64_t target;
+        int ret;
 
-        if (qed_has_backing_file(s)) {
-            /* To fit, not ahead: no tail, no NEED_CHECK */
-            if (s->resizing) {
-                qemu_co_queue_wait(&s->resize_waiters, NULL);
-            } else if (qed_resize_file(s, s->file_end) < 0) {
-                s->can_grow = false;
-            }
-            continue;
-        }
-        if (!s->need_check_ready) {
-            if (qed_raise_need_check(s) < 0) {
-                /* No tail then: the writes themselves extend the file */
-                return;
-            }
-            continue;
-        }
         if (s->resizing) {
+            /*
+             * Even one that covers @end: it may fail, and a write past
+             * the length must not race a failed grow's restored length
+             */
             qemu_co_queue_wait(&s->resize_waiters, NULL);
             continue;
         }
-        step = MAX(QED_FILE_GROW_STEP, s->file_size / 8);
-        new_size = ROUND_UP(s->file_end + step, s->header.cluster_size);
-        if (qed_resize_file(s, new_size) < 0) {
+        if (qed_has_backing_file(s) || s->grow_tight) {
+            /* To fit, not ahead: no tail (and no NEED_CHECK over backing) */
+            target = s->file_end;
+        } else if (!s->need_check_ready) {
+            if (qed_raise_need_check(s) < 0) {
+                /* No tail then: the writes themselves extend the file */
+                return 0;
+            }
+            continue;
+        } else {
+            uint64_t step = MAX(QED_FILE_GROW_STEP, s->file_size / 8);
+
+            target = ROUND_UP(s->file_end + step, s->header.cluster_size);
+        }
+        ret = qed_resize_file(s, target);
+        if (ret == 0 || s->file_size >= end) {
+            continue;
+        }
+        if (!qed_no_room(ret)) {
             /* Fine: the writes themselves extend the file */
             s->can_grow = false;
+            return 0;
         }
+        if (target > s->file_end) {
+            /* No room ahead: what is reserved, then */
+            s->grow_tight = true;
+            continue;
+        }
+        if (target > end) {
+            /* Not room for all that is reserved: for this request's, then */
+            ret = qed_resize_file(s, end);
+            if (ret == 0 || s->file_size >= end) {
+                continue;
+            }
+        }
+        trace_qed_grow_no_room(s, s->file_size, end);
+        return ret;
     }
+    return 0;
 }
 
 /* Add @bytes of zeros to @qiov, from the one shared zero buffer */
@@ -522,12 +584,17 @@ static int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
             /* The zeros below must be durable before the L1 entry is */
             qed_note_reuse(s);
         }
-        qed_grow_file(s);
-        qed_wait_resize(s, l2_offset + bytes);
-        ret = qed_write_zero_data(s, l2_offset, bytes);
+        ret = qed_grow_file(s, l2_offset + bytes);
         if (ret < 0) {
-            /* Nothing points at it: the next reservation may take it */
-            qed_unreserve(s, l2_offset, bytes, true);
+            /* No room: never written, it reads as it did */
+            qed_unreserve(s, l2_offset, bytes, false);
+        } else {
+            qed_wait_resize(s, l2_offset + bytes);
+            ret = qed_write_zero_data(s, l2_offset, bytes);
+            if (ret < 0) {
+                /* Nothing points at it: the next reservation may take it */
+                qed_unreserve(s, l2_offset, bytes, true);
+            }
         }
     }
     QLIST_REMOVE(&m, next);
@@ -762,6 +829,12 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
         qed_l2_cache_unref(s->l2_cache, e);
         ret = -EAGAIN;
     }
+    if (ret == 0) {
+        ret = qed_grow_file(s, alloc->file_offset + (end - start));
+        if (ret < 0) {
+            qed_l2_cache_unref(s->l2_cache, e);
+        }
+    }
     if (ret < 0) {
         /* Never written: it reads as it did */
         qed_unreserve(s, alloc->file_offset, end - start, false);
@@ -769,7 +842,6 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
         g_free(alloc);
         return ret;
     }
-    qed_grow_file(s);
     BLKDBG_EVENT(s->bs->file, BLKDBG_CLUSTER_ALLOC);
 
     /*

@@ -523,6 +523,8 @@ static void qed_init_geometry(BDRVQEDState *s, int64_t file_size)
     s->file_end = ROUND_UP(file_size, s->header.cluster_size);
     s->file_size = file_size;
     s->can_grow = true;
+    s->grow_falloc = true;
+    s->grow_tight = false;
 }
 
 static int coroutine_fn qed_read_backing_name(BlockDriverState *bs,

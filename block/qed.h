@@ -248,6 +248,13 @@ typedef struct BDRVQEDState {
     /* The file's length: it grows ahead of file_end, in steps */
     uint64_t file_size;
     bool can_grow;
+    /*
+     * Growth allocates the new blocks (fallocate) until the protocol
+     * refuses that mode (grow_falloc); grow_tight: an allocating grow ran
+     * out of room, so the file grows to fit, not ahead, until it is cut
+     */
+    bool grow_falloc;
+    bool grow_tight;
     /* Space reserved and then not used (qed-alloc.c), sorted by offset */
     GArray *free_runs;
     /* A write failed: the file may be longer than file_size says */

@@ -18,10 +18,10 @@
 # and of peak RSS (median MiB), docs/benchmarks.md and docs/benchmarks.png.
 #
 # Workload ids (for BENCH_ONLY): seqalloc-d1 seqalloc-d32 scatter-d1
-# scatter-d32 bigscatter bigscatter-32m rewrite read cow check dirty-open
-# convert. bigscatter-32m is big scatter again with ours opened as production
-# opens it plus a 32 MiB L2 cache, `--image-opts driver=qed,
-# file.filename=IMG,file.aio=native,file.cache.direct=on,l2-cache-size=32M`
+# scatter-d32 bigscatter bigscatter-128m rewrite read cow check dirty-open
+# convert. bigscatter-128m is big scatter again with ours opened as production
+# opens it plus a 128 MiB L2 cache (every table), `--image-opts driver=qed,
+# file.filename=IMG,file.aio=native,file.cache.direct=on,l2-cache-size=128M`
 # (no -t/-i: the cache and AIO are in the options); peer, qcow2 (its default
 # cache, capped at 32 MiB) and raw run it as in big scatter. check and
 # dirty-open run on the bigscatter images, so they run bigscatter too.
@@ -181,7 +181,7 @@ fi
 
 log() { echo "[$(( $(date +%s) - T_START ))s] $*" >> "$LOG"; }
 wants() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
-wants bigscatter || wants bigscatter-32m || wants check || wants dirty-open ||
+wants bigscatter || wants bigscatter-128m || wants check || wants dirty-open ||
     SLOW_REPS=0
 
 # --- cache mode: O_DIRECT with native AIO, or writeback where it is refused ---
@@ -194,9 +194,9 @@ fi
 rm -f "$RUN/probe"
 # Per contender+workload override after a failure under O_DIRECT (see run_bench).
 declare -A FORCE_WB=()
-# Workloads that share another's override: bigscatter-32m runs the same writes
+# Workloads that share another's override: bigscatter-128m runs the same writes
 # as bigscatter (a contender that failed one would fail the other).
-declare -A WB_AS=([bigscatter-32m]=bigscatter)
+declare -A WB_AS=([bigscatter-128m]=bigscatter)
 
 bench_mode()   { if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$1]:-}" ]; then echo "-t none -i native"; else echo "-t writeback"; fi; }
 mode_name()    { if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$1]:-}" ]; then echo "none/native"; else echo "writeback"; fi; }
@@ -260,7 +260,7 @@ fresh_image() {
 
 # run_bench WL CONTENDER REP SIZE "CREATE ARGS" "PREP ARGS" "OPEN OPTS" BENCH ARGS...
 # A fresh image; PREP ARGS (if any) is an untimed qemu-img bench run first; then
-# the timed bench. With OPEN OPTS (e.g. l2-cache-size=32M) the image is opened
+# the timed bench. With OPEN OPTS (e.g. l2-cache-size=128M) the image is opened
 # with --image-opts driver=FMT,file.filename=IMG,<cache and AIO>,OPEN OPTS
 # instead of -f FMT -t ... -i .... If the contender fails under O_DIRECT, the
 # failure is logged and the workload runs again (and in later repetitions)
@@ -368,7 +368,7 @@ for rep in $(seq 1 "$REPS"); do
     # 3. big scatter: 65,536 4 KiB writes on a fresh 1 TiB image,
     #    step 2 GiB - 448 KiB, depth 32; then 7. check and dirty open of it;
     #    then big scatter again with ours opened with --image-opts and
-    #    l2-cache-size=32M (the others as before).
+    #    l2-cache-size=128M (the others as before).
     BIG="-w -c 65536 -s 4096 -S $((2 * G - 458752)) -d 32"
     if [ "$do_slow" = 1 ]; then
         t0=$(date +%s)
@@ -416,12 +416,12 @@ for rep in $(seq 1 "$REPS"); do
             done
         fi
         cleanup
-        if wants bigscatter-32m; then
+        if wants bigscatter-128m; then
             for c in $CONTENDERS; do
                 oo=""
-                [ "$c" = ours ] && oo="l2-cache-size=32M"
+                [ "$c" = ours ] && oo="l2-cache-size=128M"
                 # shellcheck disable=SC2086
-                run_bench bigscatter-32m "$c" "$rep" 1T "" "" "$oo" $BIG
+                run_bench bigscatter-128m "$c" "$rep" 1T "" "" "$oo" $BIG
                 cleanup
             done
         fi
