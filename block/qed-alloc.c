@@ -391,7 +391,8 @@ static bool qed_no_room(int ret)
  * does.  Reservations made while such a size change is in flight are
  * covered by the next one, so under load one grow serves many writes.
  */
-static int coroutine_fn qed_grow_file(BDRVQEDState *s, uint64_t end)
+static int coroutine_fn GRAPH_RDLOCK
+qed_grow_file(BDRVQEDState *s, uint64_t end)
 {
     while (s->can_grow && end > s->file_size) {
         uint64_t target;
@@ -447,8 +448,8 @@ static int coroutine_fn qed_grow_file(BDRVQEDState *s, uint64_t end)
 }
 
 /* Add @bytes of zeros to @qiov, from the one shared zero buffer */
-static int qed_iovec_add_zeros(BDRVQEDState *s, QEMUIOVector *qiov,
-                               uint64_t bytes)
+static int GRAPH_RDLOCK
+qed_iovec_add_zeros(BDRVQEDState *s, QEMUIOVector *qiov, uint64_t bytes)
 {
     if (!s->zero_buf) {
         /* One buffer for every such write, for the whole open */
@@ -472,8 +473,8 @@ static int qed_iovec_add_zeros(BDRVQEDState *s, QEMUIOVector *qiov,
  * load, and leaves unwritten extents that seek-hole reports as holes again
  * on the next open.
  */
-static int coroutine_fn qed_write_zero_data(BDRVQEDState *s, uint64_t offset,
-                                            uint64_t bytes)
+static int coroutine_fn GRAPH_RDLOCK
+qed_write_zero_data(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
 {
     QEMUIOVector qiov;
     int ret = 0;
@@ -528,8 +529,8 @@ int coroutine_fn qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t)
     while (pos < end) {
         int64_t pnum;
 
-        ret = bdrv_block_status(s->bs->file->bs, pos, end - pos, &pnum, NULL,
-                                NULL);
+        ret = bdrv_co_block_status(s->bs->file->bs, pos, end - pos, &pnum,
+                                   NULL, NULL);
         if (ret < 0) {
             break;
         }
@@ -565,8 +566,8 @@ int coroutine_fn qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t)
  * Requests that need the same table meanwhile wait in
  * qed_table_for_entries().
  */
-static int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
-                                       QEDCachedTable **e)
+static int coroutine_fn GRAPH_RDLOCK
+qed_make_table(BDRVQEDState *s, unsigned int l1i, QEDCachedTable **e)
 {
     uint64_t bytes = qed_table_bytes(s);
     QEDTableMaking m = { .l1_index = l1i };
@@ -644,11 +645,9 @@ static bool qed_table_making(BDRVQEDState *s, unsigned int l1i)
  * it with a reference in *@e, or *@e NULL if there is none and !@make.
  * The caller holds the clusters (qed_claim).
  */
-static int coroutine_fn qed_table_for_entries(BDRVQEDState *s,
-                                              unsigned int l1i,
-                                              unsigned int first,
-                                              unsigned int n, bool make,
-                                              QEDCachedTable **e)
+static int coroutine_fn GRAPH_RDLOCK
+qed_table_for_entries(BDRVQEDState *s, unsigned int l1i, unsigned int first,
+                      unsigned int n, bool make, QEDCachedTable **e)
 {
     uint64_t l2_offset;
     int ret;
@@ -734,15 +733,15 @@ int coroutine_fn qed_mark_clusters(BDRVQEDState *s, uint64_t start,
  * Copy-on-write: read [@pos, @pos + @bytes) of the backing file into a
  * new buffer (*@buf, freed by the caller) and add it to @qiov
  */
-static int coroutine_fn qed_cow_read(BDRVQEDState *s, uint64_t pos,
-                                     uint64_t bytes, QEMUIOVector *qiov,
-                                     uint8_t **buf)
+static int coroutine_fn GRAPH_RDLOCK
+qed_cow_read(BDRVQEDState *s, uint64_t pos, uint64_t bytes, QEMUIOVector *qiov,
+             uint8_t **buf)
 {
     QEMUIOVector q;
 
     *buf = qemu_blockalign(s->bs, bytes);
     qemu_iovec_init_buf(&q, *buf, bytes);
-    BLKDBG_EVENT(s->bs->file, BLKDBG_COW_READ);
+    BLKDBG_CO_EVENT(s->bs->file, BLKDBG_COW_READ);
     qemu_iovec_add(qiov, *buf, bytes);
     return qed_read_backing(s, pos, bytes, &q, 0);
 }
@@ -842,7 +841,7 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
         g_free(alloc);
         return ret;
     }
-    BLKDBG_EVENT(s->bs->file, BLKDBG_CLUSTER_ALLOC);
+    BLKDBG_CO_EVENT(s->bs->file, BLKDBG_CLUSTER_ALLOC);
 
     /*
      * New space at the end reads as zeros: without a backing file only the
@@ -881,8 +880,8 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
 
     /* Copy-on-write only when backing data pads the guest's */
     qed_wait_resize(s, wstart + wqiov.size);
-    BLKDBG_EVENT(s->bs->file, head_buf || tail_buf ? BLKDBG_COW_WRITE :
-                                                     BLKDBG_WRITE_AIO);
+    BLKDBG_CO_EVENT(s->bs->file, head_buf || tail_buf ? BLKDBG_COW_WRITE :
+                                                        BLKDBG_WRITE_AIO);
     ret = bdrv_co_pwritev(s->bs->file, wstart, wqiov.size, &wqiov, 0);
     if (ret < 0) {
         goto fail;

@@ -247,7 +247,8 @@ static unsigned long *qed_screen_table_bad(BDRVQEDState *s, GHashTable *bad,
  * allocated yet (file_end == open_end).  The result goes into effect
  * only as a whole, and only if no check vouched for the entries meanwhile.
  */
-static int coroutine_fn qed_screen_tables(BDRVQEDState *s)
+static int coroutine_fn GRAPH_RDLOCK
+qed_screen_tables(BDRVQEDState *s)
 {
     uint64_t table_bytes = qed_table_bytes(s);
     uint64_t cluster_size = s->header.cluster_size;
@@ -347,7 +348,8 @@ static int coroutine_fn qed_screen_tables(BDRVQEDState *s)
  * uses (the allocator skipped it), which is harmless.  The caller holds
  * screen_lock.
  */
-static void coroutine_fn qed_screen_drop(BDRVQEDState *s)
+static void coroutine_fn GRAPH_RDLOCK
+qed_screen_drop(BDRVQEDState *s)
 {
     unsigned int ce = s->chunk_entries;
     unsigned int dropped = 0;
@@ -433,7 +435,8 @@ static bool qed_screen_passed(BDRVQEDState *s)
  * (qed_screen_tables()), and the bad entries dropped once allocations
  * have passed one (qed_screen_drop()).  Waits for a screening under way.
  */
-static int coroutine_fn qed_screen_prepare(BDRVQEDState *s)
+static int coroutine_fn GRAPH_RDLOCK
+qed_screen_prepare(BDRVQEDState *s)
 {
     int ret = 0;
 
@@ -536,10 +539,9 @@ uint64_t qed_screen_skip(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
  * change, and a writeback never writes a sector of a chunk that is being
  * read.
  */
-static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
-                                           QEDCachedTable *e,
-                                           unsigned int first,
-                                           unsigned int end)
+static int coroutine_fn GRAPH_RDLOCK
+qed_l2_load_locked(BDRVQEDState *s, QEDCachedTable *e, unsigned int first,
+                   unsigned int end)
 {
     QEDDirtyTable *t = qed_l2_cache_table(e);
     unsigned int ce = s->chunk_entries;
@@ -555,7 +557,7 @@ static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
             break;
         }
         run_end = find_next_bit(t->loaded, last + 1, c);
-        BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
+        BLKDBG_CO_EVENT(s->bs->file, BLKDBG_L2_LOAD);
         ret = qed_read_table_entries(s, t->offset, c * ce, (run_end - c) * ce,
                                      &t->table->offsets[c * ce]);
         if (ret < 0) {

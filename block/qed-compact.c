@@ -112,7 +112,8 @@ static bool qed_compact_is_meta(QEDCompact *c, uint64_t cl)
  * past @lo.  Moves go from the end of the file down, so only the top of
  * the file is needed; a lookup below @lo reads again from lower down.
  */
-static int coroutine_fn qed_compact_scan(QEDCompact *c, uint64_t lo)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_scan(QEDCompact *c, uint64_t lo)
 {
     BDRVQEDState *s = c->s;
 
@@ -148,8 +149,8 @@ static int coroutine_fn qed_compact_scan(QEDCompact *c, uint64_t lo)
     return 0;
 }
 
-static int coroutine_fn qed_compact_owner(QEDCompact *c, uint64_t cl,
-                                          QEDOwner *owner)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_owner(QEDCompact *c, uint64_t cl, QEDOwner *owner)
 {
     QEDOwner *o;
     int ret;
@@ -196,8 +197,8 @@ static void qed_compact_owner_moved(QEDCompact *c, uint64_t from,
  * file holds no data for (punched by a discard, never written) are
  * zeroed at the new place with unmap allowed, so that they stay holes.
  */
-static int coroutine_fn qed_compact_copy(QEDCompact *c, uint64_t from,
-                                         uint64_t to, uint64_t n)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_copy(QEDCompact *c, uint64_t from, uint64_t to, uint64_t n)
 {
     BdrvChild *file = c->s->bs->file;
     uint64_t pos = from * c->cs, end = (from + n) * c->cs;
@@ -205,9 +206,9 @@ static int coroutine_fn qed_compact_copy(QEDCompact *c, uint64_t from,
 
     while (pos < end) {
         int64_t pnum;
-        int ret = bdrv_block_status(file->bs, pos, MIN(end - pos,
-                                    QED_COMPACT_COPY_BYTES), &pnum, NULL,
-                                    NULL);
+        int ret = bdrv_co_block_status(file->bs, pos,
+                                       MIN(end - pos, QED_COMPACT_COPY_BYTES),
+                                       &pnum, NULL, NULL);
 
         if (ret < 0) {
             return ret;
@@ -236,8 +237,8 @@ static int coroutine_fn qed_compact_copy(QEDCompact *c, uint64_t from,
 }
 
 /* Give the space of clusters nothing references back to the host */
-static void coroutine_fn qed_compact_punch(QEDCompact *c, uint64_t cl,
-                                           uint64_t n)
+static void coroutine_fn GRAPH_RDLOCK
+qed_compact_punch(QEDCompact *c, uint64_t cl, uint64_t n)
 {
     /* Errors only keep the space */
     bdrv_co_pdiscard(c->s->bs->file, cl * c->cs, n * c->cs);
@@ -248,7 +249,8 @@ static void coroutine_fn qed_compact_punch(QEDCompact *c, uint64_t cl,
  * that free clusters below the end still hold (failed writes leave some),
  * all of them, so that the copies find room.  Nothing references them.
  */
-static void coroutine_fn qed_compact_punch_free(QEDCompact *c)
+static void coroutine_fn GRAPH_RDLOCK
+qed_compact_punch_free(QEDCompact *c)
 {
     uint64_t end = qed_compact_used_end(c);
     uint64_t i = find_first_zero_bit(c->used, end);
@@ -270,8 +272,8 @@ static void coroutine_fn qed_compact_punch_free(QEDCompact *c)
  * the batch there (*@n becomes the moves done, at least one, else the
  * error is returned).
  */
-static int coroutine_fn qed_compact_move_data(QEDCompact *c, QEDMove *moves,
-                                              unsigned int *pn)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_move_data(QEDCompact *c, QEDMove *moves, unsigned int *pn)
 {
     BDRVQEDState *s = c->s;
     unsigned int n = *pn;
@@ -336,8 +338,8 @@ static int coroutine_fn qed_compact_move_data(QEDCompact *c, QEDMove *moves,
 }
 
 /* Move the L2 table of L1 entry @l1i to cluster @to */
-static int coroutine_fn qed_compact_move_table(QEDCompact *c, uint32_t l1i,
-                                               uint64_t to)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_move_table(QEDCompact *c, uint32_t l1i, uint64_t to)
 {
     BDRVQEDState *s = c->s;
     uint64_t old = s->l1.table->offsets[l1i];
@@ -388,8 +390,8 @@ static uint64_t qed_compact_find_run(QEDCompact *c, uint64_t n,
 }
 
 /* Move the one data cluster @from into the free cluster @to */
-static int coroutine_fn qed_compact_move_one(QEDCompact *c, uint64_t from,
-                                             uint64_t to)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_move_one(QEDCompact *c, uint64_t from, uint64_t to)
 {
     QEDMove m = { .from = from, .to = to };
     unsigned int n = 1;
@@ -408,7 +410,8 @@ static int coroutine_fn qed_compact_move_one(QEDCompact *c, uint64_t from,
  * Afterwards the last cluster is free: the end of what is in use is one
  * cluster lower.
  */
-static int coroutine_fn qed_compact_slide(QEDCompact *c, uint64_t hole)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_slide(QEDCompact *c, uint64_t hole)
 {
     BDRVQEDState *s = c->s;
     uint64_t end = qed_compact_used_end(c);

@@ -235,11 +235,10 @@ int coroutine_fn qed_write_table_snapshot(BDRVQEDState *s,
 }
 
 /* The same from entries in CPU order */
-static int coroutine_fn qed_write_table_sectors(BDRVQEDState *s,
-                                                uint64_t table_offset,
-                                                unsigned int first,
-                                                unsigned int n,
-                                                const uint64_t *entries)
+static int coroutine_fn GRAPH_RDLOCK
+qed_write_table_sectors(BDRVQEDState *s, uint64_t table_offset,
+                        unsigned int first, unsigned int n,
+                        const uint64_t *entries)
 {
     uint64_t *buf = qemu_blockalign(s->bs->file->bs, n * sizeof(uint64_t));
     int ret;
@@ -370,6 +369,6 @@ bool qed_in_l2_table(BDRVQEDState *s, uint64_t offset)
 int coroutine_fn qed_write_l1_table(BDRVQEDState *s, QEDTable *l1,
                                     unsigned int index, unsigned int n)
 {
-    BLKDBG_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
+    BLKDBG_CO_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
     return qed_write_table(s, s->header.l1_table_offset, l1, index, n);
 }

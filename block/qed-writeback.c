@@ -101,8 +101,8 @@ typedef struct QEDWbArena {
  * @a over *@buf, a buffer of @size bytes made at the first pass and kept
  * for the open (passes run one at a time): a pass allocates nothing
  */
-static void qed_wb_arena_init(BDRVQEDState *s, QEDWbArena *a, void **buf,
-                              size_t size)
+static void GRAPH_RDLOCK
+qed_wb_arena_init(BDRVQEDState *s, QEDWbArena *a, void **buf, size_t size)
 {
     if (!*buf) {
         *buf = qemu_blockalign(s->bs->file->bs, size);
@@ -201,7 +201,13 @@ static bool qed_wb_collect(BDRVQEDState *s, QEDDirtyTable *t,
     return i >= nsectors;
 }
 
-static int coroutine_fn qed_wb_task_run(AioTask *task)
+/*
+ * This function can count as GRAPH_RDLOCK because qed_wb_write() holds
+ * the graph lock and keeps it until this coroutine has terminated
+ * (aio_task_pool_wait_all()), as qcow2's task entries do
+ */
+static int coroutine_fn GRAPH_RDLOCK
+qed_wb_task_run(AioTask *task)
 {
     QEDWbTask *t = container_of(task, QEDWbTask, task);
     BDRVQEDState *s = t->s;
@@ -209,13 +215,13 @@ static int coroutine_fn qed_wb_task_run(AioTask *task)
     QEDDirtyTable *table = job->t;
 
     if (job->e) {
-        BLKDBG_EVENT(s->bs->file, job->fresh ? BLKDBG_L2_ALLOC_WRITE :
-                                               BLKDBG_L2_UPDATE);
+        BLKDBG_CO_EVENT(s->bs->file, job->fresh ? BLKDBG_L2_ALLOC_WRITE :
+                                                  BLKDBG_L2_UPDATE);
         trace_qed_l2_update(s, table->offset,
                             job->first * QED_ENTRIES_PER_SECTOR,
                             job->n * QED_ENTRIES_PER_SECTOR);
     } else {
-        BLKDBG_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
+        BLKDBG_CO_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
     }
     /* Not while the table's holes are being allocated (qed_secure_space) */
     for (;;) {
@@ -238,7 +244,8 @@ static int coroutine_fn qed_wb_task_run(AioTask *task)
 }
 
 /* Write @jobs, several at once; the first error is returned */
-static int coroutine_fn qed_wb_write(BDRVQEDState *s, GArray *jobs)
+static int coroutine_fn GRAPH_RDLOCK
+qed_wb_write(BDRVQEDState *s, GArray *jobs)
 {
     AioTaskPool *pool = aio_task_pool_new(QED_WB_PARALLEL);
     int ret;
@@ -303,12 +310,13 @@ static void qed_wb_finish(BDRVQEDState *s, GArray *jobs)
  * at a time, so every earlier table write has completed), and so is the
  * data of every entry set before it started (@gen: s->l2_gen then).
  */
-static int coroutine_fn qed_wb_flush(BDRVQEDState *s, uint64_t *gen)
+static int coroutine_fn GRAPH_RDLOCK
+qed_wb_flush(BDRVQEDState *s, uint64_t *gen)
 {
     uint64_t start_gen = s->l2_gen;
     int ret;
 
-    BLKDBG_EVENT(s->bs->file, BLKDBG_FLUSH_TO_DISK);
+    BLKDBG_CO_EVENT(s->bs->file, BLKDBG_FLUSH_TO_DISK);
     ret = bdrv_co_flush(s->bs->file->bs);
     trace_qed_wb_flush(s, s->wb_tables_unflushed, ret);
     if (ret == 0) {
@@ -333,7 +341,8 @@ static int coroutine_fn qed_wb_flush(BDRVQEDState *s, uint64_t *gen)
  * since the last flush started (s->l2_gen moved).  The flush also puts the
  * file's new size on disk.
  */
-static int coroutine_fn qed_wb_write_l2(BDRVQEDState *s, GPtrArray *tables)
+static int coroutine_fn GRAPH_RDLOCK
+qed_wb_write_l2(BDRVQEDState *s, GPtrArray *tables)
 {
     GArray *jobs = g_array_new(false, false, sizeof(QEDWbJob));
     bool flushed = false;
@@ -475,6 +484,9 @@ int coroutine_fn qed_writeback(BDRVQEDState *s)
 static void coroutine_fn qed_wb_background_entry(void *opaque)
 {
     BDRVQEDState *s = opaque;
+
+    /* A coroutine of our own: it takes the graph reader lock itself */
+    GRAPH_RDLOCK_GUARD();
 
     /*
      * A failure leaves the sectors dirty: the next pass writes them again,

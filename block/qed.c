@@ -17,7 +17,7 @@
 #include "qapi/error.h"
 #include "qapi/qapi-visit-block-core.h"
 #include "qapi/qobject-input-visitor.h"
-#include "qapi/qmp/qdict.h"
+#include "qobject/qdict.h"
 #include "qemu/bswap.h"
 #include "block/aio_task.h"
 #include "qemu/error-report.h"
@@ -27,7 +27,7 @@
 #include "qemu/option.h"
 #include "qemu/timer.h"
 #include "qemu/units.h"
-#include "sysemu/block-backend.h"
+#include "system/block-backend.h"
 #include "trace.h"
 #include "qed.h"
 
@@ -142,8 +142,8 @@ int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
     return ret;
 }
 
-static int coroutine_fn qed_co_clear_need_check(BDRVQEDState *s,
-                                                void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_clear_need_check(BDRVQEDState *s, void *opaque)
 {
     return qed_clear_need_check(s);
 }
@@ -157,6 +157,14 @@ static bool qed_allocs_in_flight(BDRVQEDState *s)
 static void coroutine_fn qed_need_check_timer_entry(void *opaque)
 {
     BDRVQEDState *s = opaque;
+
+    /*
+     * A coroutine of our own, not a request: it takes the graph reader
+     * lock itself.  It waits only for allocations in flight, which hold
+     * it too, never for new requests (a held reader lock delays every
+     * graph change).
+     */
+    GRAPH_RDLOCK_GUARD();
 
     while (qed_allocs_in_flight(s)) {
         qemu_co_queue_wait(&s->idle_waiters, NULL);
@@ -294,17 +302,47 @@ static void qed_detach_aio_context(BlockDriverState *bs)
  * than leave a timer behind that would write in the middle of whatever
  * the drain is for.
  */
-static void coroutine_fn qed_co_drain_begin(BlockDriverState *bs)
+static void qed_drain_bh(void *opaque)
 {
+    BlockDriverState *bs = opaque;
     BDRVQEDState *s = bs->opaque;
 
     /* Allocations in flight will dirty tables yet: wait for them too */
-    if (qed_may_write_header(s) &&
+    if (s->opened && qed_may_write_header(s) &&
         ((s->header.features & QED_F_NEED_CHECK) ||
          qed_allocs_in_flight(s) || qed_tables_dirty(s))) {
         qed_cancel_timer(s);
         qed_start_clear(s);
     }
+    bdrv_dec_in_flight(bs);
+}
+
+/*
+ * PORT-10: 7.2 ran .bdrv_co_drain_begin as a coroutine in the node's
+ * AioContext; 10.0 calls .bdrv_drain_begin in the main loop (also from
+ * every bdrv_graph_wrlock(), via bdrv_drain_all_begin_nopoll()), where it
+ * must not poll or yield, while an iothread may be running our requests.
+ * So the tests of the old callback (which read s->header, s->allocs,
+ * s->timer_running, the dirty tables) move to a BH in the node's
+ * AioContext, as in 7.2, and only the BH's in-flight count is taken
+ * here: the drain's poll waits for it, and for the clearing coroutine it
+ * starts (qed_start_clear() holds its own in-flight count), as it waited
+ * for the 7.2 coroutine.  A drain that does not poll (the graph
+ * writer's) does not wait for the clear: it runs meanwhile and takes the
+ * graph reader lock, so it happens before or after the graph change.
+ * Nothing was dropped, but the lead's locking design decides whether the
+ * BH stays (with several iothreads the node's AioContext is not the only
+ * one running requests).
+ */
+static void qed_drain_begin(BlockDriverState *bs)
+{
+    BDRVQEDState *s = bs->opaque;
+
+    if (!s->opened) {
+        return;         /* being opened or closed: nothing to clear */
+    }
+    bdrv_inc_in_flight(bs);
+    aio_bh_schedule_oneshot(bdrv_get_aio_context(bs), qed_drain_bh, bs);
 }
 
 /* Run a coroutine_fn from outside coroutine context and wait for it */
@@ -321,24 +359,33 @@ static void coroutine_fn qed_co_call_entry(void *opaque)
 {
     QEDCoCall *call = opaque;
 
+    /* Every QEDCoFunc is GRAPH_RDLOCK: as qcow2_open_entry() */
+    GRAPH_RDLOCK_GUARD();
+
     call->ret = call->fn(call->s, call->opaque);
-    /* BDRV_POLL_WHILE in another thread (an iothread's node) needs this */
+    /* AIO_WAIT_WHILE in the main loop (an iothread's node) needs this */
     aio_wait_kick();
 }
 
-static int qed_call_in_coroutine(BDRVQEDState *s, QEDCoFunc *fn,
-                                 void *opaque)
+/*
+ * Only from the main loop, outside coroutines: .bdrv_open, .bdrv_close,
+ * .bdrv_reopen_*, .bdrv_inactivate and .bdrv_make_empty all run there in
+ * 10.0.  As qcow2_open(): the coroutine runs in the node's AioContext,
+ * and the main loop polls until it is done.
+ */
+static int no_coroutine_fn qed_call_in_coroutine(BDRVQEDState *s,
+                                                 QEDCoFunc *fn, void *opaque)
 {
     QEDCoCall call = {
         .s = s, .fn = fn, .opaque = opaque, .ret = -EINPROGRESS,
     };
 
-    if (qemu_in_coroutine()) {
-        return fn(s, opaque);
-    }
-    bdrv_coroutine_enter(s->bs, qemu_coroutine_create(qed_co_call_entry,
-                                                      &call));
-    BDRV_POLL_WHILE(s->bs, call.ret == -EINPROGRESS);
+    assert(!qemu_in_coroutine());
+    assert(qemu_get_current_aio_context() == qemu_get_aio_context());
+
+    aio_co_enter(bdrv_get_aio_context(s->bs),
+                 qemu_coroutine_create(qed_co_call_entry, &call));
+    AIO_WAIT_WHILE_UNLOCKED(NULL, call.ret == -EINPROGRESS);
     return call.ret;
 }
 
@@ -350,7 +397,8 @@ static int qed_call_in_coroutine(BDRVQEDState *s, QEDCoFunc *fn,
  * After a failed write (a full disk) the file may hold part of it past
  * file_end, whatever file_size says: cut then too.
  */
-static int coroutine_fn qed_trim_file_tail(BDRVQEDState *s, void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_trim_file_tail(BDRVQEDState *s, void *opaque)
 {
     int ret;
 
@@ -381,7 +429,8 @@ static int coroutine_fn qed_trim_file_tail(BDRVQEDState *s, void *opaque)
  * marked dirty (qed_set_need_check() does nothing): its leak stays for
  * `check -r leaks`, as the original driver's do.
  */
-static int coroutine_fn qed_reclaim_free_space(BDRVQEDState *s, void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_reclaim_free_space(BDRVQEDState *s, void *opaque)
 {
     BdrvCheckResult result = {0};
     int ret;
@@ -527,8 +576,8 @@ static void qed_init_geometry(BDRVQEDState *s, int64_t file_size)
     s->grow_tight = false;
 }
 
-static int coroutine_fn qed_read_backing_name(BlockDriverState *bs,
-                                              Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+qed_read_backing_name(BlockDriverState *bs, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
     char name[PATH_MAX];
@@ -557,7 +606,8 @@ static int coroutine_fn qed_read_backing_name(BlockDriverState *bs,
 }
 
 /* A writer that does not know autoclear features clears them */
-static int coroutine_fn qed_clear_autoclear(BDRVQEDState *s, Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+qed_clear_autoclear(BDRVQEDState *s, Error **errp)
 {
     QEDHeader h = s->header;
     int ret;
@@ -576,8 +626,8 @@ static int coroutine_fn qed_clear_autoclear(BDRVQEDState *s, Error **errp)
 }
 
 /* NEED_CHECK is set: repair what a crash left (read-only: only look) */
-static int coroutine_fn qed_repair_on_open(BlockDriverState *bs, int flags,
-                                          Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+qed_repair_on_open(BlockDriverState *bs, int flags, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
     BdrvCheckResult result = {0};
@@ -613,8 +663,8 @@ static int coroutine_fn qed_repair_on_open(BlockDriverState *bs, int flags,
     return ret;
 }
 
-static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
-                                    int flags, Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+qed_do_open(BlockDriverState *bs, QDict *options, int flags, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
     QEDHeader le;
@@ -639,7 +689,7 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     }
     qed_header_le_to_cpu(&le, &s->header);
 
-    file_size = bdrv_getlength(bs->file->bs);
+    file_size = bdrv_co_getlength(bs->file->bs);
     if (file_size < 0) {
         error_setg_errno(errp, -file_size, "Could not get the file size");
         return file_size;
@@ -710,7 +760,8 @@ typedef struct QEDOpenArgs {
     Error **errp;
 } QEDOpenArgs;
 
-static int coroutine_fn qed_co_open(BDRVQEDState *s, void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_open(BDRVQEDState *s, void *opaque)
 {
     QEDOpenArgs *args = opaque;
 
@@ -736,11 +787,13 @@ static int qed_open(BlockDriverState *bs, QDict *options, int flags,
                                             QEMU_CLOCK_REALTIME, SCALE_NS,
                                             qed_need_check_timer_cb, s);
         qed_cache_clean_timer_init(s, bdrv_get_aio_context(bs));
+        s->opened = true;
     }
     return ret;
 }
 
-static void qed_refresh_limits(BlockDriverState *bs, Error **errp)
+static void GRAPH_RDLOCK
+qed_refresh_limits(BlockDriverState *bs, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
 
@@ -748,10 +801,11 @@ static void qed_refresh_limits(BlockDriverState *bs, Error **errp)
     bs->bl.pdiscard_alignment = s->header.cluster_size;
 }
 
-static void qed_close(BlockDriverState *bs)
+static void GRAPH_RDLOCK qed_do_close(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
 
+    s->opened = false;
     qed_cancel_timer(s);
     qed_detach_aio_context(bs);
 
@@ -765,7 +819,28 @@ static void qed_close(BlockDriverState *bs)
     qed_free_state(s);
 }
 
-static int qed_inactivate(BlockDriverState *bs)
+/* Main loop, inside bdrv_close()'s drained section; as qcow2_close() */
+static void GRAPH_UNLOCKED qed_close(BlockDriverState *bs)
+{
+    GLOBAL_STATE_CODE();
+    GRAPH_RDLOCK_GUARD_MAINLOOP();
+
+    qed_do_close(bs);
+}
+
+/*
+ * PORT-10: in 10.0 the block layer follows a successful inactivate with
+ * bdrv_drained_begin(); open_flags |= BDRV_O_INACTIVE; bdrv_drained_end()
+ * (and may still fail with -EPERM after this returned 0, leaving the node
+ * active).  That drain runs qed_drain_begin() while BDRV_O_INACTIVE is
+ * not set yet: it finds nothing to do after the clear below (NEED_CHECK
+ * clear, no allocation, no dirty table), except when s->unrepaired keeps
+ * NEED_CHECK set, where its clear writes nothing either (a writeback of
+ * no sector, no resize after the trim below).  Unlike migration,
+ * blockdev-set-active does not drain or stop the guest before this.
+ */
+static int GRAPH_RDLOCK
+qed_inactivate(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
     int ret = 0;
@@ -781,8 +856,8 @@ static int qed_inactivate(BlockDriverState *bs)
     return ret;
 }
 
-static void coroutine_fn qed_co_invalidate_cache(BlockDriverState *bs,
-                                                 Error **errp)
+static void coroutine_fn GRAPH_RDLOCK
+qed_co_invalidate_cache(BlockDriverState *bs, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
     QEMUTimer *timer = s->need_check_timer;
@@ -790,6 +865,7 @@ static void coroutine_fn qed_co_invalidate_cache(BlockDriverState *bs,
     int ret;
 
     /* Another process may have changed the image: read it afresh */
+    s->opened = false;
     qed_cancel_timer(s);
     qed_cache_clean_timer_del(s);
     qed_free_state(s);
@@ -803,15 +879,22 @@ static void coroutine_fn qed_co_invalidate_cache(BlockDriverState *bs,
         error_prepend(errp, "Could not reopen qed layer: ");
     } else {
         qed_cache_clean_timer_init(s, bdrv_get_aio_context(bs));
+        s->opened = true;
     }
 }
 
-static int qed_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
-                              Error **errp)
+static int GRAPH_UNLOCKED
+qed_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
+                   Error **errp)
 {
     BDRVQEDState *s = state->bs->opaque;
-    QEDRuntimeOpts *r = g_new0(QEDRuntimeOpts, 1);
+    QEDRuntimeOpts *r;
     int ret;
+
+    GLOBAL_STATE_CODE();
+    GRAPH_RDLOCK_GUARD_MAINLOOP();
+
+    r = g_new0(QEDRuntimeOpts, 1);
 
     if (!qed_parse_runtime_opts(s, state->options, r, errp)) {
         g_free(r);
@@ -856,7 +939,8 @@ typedef struct QEDRepairArgs {
     Error **errp;
 } QEDRepairArgs;
 
-static int coroutine_fn qed_co_repair(BDRVQEDState *s, void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_repair(BDRVQEDState *s, void *opaque)
 {
     QEDRepairArgs *args = opaque;
 
@@ -870,11 +954,14 @@ static int coroutine_fn qed_co_repair(BDRVQEDState *s, void *opaque)
  * the file is writable only once every node has committed.)  If it
  * fails, the bit stays and the next open repairs.
  */
-static void qed_reopen_commit_post(BDRVReopenState *state)
+static void GRAPH_UNLOCKED qed_reopen_commit_post(BDRVReopenState *state)
 {
     BDRVQEDState *s = state->bs->opaque;
     Error *local_err = NULL;
     QEDRepairArgs args = { .flags = state->flags, .errp = &local_err };
+
+    GLOBAL_STATE_CODE();
+    GRAPH_RDLOCK_GUARD_MAINLOOP();
 
     if (s->unrepaired && (state->flags & BDRV_O_RDWR) &&
         !(state->flags & BDRV_O_INACTIVE)) {
@@ -896,7 +983,8 @@ static void qed_reopen_abort(BDRVReopenState *state)
  * memory, so one writeback pass (which also waits for a pass under way)
  * puts them on disk, and the block layer flushes the file after it.
  */
-static int coroutine_fn qed_co_flush_to_os(BlockDriverState *bs)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_flush_to_os(BlockDriverState *bs)
 {
     return qed_writeback(bs->opaque);
 }
@@ -909,7 +997,7 @@ int coroutine_fn qed_read_backing(BDRVQEDState *s, uint64_t pos,
                                   size_t qiov_offset)
 {
     if (s->bs->backing) {
-        BLKDBG_EVENT(s->bs->file, BLKDBG_READ_BACKING_AIO);
+        BLKDBG_CO_EVENT(s->bs->file, BLKDBG_READ_BACKING_AIO);
         return bdrv_co_preadv_part(s->bs->backing, pos, bytes, qiov,
                                    qiov_offset, 0);
     }
@@ -917,11 +1005,10 @@ int coroutine_fn qed_read_backing(BDRVQEDState *s, uint64_t pos,
     return 0;
 }
 
-static int coroutine_fn qed_co_preadv_part(BlockDriverState *bs,
-                                           int64_t offset, int64_t bytes,
-                                           QEMUIOVector *qiov,
-                                           size_t qiov_offset,
-                                           BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_preadv_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                   QEMUIOVector *qiov, size_t qiov_offset,
+                   BdrvRequestFlags flags)
 {
     BDRVQEDState *s = bs->opaque;
 
@@ -937,7 +1024,7 @@ static int coroutine_fn qed_co_preadv_part(BlockDriverState *bs,
 
         switch (ext.type) {
         case QED_EXTENT_DATA:
-            BLKDBG_EVENT(bs->file, BLKDBG_READ_AIO);
+            BLKDBG_CO_EVENT(bs->file, BLKDBG_READ_AIO);
             ret = bdrv_co_preadv_part(bs->file, ext.file_offset, ext.bytes,
                                       qiov, qiov_offset, 0);
             break;
@@ -969,11 +1056,10 @@ static uint64_t qed_bytes_to_table_end(BDRVQEDState *s, uint64_t pos)
     return ROUND_UP(pos + 1, table_span) - pos;
 }
 
-static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
-                                            int64_t offset, int64_t bytes,
-                                            QEMUIOVector *qiov,
-                                            size_t qiov_offset,
-                                            BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_pwritev_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                    QEMUIOVector *qiov, size_t qiov_offset,
+                    BdrvRequestFlags flags)
 {
     BDRVQEDState *s = bs->opaque;
 
@@ -990,7 +1076,7 @@ static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
         if (ext.type == QED_EXTENT_DATA) {
             /* In place: the cluster is ours and stays where it is */
             qed_wait_resize(s, ext.file_offset + ext.bytes);
-            BLKDBG_EVENT(bs->file, BLKDBG_WRITE_AIO);
+            BLKDBG_CO_EVENT(bs->file, BLKDBG_WRITE_AIO);
             ret = bdrv_co_pwritev_part(bs->file, ext.file_offset, ext.bytes,
                                        qiov, qiov_offset, 0);
             if (ret < 0) {
@@ -1022,8 +1108,8 @@ static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
  * the caller's lookup found them.  Returns 0 when done, -EAGAIN when the
  * caller must look up again.
  */
-static int coroutine_fn qed_set_markers(BDRVQEDState *s, uint64_t start,
-                                        uint64_t end, uint64_t value)
+static int coroutine_fn GRAPH_RDLOCK
+qed_set_markers(BDRVQEDState *s, uint64_t start, uint64_t end, uint64_t value)
 {
     QEDAllocation alloc;
     int ret;
@@ -1050,9 +1136,9 @@ static bool qed_whole_clusters(BDRVQEDState *s, uint64_t offset,
             end == s->header.image_size);
 }
 
-static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
-                                             int64_t offset, int64_t bytes,
-                                             BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                     BdrvRequestFlags flags)
 {
     BDRVQEDState *s = bs->opaque;
 
@@ -1113,8 +1199,8 @@ static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
  * convert see the punched clusters as zeros.  If the file cannot punch,
  * the data stays, as discard allows.
  */
-static int coroutine_fn qed_co_pdiscard(BlockDriverState *bs, int64_t offset,
-                                        int64_t bytes)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
 {
     BDRVQEDState *s = bs->opaque;
 
@@ -1143,11 +1229,10 @@ static int coroutine_fn qed_co_pdiscard(BlockDriverState *bs, int64_t offset,
     return 0;
 }
 
-static int coroutine_fn qed_co_block_status(BlockDriverState *bs,
-                                            bool want_zero, int64_t offset,
-                                            int64_t bytes, int64_t *pnum,
-                                            int64_t *map,
-                                            BlockDriverState **file)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_block_status(BlockDriverState *bs, bool want_zero, int64_t offset,
+                    int64_t bytes, int64_t *pnum, int64_t *map,
+                    BlockDriverState **file)
 {
     BDRVQEDState *s = bs->opaque;
     QEDExtent ext;
@@ -1178,9 +1263,9 @@ static int coroutine_fn qed_co_block_status(BlockDriverState *bs,
 
 /* ---- size, info, backing file ------------------------------------------- */
 
-static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
-                                        bool exact, PreallocMode prealloc,
-                                        BdrvRequestFlags flags, Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
+                PreallocMode prealloc, BdrvRequestFlags flags, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
     uint64_t old_size = s->header.image_size;
@@ -1246,14 +1331,15 @@ static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
     return 0;
 }
 
-static int64_t qed_getlength(BlockDriverState *bs)
+static int64_t coroutine_fn GRAPH_RDLOCK qed_co_getlength(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
 
     return s->header.image_size;
 }
 
-static int qed_get_info(BlockDriverState *bs, BlockDriverInfo *bdi)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_get_info(BlockDriverState *bs, BlockDriverInfo *bdi)
 {
     BDRVQEDState *s = bs->opaque;
 
@@ -1280,7 +1366,8 @@ static int qed_get_info(BlockDriverState *bs, BlockDriverInfo *bdi)
  * leaks` reclaims, never a corruption.  (Without a backing file, which
  * commit never empties, the bit is set first as for any table change.)
  */
-static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_make_empty(BDRVQEDState *s, void *opaque)
 {
     uint64_t bytes = qed_table_bytes(s);
     QEDTable *zero;
@@ -1341,7 +1428,8 @@ static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
     return ret;
 }
 
-static int qed_make_empty(BlockDriverState *bs)
+static int GRAPH_RDLOCK
+qed_make_empty(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
     int ret;
@@ -1352,20 +1440,18 @@ static int qed_make_empty(BlockDriverState *bs)
     return ret;
 }
 
-static int qed_change_backing_file(BlockDriverState *bs,
-                                   const char *backing_file,
-                                   const char *backing_fmt)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_change_backing_file(BlockDriverState *bs, const char *backing_file,
+                           const char *backing_fmt)
 {
     BDRVQEDState *s = bs->opaque;
-
     QEDBackingChange change = { .file = backing_file, .fmt = backing_fmt };
 
-    return qed_call_in_coroutine(s, qed_co_change_backing, &change);
+    return qed_co_change_backing(s, &change);
 }
 
-static int coroutine_fn qed_co_check(BlockDriverState *bs,
-                                     BdrvCheckResult *result,
-                                     BdrvCheckMode fix)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_check(BlockDriverState *bs, BdrvCheckResult *result, BdrvCheckMode fix)
 {
     BDRVQEDState *s = bs->opaque;
     int ret;
@@ -1439,10 +1525,10 @@ static BlockDriver bdrv_qed = {
     .bdrv_co_pdiscard           = qed_co_pdiscard,
     .bdrv_co_truncate           = qed_co_truncate,
     .bdrv_co_flush_to_os        = qed_co_flush_to_os,
-    .bdrv_getlength             = qed_getlength,
-    .bdrv_get_info              = qed_get_info,
+    .bdrv_co_getlength          = qed_co_getlength,
+    .bdrv_co_get_info           = qed_co_get_info,
     .bdrv_refresh_limits        = qed_refresh_limits,
-    .bdrv_change_backing_file   = qed_change_backing_file,
+    .bdrv_co_change_backing_file = qed_co_change_backing_file,
     .bdrv_make_empty            = qed_make_empty,
     .bdrv_co_invalidate_cache   = qed_co_invalidate_cache,
     .bdrv_inactivate            = qed_inactivate,
@@ -1451,7 +1537,7 @@ static BlockDriver bdrv_qed = {
     .bdrv_measure               = qed_measure,
     .bdrv_detach_aio_context    = qed_detach_aio_context,
     .bdrv_attach_aio_context    = qed_attach_aio_context,
-    .bdrv_co_drain_begin        = qed_co_drain_begin,
+    .bdrv_drain_begin           = qed_drain_begin,
 };
 
 static void bdrv_qed_init(void)

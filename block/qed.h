@@ -37,6 +37,13 @@
  * header_lock (NEED_CHECK's clear and a backing change run the writeback
  * first, then take header_lock).
  *
+ * The graph lock (QEMU 8.0+): every function that reads bs->file or
+ * bs->backing or does I/O on them is GRAPH_RDLOCK.  Requests hold the
+ * reader lock from the block layer; the coroutines the driver starts
+ * itself (the NEED_CHECK timer's, the background writeback's,
+ * qed_call_in_coroutine()'s) take it with GRAPH_RDLOCK_GUARD(); the
+ * writeback's aio tasks run under their spawner's.
+ *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
  */
@@ -44,6 +51,7 @@
 #ifndef BLOCK_QED_H
 #define BLOCK_QED_H
 
+#include "block/block-io.h"
 #include "block/block_int.h"
 #include "qemu/cutils.h"
 #include "qemu/coroutine.h"
@@ -319,6 +327,15 @@ typedef struct BDRVQEDState {
      * open writes
      */
     bool unrepaired;
+    /*
+     * The state is complete: set at the end of a successful open (and
+     * of invalidate_cache's), cleared when close or invalidate_cache
+     * start.  PORT-10: 10.0 runs .bdrv_drain_begin for every node at
+     * every graph change (bdrv_graph_wrlock() drains all), also for this
+     * node while it is being opened (bdrv_open_file_child()): the
+     * drain's BH does nothing unless this is set.
+     */
+    bool opened;
 
     unsigned int error_reports; /* rate limit for corrupt-metadata messages */
 
@@ -422,12 +439,13 @@ static inline bool qed_is_data_offset(uint64_t entry)
 /* qed.c: the driver, NEED_CHECK and its timer */
 void qed_report_corruption(BDRVQEDState *s, const char *fmt, ...)
     G_GNUC_PRINTF(2, 3);
-int coroutine_fn qed_clear_need_check(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_clear_need_check(BDRVQEDState *s);
 void qed_arm_timer(BDRVQEDState *s);
 void qed_cancel_timer(BDRVQEDState *s);
-int coroutine_fn qed_read_backing(BDRVQEDState *s, uint64_t pos,
-                                  uint64_t bytes, QEMUIOVector *qiov,
-                                  size_t qiov_offset);
+int coroutine_fn GRAPH_RDLOCK
+qed_read_backing(BDRVQEDState *s, uint64_t pos, uint64_t bytes,
+                 QEMUIOVector *qiov, size_t qiov_offset);
 
 /* qed-header.c: the header, its validation and its one writer */
 void qed_header_le_to_cpu(const QEDHeader *le, QEDHeader *cpu);
@@ -438,45 +456,57 @@ int qed_validate_image_size(uint64_t size, uint64_t cluster_size,
                          uint64_t table_size, Error **errp);
 int qed_validate_header(QEDHeader *h, int64_t file_size, Error **errp);
 bool qed_backing_name_fits(uint64_t header_bytes, uint64_t len, Error **errp);
-int coroutine_fn qed_update_header(BDRVQEDState *s, const QEDHeader *h);
+int coroutine_fn GRAPH_RDLOCK
+qed_update_header(BDRVQEDState *s, const QEDHeader *h);
 bool qed_has_backing_file(BDRVQEDState *s);
-int coroutine_fn qed_raise_need_check(BDRVQEDState *s);
-int coroutine_fn qed_set_need_check(BDRVQEDState *s);
-int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque);
+int coroutine_fn GRAPH_RDLOCK
+qed_raise_need_check(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_set_need_check(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_co_change_backing(BDRVQEDState *s, void *opaque);
 
 /* qed-alloc.c: claims, file space and the file's size */
 bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
                             uint64_t start, uint64_t end);
 void qed_release(BDRVQEDState *s, QEDAllocation *a);
 void coroutine_fn qed_wait_resize(BDRVQEDState *s, uint64_t end);
-int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size);
-int coroutine_fn qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t);
+int coroutine_fn GRAPH_RDLOCK
+qed_resize_file(BDRVQEDState *s, uint64_t size);
+int coroutine_fn GRAPH_RDLOCK
+qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t);
 void qed_free_space_init(BDRVQEDState *s);
 void qed_free_space_destroy(BDRVQEDState *s);
 uint64_t qed_free_space_bytes(BDRVQEDState *s);
 void qed_free_space_forget(BDRVQEDState *s);
-int coroutine_fn qed_mark_clusters(BDRVQEDState *s, uint64_t start,
-                                   unsigned int n, uint64_t value);
-int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s, uint64_t pos,
-                                          uint64_t bytes, QEDExtentType type,
-                                          QEMUIOVector *qiov,
-                                          size_t qiov_offset);
+int coroutine_fn GRAPH_RDLOCK
+qed_mark_clusters(BDRVQEDState *s, uint64_t start, unsigned int n,
+                  uint64_t value);
+int64_t coroutine_fn GRAPH_RDLOCK
+qed_allocating_write(BDRVQEDState *s, uint64_t pos, uint64_t bytes,
+                     QEDExtentType type, QEMUIOVector *qiov,
+                     size_t qiov_offset);
 
 /* qed-writeback.c: the writeback passes of dirty table sectors */
 bool qed_tables_dirty(BDRVQEDState *s);
-int coroutine_fn qed_writeback(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_writeback(BDRVQEDState *s);
 void qed_wb_free_buffers(BDRVQEDState *s);
-void coroutine_fn qed_wb_throttle(BDRVQEDState *s);
+void coroutine_fn GRAPH_RDLOCK
+qed_wb_throttle(BDRVQEDState *s);
 
 /* qed-create.c: create, measure, amend */
 extern QemuOptsList qed_create_opts;
 extern QemuOptsList qed_amend_opts;
-int coroutine_fn qed_co_create(BlockdevCreateOptions *opts, Error **errp);
-int coroutine_fn qed_co_create_opts(BlockDriver *drv, const char *filename,
-                                    QemuOpts *opts, Error **errp);
-int qed_amend_options(BlockDriverState *bs, QemuOpts *opts,
-                      BlockDriverAmendStatusCB *status_cb, void *cb_opaque,
-                      bool force, Error **errp);
+int coroutine_fn GRAPH_UNLOCKED
+qed_co_create(BlockdevCreateOptions *opts, Error **errp);
+int coroutine_fn GRAPH_UNLOCKED
+qed_co_create_opts(BlockDriver *drv, const char *filename, QemuOpts *opts,
+                   Error **errp);
+int GRAPH_RDLOCK
+qed_amend_options(BlockDriverState *bs, QemuOpts *opts,
+                  BlockDriverAmendStatusCB *status_cb, void *cb_opaque,
+                  bool force, Error **errp);
 BlockMeasureInfo *qed_measure(QemuOpts *opts, BlockDriverState *in_bs,
                               Error **errp);
 
@@ -496,26 +526,28 @@ unsigned int qed_dirty_clear(QEDDirtyTable *t, unsigned int first,
                              unsigned int n);
 void qed_table_snapshot(const uint64_t *entries, unsigned int n,
                         uint64_t *dest);
-int coroutine_fn qed_write_table_snapshot(BDRVQEDState *s,
-                                          uint64_t table_offset,
-                                          unsigned int first, unsigned int n,
-                                          const uint64_t *snapshot);
-int coroutine_fn qed_read_table(BDRVQEDState *s, uint64_t offset,
-                                QEDTable *table);
-int coroutine_fn qed_write_table(BDRVQEDState *s, uint64_t offset,
-                                 QEDTable *table, unsigned int index,
-                                 unsigned int n);
-int coroutine_fn qed_read_table_entries(BDRVQEDState *s,
-                                        uint64_t table_offset,
-                                        unsigned int first, unsigned int n,
-                                        uint64_t *entries);
-int coroutine_fn qed_read_l1_table(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_write_table_snapshot(BDRVQEDState *s, uint64_t table_offset,
+                         unsigned int first, unsigned int n,
+                         const uint64_t *snapshot);
+int coroutine_fn GRAPH_RDLOCK
+qed_read_table(BDRVQEDState *s, uint64_t offset, QEDTable *table);
+int coroutine_fn GRAPH_RDLOCK
+qed_write_table(BDRVQEDState *s, uint64_t offset, QEDTable *table,
+                unsigned int index, unsigned int n);
+int coroutine_fn GRAPH_RDLOCK
+qed_read_table_entries(BDRVQEDState *s, uint64_t table_offset,
+                       unsigned int first, unsigned int n, uint64_t *entries);
+int coroutine_fn GRAPH_RDLOCK
+qed_read_l1_table(BDRVQEDState *s);
 void qed_l2_starts_rebuild(BDRVQEDState *s);
 void qed_l2_starts_add(BDRVQEDState *s, uint64_t offset);
-int coroutine_fn qed_write_l1_table(BDRVQEDState *s, QEDTable *l1,
-                                    unsigned int index, unsigned int n);
-int coroutine_fn qed_read_tables(BDRVQEDState *s, uint64_t offset,
-                                 unsigned int n, QEDTable **tables);
+int coroutine_fn GRAPH_RDLOCK
+qed_write_l1_table(BDRVQEDState *s, QEDTable *l1, unsigned int index,
+                   unsigned int n);
+int coroutine_fn GRAPH_RDLOCK
+qed_read_tables(BDRVQEDState *s, uint64_t offset, unsigned int n,
+                QEDTable **tables);
 
 /* qed-l2-cache.c: pure memory */
 QEDL2Cache *qed_l2_cache_new(uint64_t max_bytes, size_t table_bytes);
@@ -554,21 +586,25 @@ void qed_screen_new_table(BDRVQEDState *s, uint64_t l2_offset);
 void qed_screen_forget(BDRVQEDState *s, uint64_t l2_offset,
                        unsigned int first, unsigned int n);
 uint64_t qed_screen_skip(BDRVQEDState *s, uint64_t offset, uint64_t bytes);
-void coroutine_fn qed_screen_settle(BDRVQEDState *s);
-int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
-                                  QEDCachedTable **entry);
-int coroutine_fn qed_l2_ensure(BDRVQEDState *s, QEDCachedTable *e,
-                               unsigned int first, unsigned int end);
-int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
-                                 uint64_t bytes, QEDExtent *ext);
+void coroutine_fn GRAPH_RDLOCK
+qed_screen_settle(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset, QEDCachedTable **entry);
+int coroutine_fn GRAPH_RDLOCK
+qed_l2_ensure(BDRVQEDState *s, QEDCachedTable *e, unsigned int first,
+              unsigned int end);
+int coroutine_fn GRAPH_RDLOCK
+qed_find_extent(BDRVQEDState *s, uint64_t pos, uint64_t bytes, QEDExtent *ext);
 
 /* qed-check.c */
-int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
-                           BdrvCheckMode fix, bool quiet);
+int coroutine_fn GRAPH_RDLOCK
+qed_check(BDRVQEDState *s, BdrvCheckResult *result, BdrvCheckMode fix,
+          bool quiet);
 
 /* qed-compact.c: inner leaks reclaimed by moving clusters in use */
 #define QED_COMPACT_STUCK 1
-int coroutine_fn qed_compact(BDRVQEDState *s, unsigned long *used,
-                             uint64_t nbits, uint64_t *moved);
+int coroutine_fn GRAPH_RDLOCK
+qed_compact(BDRVQEDState *s, unsigned long *used, uint64_t nbits,
+            uint64_t *moved);
 
 #endif /* BLOCK_QED_H */
