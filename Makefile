@@ -55,7 +55,7 @@ base: deps $(STAMP)
 # Concurrent builds in one tree would trip over each other: take a lock.
 build: base
 	@./scripts/link-ours.sh
-	@flock .base/build.lock ninja -C $(BUILD) $(BINARIES) tests/qed-sim/qed-sim \
+	@flock .base/build.lock ninja -C $(BUILD) $(BINARIES) tests/qed-sim/qed-sim tests/qed-mq/qed-mq \
 	    $(UNIT_TESTS)
 
 demo: build
@@ -110,7 +110,7 @@ build-san: base
 	@./scripts/link-ours.sh
 	@./scripts/prepare-san.sh
 	@flock .base/build-san.lock nice -n 5 ninja -C $(BUILD_SAN) $(BINARIES) \
-	    tests/qed-fuzz/qed-fuzz tests/qed-sim/qed-sim
+	    tests/qed-fuzz/qed-fuzz tests/qed-sim/qed-sim tests/qed-mq/qed-mq
 
 # The QED iotests (the list and ours) on the sanitizer build, every report
 # fatal, then the fuzzer's regression inputs.  Arguments as for

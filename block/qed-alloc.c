@@ -64,8 +64,9 @@ static QEDAllocation *qed_find_alloc(BDRVQEDState *s, uint64_t start,
 bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
                             uint64_t start, uint64_t end)
 {
+    qed_assert_locked(s);
     if (qed_find_alloc(s, start, end)) {
-        qemu_co_queue_wait(&s->alloc_waiters, NULL);
+        qemu_co_queue_wait(&s->alloc_waiters, &s->lock);
         return false;
     }
     a->start = start;
@@ -107,6 +108,7 @@ static bool qed_claimed_entries_are(QEDCachedTable *e, unsigned int first,
 
 void qed_release(BDRVQEDState *s, QEDAllocation *a)
 {
+    qed_assert_locked(s);
     QLIST_REMOVE(a, next);
     qemu_co_queue_restart_all(&s->alloc_waiters);
     qemu_co_queue_restart_all(&s->idle_waiters);
@@ -197,6 +199,7 @@ static uint64_t qed_reserve(BDRVQEDState *s, uint64_t bytes, bool *reused)
 {
     uint64_t offset;
 
+    qed_assert_locked(s);
     for (guint i = 0; i < s->free_runs->len; i++) {
         QEDFreeRun *r = &g_array_index(s->free_runs, QEDFreeRun, i);
 
@@ -234,6 +237,7 @@ static void qed_unreserve(BDRVQEDState *s, uint64_t offset, uint64_t bytes,
     QEDFreeRun run = { .offset = offset, .bytes = bytes };
     guint i = 0;
 
+    qed_assert_locked(s);
     if (written) {
         s->length_unsure = true;
         s->garbage_end = MAX(s->garbage_end, offset + bytes);
@@ -292,7 +296,7 @@ void coroutine_fn qed_wait_resize(BDRVQEDState *s, uint64_t end)
 {
     while (s->resizing && end > s->resize_target) {
         trace_qed_wait_resize(s, end, s->resize_target);
-        qemu_co_queue_wait(&s->resize_waiters, NULL);
+        qemu_co_queue_wait(&s->resize_waiters, &s->lock);
     }
 }
 
@@ -307,14 +311,16 @@ int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size)
     PreallocMode mode;
     int ret;
 
+    qed_assert_locked(s);
     while (s->resizing) {
-        qemu_co_queue_wait(&s->resize_waiters, NULL);
+        qemu_co_queue_wait(&s->resize_waiters, &s->lock);
     }
     s->resizing = true;
     s->resize_target = size;
     mode = size > s->file_size && s->grow_falloc ? PREALLOC_MODE_FALLOC :
                                                    PREALLOC_MODE_OFF;
-    ret = bdrv_co_truncate(s->bs->file, size, false, mode, 0, NULL);
+    ret = QED_UNLOCKED(s, bdrv_co_truncate(s->bs->file, size, false, mode, 0,
+                                           NULL));
     trace_qed_resize_file(s, s->file_size, size, mode == PREALLOC_MODE_FALLOC,
                           ret);
     if (ret == 0) {
@@ -331,8 +337,8 @@ int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size)
          * sparse growth from now on, and this size change again so
          */
         s->grow_falloc = false;
-        ret = bdrv_co_truncate(s->bs->file, size, false, PREALLOC_MODE_OFF, 0,
-                               NULL);
+        ret = QED_UNLOCKED(s, bdrv_co_truncate(s->bs->file, size, false,
+                                               PREALLOC_MODE_OFF, 0, NULL));
         trace_qed_resize_file(s, s->file_size, size, false, ret);
         if (ret == 0) {
             s->file_size = size;
@@ -403,7 +409,7 @@ qed_grow_file(BDRVQEDState *s, uint64_t end)
              * Even one that covers @end: it may fail, and a write past
              * the length must not race a failed grow's restored length
              */
-            qemu_co_queue_wait(&s->resize_waiters, NULL);
+            qemu_co_queue_wait(&s->resize_waiters, &s->lock);
             continue;
         }
         if (qed_has_backing_file(s) || s->grow_tight) {
@@ -451,6 +457,7 @@ qed_grow_file(BDRVQEDState *s, uint64_t end)
 static int GRAPH_RDLOCK
 qed_iovec_add_zeros(BDRVQEDState *s, QEMUIOVector *qiov, uint64_t bytes)
 {
+    qed_assert_locked(s);
     if (!s->zero_buf) {
         /* One buffer for every such write, for the whole open */
         s->zero_buf = qemu_try_blockalign0(s->bs->file->bs, QED_ZERO_BUF_BYTES);
@@ -485,7 +492,8 @@ qed_write_zero_data(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
         qemu_iovec_init(&qiov, DIV_ROUND_UP(n, QED_ZERO_BUF_BYTES));
         ret = qed_iovec_add_zeros(s, &qiov, n);
         if (ret == 0) {
-            ret = bdrv_co_pwritev(s->bs->file, offset, n, &qiov, 0);
+            ret = QED_UNLOCKED(s, bdrv_co_pwritev(s->bs->file, offset, n,
+                                                  &qiov, 0));
         }
         qemu_iovec_destroy(&qiov);
         if (ret < 0) {
@@ -517,20 +525,21 @@ int coroutine_fn qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t)
     int ret = 0;
 
     while (t->space_busy) {
-        qemu_co_queue_wait(&s->making_waiters, NULL);
+        qemu_co_queue_wait(&s->making_waiters, &s->lock);
     }
     if (t->space_ok) {
         return 0;
     }
     t->space_busy = true;
     while (t->wb_inflight) {
-        qemu_co_queue_wait(&s->making_waiters, NULL);
+        qemu_co_queue_wait(&s->making_waiters, &s->lock);
     }
     while (pos < end) {
         int64_t pnum;
 
-        ret = bdrv_co_block_status(s->bs->file->bs, pos, end - pos, &pnum,
-                                   NULL, NULL);
+        ret = QED_UNLOCKED(s, bdrv_co_block_status(s->bs->file->bs, pos,
+                                                   end - pos, &pnum, NULL,
+                                                   NULL));
         if (ret < 0) {
             break;
         }
@@ -655,7 +664,7 @@ qed_table_for_entries(BDRVQEDState *s, unsigned int l1i, unsigned int first,
     assert(n > 0 && first + n <= s->table_nelems);
     *e = NULL;
     while (qed_table_making(s, l1i)) {
-        qemu_co_queue_wait(&s->making_waiters, NULL);
+        qemu_co_queue_wait(&s->making_waiters, &s->lock);
     }
     l2_offset = s->l1.table->offsets[l1i];
     if (l2_offset == 0) {
@@ -687,6 +696,7 @@ static void qed_fill_entries(BDRVQEDState *s, QEDCachedTable *e,
 {
     QEDDirtyTable *t = qed_l2_cache_table(e);
 
+    qed_assert_locked(s);
     qed_screen_forget(s, t->offset, first, n);
     for (unsigned int i = 0; i < n; i++) {
         t->table->offsets[first + i] = value + i * step;
@@ -741,7 +751,7 @@ qed_cow_read(BDRVQEDState *s, uint64_t pos, uint64_t bytes, QEMUIOVector *qiov,
 
     *buf = qemu_blockalign(s->bs, bytes);
     qemu_iovec_init_buf(&q, *buf, bytes);
-    BLKDBG_CO_EVENT(s->bs->file, BLKDBG_COW_READ);
+    qed_event(s, BLKDBG_COW_READ);
     qemu_iovec_add(qiov, *buf, bytes);
     return qed_read_backing(s, pos, bytes, &q, 0);
 }
@@ -816,7 +826,7 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
          * file holds data, table, data...: the space of writes that fail
          * on a full disk is then last, and goes back with file_end
          */
-        qemu_co_queue_wait(&s->making_waiters, NULL);
+        qemu_co_queue_wait(&s->making_waiters, &s->lock);
     }
     alloc->file_offset = qed_reserve(s, end - start, &reused);
     ret = qed_table_for_entries(s, qed_l1_index(s, start), first, n, true,
@@ -841,7 +851,7 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
         g_free(alloc);
         return ret;
     }
-    BLKDBG_CO_EVENT(s->bs->file, BLKDBG_CLUSTER_ALLOC);
+    qed_event(s, BLKDBG_CLUSTER_ALLOC);
 
     /*
      * New space at the end reads as zeros: without a backing file only the
@@ -880,9 +890,9 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
 
     /* Copy-on-write only when backing data pads the guest's */
     qed_wait_resize(s, wstart + wqiov.size);
-    BLKDBG_CO_EVENT(s->bs->file, head_buf || tail_buf ? BLKDBG_COW_WRITE :
-                                                        BLKDBG_WRITE_AIO);
-    ret = bdrv_co_pwritev(s->bs->file, wstart, wqiov.size, &wqiov, 0);
+    qed_event(s, head_buf || tail_buf ? BLKDBG_COW_WRITE : BLKDBG_WRITE_AIO);
+    ret = QED_UNLOCKED(s, bdrv_co_pwritev(s->bs->file, wstart, wqiov.size,
+                                          &wqiov, 0));
     if (ret < 0) {
         goto fail;
     }

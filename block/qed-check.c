@@ -364,14 +364,14 @@ qed_check_l2_tables(QEDCheck *check)
             bufs[n_bufs] = qed_table_buf_new(s);
         }
 
-        BLKDBG_CO_EVENT(s->bs->file, BLKDBG_L2_LOAD);
+        qed_event(s, BLKDBG_L2_LOAD);
         ret = qed_read_tables(s, check->tables[i].offset, n, bufs);
         if (ret < 0 && n > 1) {
             /* Read the run table by table so one bad sector costs one */
             for (unsigned int j = 0; j < n; j++) {
                 QEDCheckL2 *t = &check->tables[i + j];
 
-                BLKDBG_CO_EVENT(s->bs->file, BLKDBG_L2_LOAD);
+                qed_event(s, BLKDBG_L2_LOAD);
                 ret = qed_read_table(s, t->offset, bufs[0]);
                 if (ret < 0) {
                     qed_check_say(check, "ERROR: could not read L2 table 0x%"
@@ -558,7 +558,7 @@ qed_check_leaks(QEDCheck *check)
      */
     left = qed_check_count_free(check, used_end);
     ret = 0;
-    if ((uint64_t)bdrv_co_getlength(s->bs->file->bs) >
+    if ((uint64_t)QED_UNLOCKED(s, bdrv_co_getlength(s->bs->file->bs)) >
         used_end * cluster_size ||
         file_clusters > used_end) {
         uint64_t new_len = used_end * cluster_size;
@@ -600,7 +600,8 @@ int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
     int64_t file_size;
     int ret;
 
-    file_size = bdrv_co_getlength(s->bs->file->bs);
+    qed_assert_locked(s);
+    file_size = QED_UNLOCKED(s, bdrv_co_getlength(s->bs->file->bs));
     if (file_size < 0) {
         qed_check_say(&check, "ERROR: could not get the size of the file: %s\n",
                 strerror(-file_size));
@@ -656,7 +657,7 @@ int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
      */
     ret = 0;
     if (fix) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
         if (ret < 0) {
             qed_check_say(&check, "ERROR: could not flush the file: %s\n",
                     strerror(-ret));

@@ -106,7 +106,7 @@ typedef struct QEDScreenRange {
 void qed_screen_init(BDRVQEDState *s)
 {
     s->open_end = s->file_end;
-    qemu_co_mutex_init(&s->screen_lock);
+    qed_busy_init(&s->screen_busy);
     s->bad_entries = g_hash_table_new_full(g_int64_hash, g_int64_equal,
                                            g_free, g_free);
     s->bad_ranges = g_array_new(FALSE, FALSE, sizeof(QEDScreenRange));
@@ -243,7 +243,7 @@ static unsigned long *qed_screen_table_bad(BDRVQEDState *s, GHashTable *bad,
 /*
  * Read every L2 table that the L1 names and that lies inside the file as
  * opened, and record the entries of those tables and of the L1 that name
- * space past it.  The caller holds screen_lock; nothing has been
+ * space past it.  The caller holds screen_busy; nothing has been
  * allocated yet (file_end == open_end).  The result goes into effect
  * only as a whole, and only if no check vouched for the entries meanwhile.
  */
@@ -346,7 +346,7 @@ qed_screen_tables(BDRVQEDState *s)
  * disk; they stay invalid (EIO) for the rest of the open all the same.
  * Best effort: if it fails, the entries keep naming space nothing else
  * uses (the allocator skipped it), which is harmless.  The caller holds
- * screen_lock.
+ * screen_busy.
  */
 static void coroutine_fn GRAPH_RDLOCK
 qed_screen_drop(BDRVQEDState *s)
@@ -444,8 +444,7 @@ qed_screen_prepare(BDRVQEDState *s)
         (s->tables_screened && (s->bad_dropped || !qed_screen_passed(s)))) {
         return 0;
     }
-    qemu_co_mutex_lock(&s->screen_lock);
-    s->screen_busy = true;
+    qed_busy_enter(s, &s->screen_busy);
     if (!s->entries_checked && !s->tables_screened) {
         ret = qed_screen_tables(s);
     }
@@ -454,8 +453,7 @@ qed_screen_prepare(BDRVQEDState *s)
         s->bad_dropped = true;
         qed_screen_drop(s);
     }
-    s->screen_busy = false;
-    qemu_co_mutex_unlock(&s->screen_lock);
+    qed_busy_leave(s, &s->screen_busy);
     return ret;
 }
 
@@ -467,19 +465,16 @@ qed_screen_prepare(BDRVQEDState *s)
  */
 void coroutine_fn qed_screen_settle(BDRVQEDState *s)
 {
-    if (s->screen_busy || !s->tables_screened || s->bad_dropped ||
+    qed_assert_locked(s);
+    if (s->screen_busy.owner || !s->tables_screened || s->bad_dropped ||
         s->entries_checked || !qed_screen_passed(s)) {
         return;
     }
-    qemu_co_mutex_lock(&s->screen_lock);
-    if (s->tables_screened && !s->bad_dropped && !s->entries_checked &&
-        qed_screen_passed(s)) {
-        s->screen_busy = true;
-        s->bad_dropped = true;
-        qed_screen_drop(s);
-        s->screen_busy = false;
-    }
-    qemu_co_mutex_unlock(&s->screen_lock);
+    /* Free (tested above, under s->lock): taken without a wait */
+    qed_busy_enter(s, &s->screen_busy);
+    s->bad_dropped = true;
+    qed_screen_drop(s);
+    qed_busy_leave(s, &s->screen_busy);
 }
 
 /* Entries [first, first + n) of the table at @l2_offset are being set */
@@ -557,7 +552,7 @@ qed_l2_load_locked(BDRVQEDState *s, QEDCachedTable *e, unsigned int first,
             break;
         }
         run_end = find_next_bit(t->loaded, last + 1, c);
-        BLKDBG_CO_EVENT(s->bs->file, BLKDBG_L2_LOAD);
+        qed_event(s, BLKDBG_L2_LOAD);
         ret = qed_read_table_entries(s, t->offset, c * ce, (run_end - c) * ce,
                                      &t->table->offsets[c * ce]);
         if (ret < 0) {
@@ -581,7 +576,7 @@ int coroutine_fn qed_l2_ensure(BDRVQEDState *s, QEDCachedTable *e,
     if (find_next_zero_bit(qed_l2_cache_table(e)->loaded, last + 1, c) > last) {
         return 0;
     }
-    qed_l2_cache_lock_chunks(e);
+    qed_l2_cache_lock_chunks(e, &s->lock);
     ret = qed_l2_load_locked(s, e, first, end);
     qed_l2_cache_unlock_chunks(e);
     return ret;

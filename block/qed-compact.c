@@ -205,10 +205,10 @@ qed_compact_copy(QEDCompact *c, uint64_t from, uint64_t to, uint64_t n)
     uint64_t delta = (to - from) * c->cs;   /* wraps: fine for unsigned */
 
     while (pos < end) {
+        uint64_t len = MIN(end - pos, QED_COMPACT_COPY_BYTES);
         int64_t pnum;
-        int ret = bdrv_co_block_status(file->bs, pos,
-                                       MIN(end - pos, QED_COMPACT_COPY_BYTES),
-                                       &pnum, NULL, NULL);
+        int ret = QED_UNLOCKED(c->s, bdrv_co_block_status(file->bs, pos, len,
+                                                          &pnum, NULL, NULL));
 
         if (ret < 0) {
             return ret;
@@ -219,14 +219,17 @@ qed_compact_copy(QEDCompact *c, uint64_t from, uint64_t to, uint64_t n)
             pnum = MIN(end - pos, QED_COMPACT_COPY_BYTES);
         }
         if (ret & BDRV_BLOCK_DATA) {
-            ret = bdrv_co_pread(file, pos, pnum, c->copy_buf, 0);
+            ret = QED_UNLOCKED(c->s, bdrv_co_pread(file, pos, pnum,
+                                                   c->copy_buf, 0));
             if (ret == 0) {
-                ret = bdrv_co_pwrite(file, pos + delta, pnum, c->copy_buf,
-                                     0);
+                ret = QED_UNLOCKED(c->s, bdrv_co_pwrite(file, pos + delta,
+                                                        pnum, c->copy_buf,
+                                                        0));
             }
         } else {
-            ret = bdrv_co_pwrite_zeroes(file, pos + delta, pnum,
-                                        BDRV_REQ_MAY_UNMAP);
+            ret = QED_UNLOCKED(c->s, bdrv_co_pwrite_zeroes(file, pos + delta,
+                                                           pnum,
+                                                           BDRV_REQ_MAY_UNMAP));
         }
         if (ret < 0) {
             return ret;
@@ -241,7 +244,8 @@ static void coroutine_fn GRAPH_RDLOCK
 qed_compact_punch(QEDCompact *c, uint64_t cl, uint64_t n)
 {
     /* Errors only keep the space */
-    bdrv_co_pdiscard(c->s->bs->file, cl * c->cs, n * c->cs);
+    QED_UNLOCKED_VOID(c->s, bdrv_co_pdiscard(c->s->bs->file, cl * c->cs,
+                                             n * c->cs));
 }
 
 /*
@@ -291,7 +295,7 @@ qed_compact_move_data(QEDCompact *c, QEDMove *moves, unsigned int *pn)
         }
     }
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
 
     /* The entries, table by table */
@@ -319,7 +323,7 @@ qed_compact_move_data(QEDCompact *c, QEDMove *moves, unsigned int *pn)
         }
     }
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
     g_free(done);
     if (ret < 0) {
@@ -349,7 +353,7 @@ qed_compact_move_table(QEDCompact *c, uint32_t l1i, uint64_t to)
     trace_qed_compact_move(s, old, to * c->cs, c->table_clusters, true);
     ret = qed_compact_copy(c, from, to, c->table_clusters);
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
     if (ret < 0) {
         return ret;
@@ -357,7 +361,7 @@ qed_compact_move_table(QEDCompact *c, uint32_t l1i, uint64_t to)
     s->l1.table->offsets[l1i] = to * c->cs;
     ret = qed_write_l1_table(s, s->l1.table, l1i, 1);
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
     if (ret < 0) {
         /* Memory says what the disk may say; the caller stops here */

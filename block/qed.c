@@ -90,7 +90,7 @@ static int qed_probe(const uint8_t *buf, int buf_size, const char *filename)
  * Crash ordering 5: clear NEED_CHECK only when no allocation is in flight,
  * no table sector is dirty, and after a flush, so every table write before
  * it is on disk.  An allocation that starts meanwhile, or a writeback
- * pass, finds need_check_ready false and waits for header_lock before it
+ * pass, finds need_check_ready false and waits for header_busy before it
  * writes anything, then sets the bit again (over a backing file: only an
  * allocation that grows the file, ordering 8).
  *
@@ -99,7 +99,7 @@ static int qed_probe(const uint8_t *buf, int buf_size, const char *filename)
  * outlives the bit (the original driver's check counts one as leaked
  * clusters).  The cut happens with no allocation in flight (ordering 7),
  * and a new allocation grows the file again only after setting the bit,
- * which waits for header_lock.
+ * which waits for header_busy.
  */
 
 int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
@@ -107,12 +107,13 @@ int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
     QEDHeader h;
     int ret;
 
+    qed_assert_locked(s);
     ret = qed_writeback(s);
     if (ret < 0) {
         return ret;
     }
 
-    qemu_co_mutex_lock(&s->header_lock);
+    qed_busy_enter(s, &s->header_busy);
     s->need_check_ready = false;
     if (s->allocating_writes == 0 && !qed_tables_dirty(s) &&
         !bdrv_is_read_only(s->bs)) {
@@ -121,7 +122,7 @@ int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
         }
         if (ret == 0 && (s->header.features & QED_F_NEED_CHECK) &&
             !s->unrepaired) {
-            ret = bdrv_co_flush(s->bs->file->bs);
+            ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
             if (ret == 0) {
                 h = s->header;
                 h.features &= ~QED_F_NEED_CHECK;
@@ -129,7 +130,7 @@ int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
             }
             if (ret == 0) {
                 /* Leave the clean header on disk before anyone goes away */
-                ret = bdrv_co_flush(s->bs->file->bs);
+                ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
             }
             if (ret == 0) {
                 trace_qed_need_check_clear(s);
@@ -138,7 +139,7 @@ int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
             }
         }
     }
-    qemu_co_mutex_unlock(&s->header_lock);
+    qed_busy_leave(s, &s->header_busy);
     return ret;
 }
 
@@ -166,33 +167,60 @@ static void coroutine_fn qed_need_check_timer_entry(void *opaque)
      */
     GRAPH_RDLOCK_GUARD();
 
+    qed_lock(s);
     while (qed_allocs_in_flight(s)) {
-        qemu_co_queue_wait(&s->idle_waiters, NULL);
+        qemu_co_queue_wait(&s->idle_waiters, &s->lock);
     }
     qed_clear_need_check(s);
-    s->timer_running = false;
+    /* Still under the lock: a start that comes after this clear runs */
+    qatomic_set(&s->timer_running, false);
+    qed_unlock(s);
     bdrv_dec_in_flight(s->bs);
 }
 
-/* Start clearing NEED_CHECK in a coroutine that drain waits for */
+/*
+ * Start clearing NEED_CHECK in a coroutine that drain waits for.  From a
+ * coroutine that holds s->lock, or from the timer's callback (any thread,
+ * atomics only: see qed_need_check_timer_cb())
+ */
 static void qed_start_clear(BDRVQEDState *s)
 {
     Coroutine *co;
 
-    if (s->timer_running) {
+    if (qatomic_xchg(&s->timer_running, true)) {
         return;
     }
-    s->timer_running = true;
     bdrv_inc_in_flight(s->bs);
     co = qemu_coroutine_create(qed_need_check_timer_entry, s);
     aio_co_enter(bdrv_get_aio_context(s->bs), co);
 }
 
+/*
+ * A timer callback may start a coroutine of ours only outside drained
+ * sections, and drain begins in the main loop while the callback may run
+ * in an iothread: take an in-flight count first, then look at the
+ * quiesce counter (drain increments that first, then polls for in-flight
+ * counts: one of the two sees the other).  Returns false, the count
+ * given back, inside a drained section.
+ */
+static bool qed_timer_may_start(BlockDriverState *bs)
+{
+    bdrv_inc_in_flight(bs);
+    /* Pairs with drain's increment of quiesce_counter before its poll */
+    smp_mb();
+    if (qatomic_read(&bs->quiesce_counter) > 0) {
+        bdrv_dec_in_flight(bs);
+        return false;
+    }
+    return true;
+}
+
+/* Any thread (the node's AioContext's): atomics only */
 static void qed_need_check_timer_cb(void *opaque)
 {
     BDRVQEDState *s = opaque;
 
-    if (qatomic_read(&s->bs->quiesce_counter) > 0) {
+    if (!qed_timer_may_start(s->bs)) {
         /* No I/O of ours inside a drained section: look again later */
         timer_mod(s->need_check_timer,
                   qemu_clock_get_ns(QEMU_CLOCK_REALTIME) +
@@ -201,6 +229,7 @@ static void qed_need_check_timer_cb(void *opaque)
     }
     trace_qed_timer_fire(s);
     qed_start_clear(s);
+    bdrv_dec_in_flight(s->bs);
 }
 
 static bool qed_may_write_header(BDRVQEDState *s)
@@ -237,19 +266,45 @@ void qed_cancel_timer(BDRVQEDState *s)
 /*
  * The idle release: every cache-clean-interval seconds the L2 tables
  * that nobody looked up since the last time give their memory back
- * (qed_l2_cache_clean_unused()).  Memory only, no I/O: it may run in a
- * drained section.
+ * (qed_l2_cache_clean_unused()).  Memory only, no I/O, but the cache is
+ * s->lock's: a coroutine of ours does it, outside drained sections (the
+ * main loop's close and reopen change the cache and the interval without
+ * the lock, drained), and the timer is set again when it is done.
  */
+static void coroutine_fn qed_cache_clean_entry(void *opaque)
+{
+    BDRVQEDState *s = opaque;
+    uint64_t released;
+    QEDL2CacheStats st;
+
+    qed_lock(s);
+    /* (invalidate_cache may have made the cache and timer again, or none) */
+    if (s->l2_cache && s->cache_clean_timer) {
+        released = qed_l2_cache_clean_unused(s->l2_cache);
+        qed_l2_cache_stats(s->l2_cache, &st);
+        trace_qed_cache_clean(s, released, st.resident);
+        timer_mod(s->cache_clean_timer,
+                  qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
+                  (int64_t)s->cache_clean_interval * 1000);
+    }
+    qed_unlock(s);
+    bdrv_dec_in_flight(s->bs);
+}
+
+/* Any thread (the node's AioContext's): atomics only */
 static void qed_cache_clean_timer_cb(void *opaque)
 {
     BDRVQEDState *s = opaque;
-    uint64_t released = qed_l2_cache_clean_unused(s->l2_cache);
-    QEDL2CacheStats st;
 
-    qed_l2_cache_stats(s->l2_cache, &st);
-    trace_qed_cache_clean(s, released, st.resident);
-    timer_mod(s->cache_clean_timer, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
-              (int64_t)s->cache_clean_interval * 1000);
+    if (!qed_timer_may_start(s->bs)) {
+        /* Drained: try again in a second */
+        timer_mod(s->cache_clean_timer,
+                  qemu_clock_get_ms(QEMU_CLOCK_REALTIME) + 1000);
+        return;
+    }
+    /* The coroutine gives back the in-flight count */
+    aio_co_enter(bdrv_get_aio_context(s->bs),
+                 qemu_coroutine_create(qed_cache_clean_entry, s));
 }
 
 static void qed_cache_clean_timer_init(BDRVQEDState *s, AioContext *ctx)
@@ -302,19 +357,30 @@ static void qed_detach_aio_context(BlockDriverState *bs)
  * than leave a timer behind that would write in the middle of whatever
  * the drain is for.
  */
-static void qed_drain_bh(void *opaque)
+static void coroutine_fn qed_drain_entry(void *opaque)
 {
     BlockDriverState *bs = opaque;
     BDRVQEDState *s = bs->opaque;
 
+    qed_lock(s);
     /* Allocations in flight will dirty tables yet: wait for them too */
-    if (s->opened && qed_may_write_header(s) &&
+    if (qatomic_read(&s->opened) && qed_may_write_header(s) &&
         ((s->header.features & QED_F_NEED_CHECK) ||
          qed_allocs_in_flight(s) || qed_tables_dirty(s))) {
         qed_cancel_timer(s);
         qed_start_clear(s);
     }
+    qed_unlock(s);
     bdrv_dec_in_flight(bs);
+}
+
+static void qed_drain_bh(void *opaque)
+{
+    BlockDriverState *bs = opaque;
+
+    /* The in-flight count of qed_drain_begin() goes with the coroutine */
+    aio_co_enter(bdrv_get_aio_context(bs),
+                 qemu_coroutine_create(qed_drain_entry, bs));
 }
 
 /*
@@ -323,22 +389,20 @@ static void qed_drain_bh(void *opaque)
  * every bdrv_graph_wrlock(), via bdrv_drain_all_begin_nopoll()), where it
  * must not poll or yield, while an iothread may be running our requests.
  * So the tests of the old callback (which read s->header, s->allocs,
- * s->timer_running, the dirty tables) move to a BH in the node's
- * AioContext, as in 7.2, and only the BH's in-flight count is taken
- * here: the drain's poll waits for it, and for the clearing coroutine it
- * starts (qed_start_clear() holds its own in-flight count), as it waited
- * for the 7.2 coroutine.  A drain that does not poll (the graph
- * writer's) does not wait for the clear: it runs meanwhile and takes the
- * graph reader lock, so it happens before or after the graph change.
- * Nothing was dropped, but the lead's locking design decides whether the
- * BH stays (with several iothreads the node's AioContext is not the only
- * one running requests).
+ * the dirty tables) move to a coroutine that takes s->lock (started by a
+ * BH in the node's AioContext), and only its in-flight count is taken
+ * here, with atomics: the drain's poll waits for it, and for the
+ * clearing coroutine it starts (qed_start_clear() holds its own
+ * in-flight count), as it waited for the 7.2 coroutine.  A drain that
+ * does not poll (the graph writer's) does not wait for the clear: it
+ * runs meanwhile and takes the graph reader lock, so it happens before
+ * or after the graph change.
  */
 static void qed_drain_begin(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
 
-    if (!s->opened) {
+    if (!qatomic_read(&s->opened)) {
         return;         /* being opened or closed: nothing to clear */
     }
     bdrv_inc_in_flight(bs);
@@ -362,7 +426,10 @@ static void coroutine_fn qed_co_call_entry(void *opaque)
     /* Every QEDCoFunc is GRAPH_RDLOCK: as qcow2_open_entry() */
     GRAPH_RDLOCK_GUARD();
 
+    /* Uncontended (the node is drained), but the assertions hold */
+    qed_lock(call->s);
     call->ret = call->fn(call->s, call->opaque);
+    qed_unlock(call->s);
     /* AIO_WAIT_WHILE in the main loop (an iothread's node) needs this */
     aio_wait_kick();
 }
@@ -583,8 +650,10 @@ qed_read_backing_name(BlockDriverState *bs, Error **errp)
     char name[PATH_MAX];
     int ret;
 
-    ret = bdrv_co_pread(bs->file, s->header.backing_filename_offset,
-                        s->header.backing_filename_size, name, 0);
+    ret = QED_UNLOCKED(s, bdrv_co_pread(bs->file,
+                                        s->header.backing_filename_offset,
+                                        s->header.backing_filename_size,
+                                        name, 0));
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not read the backing file name");
         return ret;
@@ -616,9 +685,9 @@ qed_clear_autoclear(BDRVQEDState *s, Error **errp)
         return 0;
     }
     h.autoclear_features &= QED_AUTOCLEAR_FEATURE_MASK;
-    qemu_co_mutex_lock(&s->header_lock);
+    qed_busy_enter(s, &s->header_busy);
     ret = qed_update_header(s, &h);
-    qemu_co_mutex_unlock(&s->header_lock);
+    qed_busy_leave(s, &s->header_busy);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not update the header");
     }
@@ -672,24 +741,26 @@ qed_do_open(BlockDriverState *bs, QDict *options, int flags, Error **errp)
     QEDRuntimeOpts ropts;
     int ret;
 
+    /* s->lock is held: qed_open() made it, invalidate_cache kept it */
+    qed_assert_locked(s);
     s->bs = bs;
     QLIST_INIT(&s->allocs);
     qemu_co_queue_init(&s->alloc_waiters);
     qemu_co_queue_init(&s->idle_waiters);
-    qemu_co_mutex_init(&s->header_lock);
+    qed_busy_init(&s->header_busy);
     qemu_co_queue_init(&s->resize_waiters);
     QLIST_INIT(&s->tables_making);
     qemu_co_queue_init(&s->making_waiters);
-    qemu_co_mutex_init(&s->wb_lock);
+    qed_busy_init(&s->wb_busy);
 
-    ret = bdrv_co_pread(bs->file, 0, sizeof(le), &le, 0);
+    ret = QED_UNLOCKED(s, bdrv_co_pread(bs->file, 0, sizeof(le), &le, 0));
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not read the QED header");
         return ret;
     }
     qed_header_le_to_cpu(&le, &s->header);
 
-    file_size = bdrv_co_getlength(bs->file->bs);
+    file_size = QED_UNLOCKED(s, bdrv_co_getlength(bs->file->bs));
     if (file_size < 0) {
         error_setg_errno(errp, -file_size, "Could not get the file size");
         return file_size;
@@ -714,6 +785,7 @@ qed_do_open(BlockDriverState *bs, QDict *options, int flags, Error **errp)
     }
     qed_apply_runtime_opts(s, &ropts);
     s->l2_cache = qed_l2_cache_new(ropts.cache_size, qed_table_bytes(s));
+    qed_l2_cache_set_lock(s->l2_cache, &s->lock);
 
     ret = qed_dirty_table_init(&s->l1, s->header.l1_table_offset,
                                qed_table_bytes(s));
@@ -781,13 +853,14 @@ static int qed_open(BlockDriverState *bs, QDict *options, int flags,
     }
 
     s->bs = bs;
+    qemu_co_mutex_init(&s->lock);
     ret = qed_call_in_coroutine(s, qed_co_open, &args);
     if (ret == 0) {
         s->need_check_timer = aio_timer_new(bdrv_get_aio_context(bs),
                                             QEMU_CLOCK_REALTIME, SCALE_NS,
                                             qed_need_check_timer_cb, s);
         qed_cache_clean_timer_init(s, bdrv_get_aio_context(bs));
-        s->opened = true;
+        qatomic_set(&s->opened, true);
     }
     return ret;
 }
@@ -805,7 +878,7 @@ static void GRAPH_RDLOCK qed_do_close(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
 
-    s->opened = false;
+    qatomic_set(&s->opened, false);
     qed_cancel_timer(s);
     qed_detach_aio_context(bs);
 
@@ -864,12 +937,15 @@ qed_co_invalidate_cache(BlockDriverState *bs, Error **errp)
     QDict *options;
     int ret;
 
+    qed_lock(s);
     /* Another process may have changed the image: read it afresh */
-    s->opened = false;
+    qatomic_set(&s->opened, false);
     qed_cancel_timer(s);
     qed_cache_clean_timer_del(s);
     qed_free_state(s);
-    memset(s, 0, sizeof(*s));
+    /* All but s->lock, which this coroutine holds (it comes first) */
+    QEMU_BUILD_BUG_ON(offsetof(BDRVQEDState, lock) != 0);
+    memset((char *)s + sizeof(s->lock), 0, sizeof(*s) - sizeof(s->lock));
     s->need_check_timer = timer;
 
     options = qdict_clone_shallow(bs->options);
@@ -879,8 +955,9 @@ qed_co_invalidate_cache(BlockDriverState *bs, Error **errp)
         error_prepend(errp, "Could not reopen qed layer: ");
     } else {
         qed_cache_clean_timer_init(s, bdrv_get_aio_context(bs));
-        s->opened = true;
+        qatomic_set(&s->opened, true);
     }
+    qed_unlock(s);
 }
 
 static int GRAPH_UNLOCKED
@@ -986,7 +1063,13 @@ static void qed_reopen_abort(BDRVReopenState *state)
 static int coroutine_fn GRAPH_RDLOCK
 qed_co_flush_to_os(BlockDriverState *bs)
 {
-    return qed_writeback(bs->opaque);
+    BDRVQEDState *s = bs->opaque;
+    int ret;
+
+    qed_lock(s);
+    ret = qed_writeback(s);
+    qed_unlock(s);
+    return ret;
 }
 
 /* ---- reads -------------------------------------------------------------- */
@@ -997,9 +1080,9 @@ int coroutine_fn qed_read_backing(BDRVQEDState *s, uint64_t pos,
                                   size_t qiov_offset)
 {
     if (s->bs->backing) {
-        BLKDBG_CO_EVENT(s->bs->file, BLKDBG_READ_BACKING_AIO);
-        return bdrv_co_preadv_part(s->bs->backing, pos, bytes, qiov,
-                                   qiov_offset, 0);
+        qed_event(s, BLKDBG_READ_BACKING_AIO);
+        return QED_UNLOCKED(s, bdrv_co_preadv_part(s->bs->backing, pos, bytes,
+                                                   qiov, qiov_offset, 0));
     }
     qemu_iovec_memset(qiov, qiov_offset, 0, bytes);
     return 0;
@@ -1011,22 +1094,25 @@ qed_co_preadv_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
                    BdrvRequestFlags flags)
 {
     BDRVQEDState *s = bs->opaque;
+    int ret = 0;
 
     trace_qed_co_preadv(s, offset, bytes);
+    qed_lock(s);
     while (bytes > 0) {
         QEDExtent ext;
-        int ret;
 
         ret = qed_find_extent(s, offset, bytes, &ext);
         if (ret < 0) {
-            return ret;
+            break;
         }
 
         switch (ext.type) {
         case QED_EXTENT_DATA:
-            BLKDBG_CO_EVENT(bs->file, BLKDBG_READ_AIO);
-            ret = bdrv_co_preadv_part(bs->file, ext.file_offset, ext.bytes,
-                                      qiov, qiov_offset, 0);
+            qed_event(s, BLKDBG_READ_AIO);
+            ret = QED_UNLOCKED(s, bdrv_co_preadv_part(bs->file,
+                                                      ext.file_offset,
+                                                      ext.bytes, qiov,
+                                                      qiov_offset, 0));
             break;
         case QED_EXTENT_ZERO:
             qemu_iovec_memset(qiov, qiov_offset, 0, ext.bytes);
@@ -1036,13 +1122,14 @@ qed_co_preadv_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
             break;
         }
         if (ret < 0) {
-            return ret;
+            break;
         }
         offset += ext.bytes;
         qiov_offset += ext.bytes;
         bytes -= ext.bytes;
     }
-    return 0;
+    qed_unlock(s);
+    return ret < 0 ? ret : 0;
 }
 
 /* ---- writes ------------------------------------------------------------- */
@@ -1056,13 +1143,14 @@ static uint64_t qed_bytes_to_table_end(BDRVQEDState *s, uint64_t pos)
     return ROUND_UP(pos + 1, table_span) - pos;
 }
 
+/* qed_co_pwritev_part()'s work, under s->lock (also for truncate) */
 static int coroutine_fn GRAPH_RDLOCK
-qed_co_pwritev_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
-                    QEMUIOVector *qiov, size_t qiov_offset,
-                    BdrvRequestFlags flags)
+qed_do_pwritev(BlockDriverState *bs, int64_t offset, int64_t bytes,
+               QEMUIOVector *qiov, size_t qiov_offset, BdrvRequestFlags flags)
 {
     BDRVQEDState *s = bs->opaque;
 
+    qed_assert_locked(s);
     trace_qed_co_pwritev(s, offset, bytes, flags);
     while (bytes > 0) {
         QEDExtent ext;
@@ -1076,9 +1164,11 @@ qed_co_pwritev_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
         if (ext.type == QED_EXTENT_DATA) {
             /* In place: the cluster is ours and stays where it is */
             qed_wait_resize(s, ext.file_offset + ext.bytes);
-            BLKDBG_CO_EVENT(bs->file, BLKDBG_WRITE_AIO);
-            ret = bdrv_co_pwritev_part(bs->file, ext.file_offset, ext.bytes,
-                                       qiov, qiov_offset, 0);
+            qed_event(s, BLKDBG_WRITE_AIO);
+            ret = QED_UNLOCKED(s, bdrv_co_pwritev_part(bs->file,
+                                                       ext.file_offset,
+                                                       ext.bytes, qiov,
+                                                       qiov_offset, 0));
             if (ret < 0) {
                 return ret;
             }
@@ -1100,6 +1190,20 @@ qed_co_pwritev_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
         bytes -= ret;
     }
     return 0;
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_pwritev_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                    QEMUIOVector *qiov, size_t qiov_offset,
+                    BdrvRequestFlags flags)
+{
+    BDRVQEDState *s = bs->opaque;
+    int ret;
+
+    qed_lock(s);
+    ret = qed_do_pwritev(bs, offset, bytes, qiov, qiov_offset, flags);
+    qed_unlock(s);
+    return ret;
 }
 
 /*
@@ -1136,12 +1240,14 @@ static bool qed_whole_clusters(BDRVQEDState *s, uint64_t offset,
             end == s->header.image_size);
 }
 
+/* qed_co_pwrite_zeroes()'s work, under s->lock (also for truncate) */
 static int coroutine_fn GRAPH_RDLOCK
-qed_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
+qed_do_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
                      BdrvRequestFlags flags)
 {
     BDRVQEDState *s = bs->opaque;
 
+    qed_assert_locked(s);
     while (bytes > 0) {
         QEDExtent ext;
         int ret;
@@ -1154,8 +1260,9 @@ qed_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
         switch (ext.type) {
         case QED_EXTENT_DATA:
             /* Allocated clusters stay; the file zeroes (and may unmap) */
-            ret = bdrv_co_pwrite_zeroes(bs->file, ext.file_offset, ext.bytes,
-                                        flags);
+            ret = QED_UNLOCKED(s, bdrv_co_pwrite_zeroes(bs->file,
+                                                        ext.file_offset,
+                                                        ext.bytes, flags));
             break;
         case QED_EXTENT_ZERO:
             break;
@@ -1187,6 +1294,19 @@ qed_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
     return 0;
 }
 
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                     BdrvRequestFlags flags)
+{
+    BDRVQEDState *s = bs->opaque;
+    int ret;
+
+    qed_lock(s);
+    ret = qed_do_pwrite_zeroes(bs, offset, bytes, flags);
+    qed_unlock(s);
+    return ret;
+}
+
 /*
  * Guest TRIM: the space of the data clusters that the request covers goes
  * back to the host, and their entries stay.  A punched cluster reads as
@@ -1203,30 +1323,34 @@ static int coroutine_fn GRAPH_RDLOCK
 qed_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
 {
     BDRVQEDState *s = bs->opaque;
+    int ret = 0;
 
     trace_qed_discard(s, offset, bytes);
+    qed_lock(s);
     if (!qed_whole_clusters(s, offset, bytes)) {
+        qed_unlock(s);
         return -ENOTSUP;
     }
     while (bytes > 0) {
         QEDExtent ext;
-        int ret;
 
         ret = qed_find_extent(s, offset, bytes, &ext);
         if (ret < 0) {
-            return ret;
+            break;
         }
         if (ext.type == QED_EXTENT_DATA) {
             uint64_t end = ROUND_UP(offset + ext.bytes,
                                     s->header.cluster_size);
 
             /* Errors here only keep the space: the entries are unchanged */
-            bdrv_co_pdiscard(bs->file, ext.file_offset, end - offset);
+            QED_UNLOCKED_VOID(s, bdrv_co_pdiscard(bs->file, ext.file_offset,
+                                                  end - offset));
         }
         offset += ext.bytes;
         bytes -= ext.bytes;
     }
-    return 0;
+    qed_unlock(s);
+    return ret;
 }
 
 static int coroutine_fn GRAPH_RDLOCK
@@ -1238,7 +1362,9 @@ qed_co_block_status(BlockDriverState *bs, bool want_zero, int64_t offset,
     QEDExtent ext;
     int ret;
 
+    qed_lock(s);
     ret = qed_find_extent(s, offset, bytes, &ext);
+    qed_unlock(s);
     if (ret < 0) {
         return ret;
     }
@@ -1264,8 +1390,8 @@ qed_co_block_status(BlockDriverState *bs, bool want_zero, int64_t offset,
 /* ---- size, info, backing file ------------------------------------------- */
 
 static int coroutine_fn GRAPH_RDLOCK
-qed_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
-                PreallocMode prealloc, BdrvRequestFlags flags, Error **errp)
+qed_do_truncate(BlockDriverState *bs, int64_t offset, PreallocMode prealloc,
+                BdrvRequestFlags flags, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
     uint64_t old_size = s->header.image_size;
@@ -1295,11 +1421,11 @@ qed_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
      * Entries past the old end are unallocated, so growing is one header
      * write (a single sector, so a crash leaves the old or the new size).
      */
-    qemu_co_mutex_lock(&s->header_lock);
+    qed_busy_enter(s, &s->header_busy);
     h = s->header;
     h.image_size = offset;
     ret = qed_update_header(s, &h);
-    qemu_co_mutex_unlock(&s->header_lock);
+    qed_busy_leave(s, &s->header_busy);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Failed to update the image size");
         return ret;
@@ -1307,7 +1433,7 @@ qed_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
 
     if (flags & BDRV_REQ_ZERO_WRITE) {
         /* The backing file must not show through the new area */
-        ret = qed_co_pwrite_zeroes(bs, old_size, offset - old_size, 0);
+        ret = qed_do_pwrite_zeroes(bs, old_size, offset - old_size, 0);
         if (ret == -ENOTSUP) {
             uint64_t head_end = MIN(ROUND_UP(old_size,
                                              s->header.cluster_size), offset);
@@ -1315,11 +1441,11 @@ qed_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
             uint8_t *zeros = qemu_blockalign0(bs, head_end - old_size);
 
             qemu_iovec_init_buf(&qiov, zeros, head_end - old_size);
-            ret = qed_co_pwritev_part(bs, old_size, head_end - old_size,
-                                      &qiov, 0, 0);
+            ret = qed_do_pwritev(bs, old_size, head_end - old_size, &qiov,
+                                 0, 0);
             qemu_vfree(zeros);
             if (ret == 0 && head_end < offset) {
-                ret = qed_co_pwrite_zeroes(bs, head_end, offset - head_end,
+                ret = qed_do_pwrite_zeroes(bs, head_end, offset - head_end,
                                            0);
             }
         }
@@ -1331,11 +1457,28 @@ qed_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
     return 0;
 }
 
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
+                PreallocMode prealloc, BdrvRequestFlags flags, Error **errp)
+{
+    BDRVQEDState *s = bs->opaque;
+    int ret;
+
+    qed_lock(s);
+    ret = qed_do_truncate(bs, offset, prealloc, flags, errp);
+    qed_unlock(s);
+    return ret;
+}
+
 static int64_t coroutine_fn GRAPH_RDLOCK qed_co_getlength(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
+    int64_t len;
 
-    return s->header.image_size;
+    qed_lock(s);
+    len = s->header.image_size;
+    qed_unlock(s);
+    return len;
 }
 
 static int coroutine_fn GRAPH_RDLOCK
@@ -1344,8 +1487,10 @@ qed_co_get_info(BlockDriverState *bs, BlockDriverInfo *bdi)
     BDRVQEDState *s = bs->opaque;
 
     memset(bdi, 0, sizeof(*bdi));
+    qed_lock(s);
     bdi->cluster_size = s->header.cluster_size;
     bdi->is_dirty = s->header.features & QED_F_NEED_CHECK;
+    qed_unlock(s);
     return 0;
 }
 
@@ -1375,20 +1520,20 @@ qed_co_make_empty(BDRVQEDState *s, void *opaque)
 
     /* Nothing may be in flight (the caller drained): settle the tables */
     while (qed_allocs_in_flight(s)) {
-        qemu_co_queue_wait(&s->idle_waiters, NULL);
+        qemu_co_queue_wait(&s->idle_waiters, &s->lock);
     }
     ret = qed_writeback(s);
     if (ret < 0) {
         return ret;
     }
     if (s->bs->backing) {
-        ret = bdrv_co_flush(s->bs->backing->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->backing->bs));
         if (ret < 0) {
             return ret;
         }
     }
 
-    qemu_co_mutex_lock(&s->wb_lock);
+    qed_busy_enter(s, &s->wb_busy);
     ret = qed_set_need_check(s);
     if (ret == 0) {
         zero = qed_table_new(bytes);
@@ -1397,7 +1542,7 @@ qed_co_make_empty(BDRVQEDState *s, void *opaque)
         qed_table_free(zero, bytes);
     }
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
     if (ret == 0) {
         /* The disk names no table now: neither may memory */
@@ -1412,7 +1557,7 @@ qed_co_make_empty(BDRVQEDState *s, void *opaque)
         qed_free_space_forget(s);
         qed_screen_reset(s);
     }
-    qemu_co_mutex_unlock(&s->wb_lock);
+    qed_busy_leave(s, &s->wb_busy);
     if (ret < 0) {
         return ret;
     }
@@ -1420,7 +1565,7 @@ qed_co_make_empty(BDRVQEDState *s, void *opaque)
     /* Cuts the file to file_end (and clears the bit, if it was set) */
     ret = qed_trim_file_tail(s, NULL);
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
     if (ret == 0) {
         ret = qed_clear_need_check(s);
@@ -1446,8 +1591,12 @@ qed_co_change_backing_file(BlockDriverState *bs, const char *backing_file,
 {
     BDRVQEDState *s = bs->opaque;
     QEDBackingChange change = { .file = backing_file, .fmt = backing_fmt };
+    int ret;
 
-    return qed_co_change_backing(s, &change);
+    qed_lock(s);
+    ret = qed_co_change_backing(s, &change);
+    qed_unlock(s);
+    return ret;
 }
 
 static int coroutine_fn GRAPH_RDLOCK
@@ -1456,6 +1605,7 @@ qed_co_check(BlockDriverState *bs, BdrvCheckResult *result, BdrvCheckMode fix)
     BDRVQEDState *s = bs->opaque;
     int ret;
 
+    qed_lock(s);
     if (s->header.features & QED_F_NEED_CHECK) {
         /* What a crash leaves (leaks, a tail) is no surprise then */
         fprintf(stderr, "The image was not closed cleanly (NEED_CHECK is "
@@ -1468,17 +1618,17 @@ qed_co_check(BlockDriverState *bs, BdrvCheckResult *result, BdrvCheckMode fix)
      * clusters as leaked
      */
     while (qed_allocs_in_flight(s)) {
-        qemu_co_queue_wait(&s->idle_waiters, NULL);
+        qemu_co_queue_wait(&s->idle_waiters, &s->lock);
     }
     ret = qed_writeback(s);
-    if (ret < 0) {
-        return ret;
+    if (ret == 0) {
+        ret = qed_check(s, result, fix, false);
+        if (ret == 0 && (fix & BDRV_FIX_ERRORS) && !result->corruptions &&
+            !result->check_errors) {
+            ret = qed_clear_need_check(s);
+        }
     }
-    ret = qed_check(s, result, fix, false);
-    if (ret == 0 && (fix & BDRV_FIX_ERRORS) && !result->corruptions &&
-        !result->check_errors) {
-        ret = qed_clear_need_check(s);
-    }
+    qed_unlock(s);
     return ret;
 }
 

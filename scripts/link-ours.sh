@@ -36,10 +36,10 @@ for t in "$TOP"/tests/qemu-iotests/tests/*; do
     link "$t" "$SRC/tests/qemu-iotests/tests/$(basename "$t")"
 done
 
-# The sources and meson.build of our fuzzer and of our schedule harness
-# (patches/0003-qed-fuzz-build.sh and 0004-qed-sim-build.sh add the subdirs
-# to the base's tests/meson.build)
-for d in qed-fuzz qed-sim; do
+# The sources and meson.build of our fuzzer, our schedule harness and our
+# multiqueue stress test (patches/0003-qed-fuzz-build.sh and
+# 0004-qed-sim-build.sh add the subdirs to the base's tests/meson.build)
+for d in qed-fuzz qed-sim qed-mq; do
     mkdir -p "$SRC/tests/$d"
     for f in "$TOP/tests/$d/meson.build" "$TOP/tests/$d"/*.c; do
         [ -e "$f" ] || continue
