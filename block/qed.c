@@ -363,8 +363,16 @@ static void coroutine_fn qed_drain_entry(void *opaque)
     BDRVQEDState *s = bs->opaque;
 
     qed_lock(s);
-    /* Allocations in flight will dirty tables yet: wait for them too */
-    if (qatomic_read(&s->opened) && qed_may_write_header(s) &&
+    /*
+     * Only for a drain that is still on: a polling one waits for this
+     * coroutine (it holds an in-flight count), so it always is; the graph
+     * writer's drain (bdrv_graph_wrlock(): no poll, ended at once) has
+     * usually ended by now, and a graph change is no reason to write the
+     * header: the timer does it in its time, as for any other request.
+     * Allocations in flight will dirty tables yet: wait for them too.
+     */
+    if (qatomic_read(&bs->quiesce_counter) > 0 &&
+        qatomic_read(&s->opened) && qed_may_write_header(s) &&
         ((s->header.features & QED_F_NEED_CHECK) ||
          qed_allocs_in_flight(s) || qed_tables_dirty(s))) {
         qed_cancel_timer(s);
