@@ -757,6 +757,101 @@ qed_cow_read(BDRVQEDState *s, uint64_t pos, uint64_t bytes, QEMUIOVector *qiov,
 }
 
 /*
+ * Reserve the clusters of @alloc (claimed: [alloc->start, @end)) and
+ * secure the L2 table for its entries [@first, @first + @n), which must
+ * still be of @type; grow the file to cover the reservation.  Returns 0
+ * with *@e referenced, or -EAGAIN (look up again) or a negative errno with
+ * the reservation given back and nothing held.
+ *
+ * The data's space first, then the table's (the original driver's
+ * layout, which tools and tests that inject errors at file offsets know),
+ * but the table is made, its zeros written, before the data is: see
+ * qed_allocating_write().
+ */
+static int coroutine_fn GRAPH_RDLOCK
+qed_alloc_space(BDRVQEDState *s, QEDAllocation *alloc, uint64_t end,
+                QEDExtentType type, unsigned int first, unsigned int n,
+                bool *reused, QEDCachedTable **e)
+{
+    uint64_t start = alloc->start;
+    int ret;
+
+    while (qed_table_making(s, qed_l1_index(s, start))) {
+        /*
+         * Reserve after the table another request is making, so that the
+         * file holds data, table, data...: the space of writes that fail
+         * on a full disk is then last, and goes back with file_end
+         */
+        qemu_co_queue_wait(&s->making_waiters, &s->lock);
+    }
+    alloc->file_offset = qed_reserve(s, end - start, reused);
+    ret = qed_table_for_entries(s, qed_l1_index(s, start), first, n, true,
+                                e);
+    if (ret == 0 &&
+        !qed_claimed_entries_are(*e, first, n, type == QED_EXTENT_ZERO ?
+                                               QED_L2_ZERO :
+                                               QED_L2_UNALLOCATED)) {
+        qed_l2_cache_unref(s->l2_cache, *e);
+        ret = -EAGAIN;
+    }
+    if (ret == 0) {
+        ret = qed_grow_file(s, alloc->file_offset + (end - start));
+        if (ret < 0) {
+            qed_l2_cache_unref(s->l2_cache, *e);
+        }
+    }
+    if (ret < 0) {
+        /* Never written: it reads as it did */
+        qed_unreserve(s, alloc->file_offset, end - start, false);
+        *e = NULL;
+    }
+    return ret;
+}
+
+/*
+ * The vector that writes [@pos, @pos + @bytes) of @qiov into its new
+ * clusters: with @pad, whole clusters, the guest's data padded with the
+ * backing file's (@cow; buffers in *@head_buf and *@tail_buf, freed by
+ * the caller) or with zeros, and zeros past the image's end.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+qed_alloc_iov(BDRVQEDState *s, uint64_t pos, uint64_t bytes, bool pad,
+              bool cow, QEMUIOVector *qiov, size_t qiov_offset,
+              QEMUIOVector *wqiov, uint8_t **head_buf, uint8_t **tail_buf)
+{
+    uint64_t cs = s->header.cluster_size;
+    uint64_t start = qed_start_of_cluster(s, pos);
+    uint64_t end = ROUND_UP(pos + bytes, cs);
+    uint64_t head = pos - start;
+    uint64_t tail_end = MIN(end, s->header.image_size);
+    uint64_t tail = tail_end > pos + bytes ? tail_end - (pos + bytes) : 0;
+    int ret;
+
+    if (head && pad) {
+        ret = cow ? qed_cow_read(s, start, head, wqiov, head_buf) :
+                    qed_iovec_add_zeros(s, wqiov, head);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    qemu_iovec_concat(wqiov, qiov, qiov_offset, bytes);
+    if (pad && tail) {
+        ret = cow ? qed_cow_read(s, pos + bytes, tail, wqiov, tail_buf) :
+                    qed_iovec_add_zeros(s, wqiov, tail);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (pad && end > MAX(tail_end, pos + bytes)) {
+        ret = qed_iovec_add_zeros(s, wqiov, end - MAX(tail_end, pos + bytes));
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    return 0;
+}
+
+/*
  * Write [pos, pos + bytes) of the virtual disk, which all lies in
  * clusters mapped by one L2 table that the caller's lookup found @type
  * (unallocated or zero), into new clusters.  Returns the bytes written,
@@ -782,9 +877,6 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
     uint64_t cs = s->header.cluster_size;
     uint64_t start = qed_start_of_cluster(s, pos);
     uint64_t end = ROUND_UP(pos + bytes, cs);
-    uint64_t head = pos - start;
-    uint64_t tail_end = MIN(end, s->header.image_size);
-    uint64_t tail = tail_end > pos + bytes ? tail_end - (pos + bytes) : 0;
     bool cow = type == QED_EXTENT_UNALLOCATED && s->bs->backing;
     unsigned int first = qed_l2_index(s, start);
     unsigned int n = (end - start) / cs;
@@ -814,39 +906,8 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
         return ret;
     }
 
-    /*
-     * The data's space first, then the table's (the original driver's
-     * layout, which tools and tests that inject errors at file offsets
-     * know), but the table is made, its zeros written, before the data
-     * is: see above.
-     */
-    while (qed_table_making(s, qed_l1_index(s, start))) {
-        /*
-         * Reserve after the table another request is making, so that the
-         * file holds data, table, data...: the space of writes that fail
-         * on a full disk is then last, and goes back with file_end
-         */
-        qemu_co_queue_wait(&s->making_waiters, &s->lock);
-    }
-    alloc->file_offset = qed_reserve(s, end - start, &reused);
-    ret = qed_table_for_entries(s, qed_l1_index(s, start), first, n, true,
-                                &e);
-    if (ret == 0 &&
-        !qed_claimed_entries_are(e, first, n, type == QED_EXTENT_ZERO ?
-                                              QED_L2_ZERO :
-                                              QED_L2_UNALLOCATED)) {
-        qed_l2_cache_unref(s->l2_cache, e);
-        ret = -EAGAIN;
-    }
-    if (ret == 0) {
-        ret = qed_grow_file(s, alloc->file_offset + (end - start));
-        if (ret < 0) {
-            qed_l2_cache_unref(s->l2_cache, e);
-        }
-    }
+    ret = qed_alloc_space(s, alloc, end, type, first, n, &reused, &e);
     if (ret < 0) {
-        /* Never written: it reads as it did */
-        qed_unreserve(s, alloc->file_offset, end - start, false);
         qed_release(s, alloc);
         g_free(alloc);
         return ret;
@@ -864,28 +925,11 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
      */
     pad = cow || reused || !s->can_grow;
     qemu_iovec_init(&wqiov, qiov->niov + 4);
-    wstart = alloc->file_offset + head;
-    if (head && pad) {
-        ret = cow ? qed_cow_read(s, start, head, &wqiov, &head_buf) :
-                    qed_iovec_add_zeros(s, &wqiov, head);
-        if (ret < 0) {
-            goto fail;
-        }
-        wstart = alloc->file_offset;
-    }
-    qemu_iovec_concat(&wqiov, qiov, qiov_offset, bytes);
-    if (pad && tail) {
-        ret = cow ? qed_cow_read(s, pos + bytes, tail, &wqiov, &tail_buf) :
-                    qed_iovec_add_zeros(s, &wqiov, tail);
-        if (ret < 0) {
-            goto fail;
-        }
-    }
-    if (pad && end > MAX(tail_end, pos + bytes)) {
-        ret = qed_iovec_add_zeros(s, &wqiov, end - MAX(tail_end, pos + bytes));
-        if (ret < 0) {
-            goto fail;
-        }
+    wstart = alloc->file_offset + (pad ? 0 : pos - start);
+    ret = qed_alloc_iov(s, pos, bytes, pad, cow, qiov, qiov_offset, &wqiov,
+                        &head_buf, &tail_buf);
+    if (ret < 0) {
+        goto fail;
     }
 
     /* Copy-on-write only when backing data pads the guest's */

@@ -318,8 +318,8 @@ qed_check_l2(QEDCheck *check, QEDCheckL2 *t, QEDTable *table)
     qed_l2_cache_drop(s->l2_cache, t->offset);
 
     if (ret < 0) {
-        qed_check_say(check, "ERROR: could not write L2 table 0x%" PRIx64 ": %s\n",
-                t->offset, strerror(-ret));
+        qed_check_say(check, "ERROR: could not write L2 table 0x%" PRIx64
+                      ": %s\n", t->offset, strerror(-ret));
         result->check_errors++;
         return;
     }

@@ -594,6 +594,60 @@ static QEDExtentType qed_entry_type(uint64_t entry)
     }
 }
 
+/* Report the bad L1 entry (@l2_offset) that maps guest offset @cur */
+static void qed_report_bad_l1(BDRVQEDState *s, uint64_t l2_offset,
+                              uint64_t cur)
+{
+    if (l2_offset) {
+        qed_report_corruption(s, "L2 table offset 0x%" PRIx64
+                              " is invalid", l2_offset);
+    } else {
+        /* Dropped already (qed_screen_drop()) */
+        qed_report_corruption(s, "the L2 table offset for guest offset 0x%"
+                              PRIx64 " pointed past the end of the file",
+                              cur);
+    }
+}
+
+/* Report the bad L2 entry @entry (of @type) that maps guest offset @cur */
+static void qed_report_bad_entry(BDRVQEDState *s, QEDExtentType type,
+                                 uint64_t entry, uint64_t cur)
+{
+    if (type == QED_EXTENT_DATA) {
+        qed_report_corruption(s, "data cluster offset 0x%" PRIx64
+                              " for guest offset 0x%" PRIx64 " is invalid",
+                              entry, cur);
+    } else {
+        /* A bad entry, dropped (qed_screen_drop()) */
+        qed_report_corruption(s, "the data cluster offset for guest offset "
+                              "0x%" PRIx64 " pointed past the end of the "
+                              "file", cur);
+    }
+}
+
+/*
+ * The L2 table at @l2_offset, referenced in *@e, with the entries that map
+ * guest offsets [@cur, @end) loaded (@end within the table's span)
+ */
+static int coroutine_fn GRAPH_RDLOCK
+qed_extent_table(BDRVQEDState *s, uint64_t l2_offset, uint64_t cur,
+                 uint64_t end, QEDCachedTable **e)
+{
+    unsigned int i0 = qed_l2_index(s, cur);
+    unsigned int iend = i0 + DIV_ROUND_UP(end - cur, s->header.cluster_size);
+    int ret;
+
+    ret = qed_get_l2_table(s, l2_offset, e);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = qed_l2_ensure(s, *e, i0, MIN(iend, s->table_nelems));
+    if (ret < 0) {
+        qed_l2_cache_unref(s->l2_cache, *e);
+    }
+    return ret;
+}
+
 /*
  * Find the extent that starts at @pos and covers at most @bytes.  Fails
  * with -EIO when the metadata for @pos itself is corrupt; corruption
@@ -629,15 +683,7 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
 
         if (s->bad_l1 && test_bit(l1i, s->bad_l1)) {
             if (first) {
-                if (l2_offset) {
-                    qed_report_corruption(s, "L2 table offset 0x%" PRIx64
-                                          " is invalid", l2_offset);
-                } else {
-                    /* Dropped already (qed_screen_drop()) */
-                    qed_report_corruption(s, "the L2 table offset for guest "
-                                          "offset 0x%" PRIx64 " pointed past "
-                                          "the end of the file", cur);
-                }
+                qed_report_bad_l1(s, l2_offset, cur);
                 return -EIO;
             }
             break;
@@ -656,18 +702,7 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
             /* Reported when a lookup starts there */
             break;
         }
-        ret = qed_get_l2_table(s, l2_offset, &e);
-        if (ret == 0) {
-            /* The entries this lookup may need, up to its end */
-            unsigned int i0 = qed_l2_index(s, cur);
-            uint64_t span = MIN(end, table_end) - cur;
-            unsigned int iend = i0 + DIV_ROUND_UP(span, cluster_size);
-
-            ret = qed_l2_ensure(s, e, i0, MIN(iend, s->table_nelems));
-            if (ret < 0) {
-                qed_l2_cache_unref(s->l2_cache, e);
-            }
-        }
+        ret = qed_extent_table(s, l2_offset, cur, MIN(end, table_end), &e);
         if (ret < 0) {
             if (first) {
                 return ret;
@@ -689,18 +724,7 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
                            !qed_data_offset_valid(s, entry))) {
                 if (first) {
                     qed_l2_cache_unref(s->l2_cache, e);
-                    if (type == QED_EXTENT_DATA) {
-                        qed_report_corruption(s, "data cluster offset 0x%"
-                                              PRIx64 " for guest offset 0x%"
-                                              PRIx64 " is invalid", entry,
-                                              cur);
-                    } else {
-                        /* A bad entry, dropped (qed_screen_drop()) */
-                        qed_report_corruption(s, "the data cluster offset "
-                                              "for guest offset 0x%" PRIx64
-                                              " pointed past the end of the "
-                                              "file", cur);
-                    }
+                    qed_report_bad_entry(s, type, entry, cur);
                     return -EIO;
                 }
                 goto done_unref;

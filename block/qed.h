@@ -611,16 +611,31 @@ static inline bool qed_is_data_offset(uint64_t entry)
     return entry > QED_L2_ZERO;
 }
 
-/* qed.c: the driver, NEED_CHECK and its timer */
+/* Allocations whose data is still on its way (s->lock) */
+static inline bool qed_allocs_in_flight(BDRVQEDState *s)
+{
+    return !QLIST_EMPTY(&s->allocs);
+}
+
+/* qed.c: the driver */
 void qed_report_corruption(BDRVQEDState *s, const char *fmt, ...)
     G_GNUC_PRINTF(2, 3);
+int coroutine_fn GRAPH_RDLOCK
+qed_read_backing(BDRVQEDState *s, uint64_t pos, uint64_t bytes,
+                 QEMUIOVector *qiov, size_t qiov_offset);
+
+/* qed-timer.c: NEED_CHECK's clearing, the timers, the drain */
 int coroutine_fn GRAPH_RDLOCK
 qed_clear_need_check(BDRVQEDState *s);
 void qed_arm_timer(BDRVQEDState *s);
 void qed_cancel_timer(BDRVQEDState *s);
-int coroutine_fn GRAPH_RDLOCK
-qed_read_backing(BDRVQEDState *s, uint64_t pos, uint64_t bytes,
-                 QEMUIOVector *qiov, size_t qiov_offset);
+bool qed_may_write_header(BDRVQEDState *s);
+void qed_need_check_timer_cb(void *opaque);
+void qed_cache_clean_timer_init(BDRVQEDState *s, AioContext *ctx);
+void qed_cache_clean_timer_del(BDRVQEDState *s);
+void qed_attach_aio_context(BlockDriverState *bs, AioContext *new_context);
+void qed_detach_aio_context(BlockDriverState *bs);
+void qed_drain_begin(BlockDriverState *bs);
 
 /* qed-header.c: the header, its validation and its one writer */
 void qed_header_le_to_cpu(const QEDHeader *le, QEDHeader *cpu);

@@ -442,15 +442,16 @@ static void remove_stale_scratch(const char *base)
     }
     while ((name = g_dir_read_name(dir))) {
         const char *names[] = { "image.qed", "backing.raw", "backing.qed" };
-        char *end, *path;
+        const char *end;
+        char *path;
         long pid;
         size_t i;
 
         if (!g_str_has_prefix(name, "qed-fuzz-")) {
             continue;
         }
-        pid = strtol(name + strlen("qed-fuzz-"), &end, 10);
-        if (pid <= 0 || *end != '-' || kill(pid, 0) == 0 || errno != ESRCH) {
+        if (qemu_strtol(name + strlen("qed-fuzz-"), &end, 10, &pid) < 0 ||
+            pid <= 0 || *end != '-' || kill(pid, 0) == 0 || errno != ESRCH) {
             continue;
         }
         for (i = 0; i < ARRAY_SIZE(names); i++) {
