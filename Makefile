@@ -1,4 +1,4 @@
-# The QEMU 7.2 fork with our own QED driver.
+# The QEMU 10.0 fork with our own QED driver.
 #
 #   make            install build deps, prepare the base once, build
 #   make demo       build, then show QED working
@@ -11,7 +11,11 @@
 #   make check-asan the iotests with an ASan + UBSan build (.base/qemu/build-san)
 #   make fuzz       FUZZ_SECONDS (60) of libFuzzer on our QED driver
 #
-# The base (Debian bookworm's qemu source) lives in .base/, never in git.
+# The base (Debian trixie's qemu source package, QEMU 10.0, built on
+# bookworm) lives in .base/, never in git.  QEMU_VERSION=1:10.0.13+ds-0+deb13u1
+# (say) pins its Debian version; the default is the newest trixie has.  The
+# meson it needs comes from bookworm-backports, unpacked in .base/meson (see
+# scripts/fetch-meson.sh; MESON_VERSION pins it).
 
 BASE      := .base/qemu
 BUILD     := $(BASE)/build
@@ -22,17 +26,27 @@ PATCHES   := $(wildcard patches/*.patch)
 UNIT_TESTS := $(patsubst %.c,%,$(wildcard tests/unit/test-*.c))
 
 .PHONY: all deps base build demo check check-quick check-crash check-sim \
-        bench clean distclean
+        bench clean distclean FORCE
 
 all: build
 
 deps:
 	@./scripts/install-deps.sh
 
-# Re-prepared from scratch when our patches to the base change
-# (prepare-base.sh keeps the same stamp).
+# Re-prepared from scratch when our patches to the base, the scripts that
+# fetch and prepare it, or the pinned version (QEMU_VERSION, MESON_VERSION:
+# .base/pinned is rewritten only when they change) change (prepare-base.sh
+# keeps the same stamp).
 STAMP     := .base/.prepared
-$(STAMP): $(PATCHES) scripts/prepare-base.sh | deps
+PINNED    := .base/pinned
+export QEMU_VERSION MESON_VERSION
+$(PINNED): FORCE
+	@mkdir -p .base
+	@echo 'QEMU_VERSION=$(QEMU_VERSION) MESON_VERSION=$(MESON_VERSION)' | \
+	    cmp -s - $@ || \
+	    echo 'QEMU_VERSION=$(QEMU_VERSION) MESON_VERSION=$(MESON_VERSION)' > $@
+$(STAMP): $(PATCHES) $(PINNED) scripts/prepare-base.sh \
+          scripts/fetch-base-10.sh scripts/fetch-meson.sh | deps
 	@rm -f $(STAMP)
 	@./scripts/prepare-base.sh
 
@@ -41,7 +55,7 @@ base: deps $(STAMP)
 # Concurrent builds in one tree would trip over each other: take a lock.
 build: base
 	@./scripts/link-ours.sh
-	@flock .base/build.lock ninja -C $(BUILD) $(BINARIES) tests/qed-sim/qed-sim \
+	@flock .base/build.lock ninja -C $(BUILD) $(BINARIES) tests/qed-sim/qed-sim tests/qed-mq/qed-mq \
 	    $(UNIT_TESTS)
 
 demo: build
@@ -96,7 +110,7 @@ build-san: base
 	@./scripts/link-ours.sh
 	@./scripts/prepare-san.sh
 	@flock .base/build-san.lock nice -n 5 ninja -C $(BUILD_SAN) $(BINARIES) \
-	    tests/qed-fuzz/qed-fuzz tests/qed-sim/qed-sim
+	    tests/qed-fuzz/qed-fuzz tests/qed-sim/qed-sim tests/qed-mq/qed-mq
 
 # The QED iotests (the list and ours) on the sanitizer build, every report
 # fatal, then the fuzzer's regression inputs.  Arguments as for

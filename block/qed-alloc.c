@@ -64,8 +64,9 @@ static QEDAllocation *qed_find_alloc(BDRVQEDState *s, uint64_t start,
 bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
                             uint64_t start, uint64_t end)
 {
+    qed_assert_locked(s);
     if (qed_find_alloc(s, start, end)) {
-        qemu_co_queue_wait(&s->alloc_waiters, NULL);
+        qemu_co_queue_wait(&s->alloc_waiters, &s->lock);
         return false;
     }
     a->start = start;
@@ -107,6 +108,7 @@ static bool qed_claimed_entries_are(QEDCachedTable *e, unsigned int first,
 
 void qed_release(BDRVQEDState *s, QEDAllocation *a)
 {
+    qed_assert_locked(s);
     QLIST_REMOVE(a, next);
     qemu_co_queue_restart_all(&s->alloc_waiters);
     qemu_co_queue_restart_all(&s->idle_waiters);
@@ -197,6 +199,7 @@ static uint64_t qed_reserve(BDRVQEDState *s, uint64_t bytes, bool *reused)
 {
     uint64_t offset;
 
+    qed_assert_locked(s);
     for (guint i = 0; i < s->free_runs->len; i++) {
         QEDFreeRun *r = &g_array_index(s->free_runs, QEDFreeRun, i);
 
@@ -234,6 +237,7 @@ static void qed_unreserve(BDRVQEDState *s, uint64_t offset, uint64_t bytes,
     QEDFreeRun run = { .offset = offset, .bytes = bytes };
     guint i = 0;
 
+    qed_assert_locked(s);
     if (written) {
         s->length_unsure = true;
         s->garbage_end = MAX(s->garbage_end, offset + bytes);
@@ -292,7 +296,7 @@ void coroutine_fn qed_wait_resize(BDRVQEDState *s, uint64_t end)
 {
     while (s->resizing && end > s->resize_target) {
         trace_qed_wait_resize(s, end, s->resize_target);
-        qemu_co_queue_wait(&s->resize_waiters, NULL);
+        qemu_co_queue_wait(&s->resize_waiters, &s->lock);
     }
 }
 
@@ -307,14 +311,16 @@ int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size)
     PreallocMode mode;
     int ret;
 
+    qed_assert_locked(s);
     while (s->resizing) {
-        qemu_co_queue_wait(&s->resize_waiters, NULL);
+        qemu_co_queue_wait(&s->resize_waiters, &s->lock);
     }
     s->resizing = true;
     s->resize_target = size;
     mode = size > s->file_size && s->grow_falloc ? PREALLOC_MODE_FALLOC :
                                                    PREALLOC_MODE_OFF;
-    ret = bdrv_co_truncate(s->bs->file, size, false, mode, 0, NULL);
+    ret = QED_UNLOCKED(s, bdrv_co_truncate(s->bs->file, size, false, mode, 0,
+                                           NULL));
     trace_qed_resize_file(s, s->file_size, size, mode == PREALLOC_MODE_FALLOC,
                           ret);
     if (ret == 0) {
@@ -331,8 +337,8 @@ int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size)
          * sparse growth from now on, and this size change again so
          */
         s->grow_falloc = false;
-        ret = bdrv_co_truncate(s->bs->file, size, false, PREALLOC_MODE_OFF, 0,
-                               NULL);
+        ret = QED_UNLOCKED(s, bdrv_co_truncate(s->bs->file, size, false,
+                                               PREALLOC_MODE_OFF, 0, NULL));
         trace_qed_resize_file(s, s->file_size, size, false, ret);
         if (ret == 0) {
             s->file_size = size;
@@ -391,7 +397,8 @@ static bool qed_no_room(int ret)
  * does.  Reservations made while such a size change is in flight are
  * covered by the next one, so under load one grow serves many writes.
  */
-static int coroutine_fn qed_grow_file(BDRVQEDState *s, uint64_t end)
+static int coroutine_fn GRAPH_RDLOCK
+qed_grow_file(BDRVQEDState *s, uint64_t end)
 {
     while (s->can_grow && end > s->file_size) {
         uint64_t target;
@@ -402,7 +409,7 @@ static int coroutine_fn qed_grow_file(BDRVQEDState *s, uint64_t end)
              * Even one that covers @end: it may fail, and a write past
              * the length must not race a failed grow's restored length
              */
-            qemu_co_queue_wait(&s->resize_waiters, NULL);
+            qemu_co_queue_wait(&s->resize_waiters, &s->lock);
             continue;
         }
         if (qed_has_backing_file(s) || s->grow_tight) {
@@ -447,9 +454,10 @@ static int coroutine_fn qed_grow_file(BDRVQEDState *s, uint64_t end)
 }
 
 /* Add @bytes of zeros to @qiov, from the one shared zero buffer */
-static int qed_iovec_add_zeros(BDRVQEDState *s, QEMUIOVector *qiov,
-                               uint64_t bytes)
+static int GRAPH_RDLOCK
+qed_iovec_add_zeros(BDRVQEDState *s, QEMUIOVector *qiov, uint64_t bytes)
 {
+    qed_assert_locked(s);
     if (!s->zero_buf) {
         /* One buffer for every such write, for the whole open */
         s->zero_buf = qemu_try_blockalign0(s->bs->file->bs, QED_ZERO_BUF_BYTES);
@@ -472,8 +480,8 @@ static int qed_iovec_add_zeros(BDRVQEDState *s, QEMUIOVector *qiov,
  * load, and leaves unwritten extents that seek-hole reports as holes again
  * on the next open.
  */
-static int coroutine_fn qed_write_zero_data(BDRVQEDState *s, uint64_t offset,
-                                            uint64_t bytes)
+static int coroutine_fn GRAPH_RDLOCK
+qed_write_zero_data(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
 {
     QEMUIOVector qiov;
     int ret = 0;
@@ -484,7 +492,8 @@ static int coroutine_fn qed_write_zero_data(BDRVQEDState *s, uint64_t offset,
         qemu_iovec_init(&qiov, DIV_ROUND_UP(n, QED_ZERO_BUF_BYTES));
         ret = qed_iovec_add_zeros(s, &qiov, n);
         if (ret == 0) {
-            ret = bdrv_co_pwritev(s->bs->file, offset, n, &qiov, 0);
+            ret = QED_UNLOCKED(s, bdrv_co_pwritev(s->bs->file, offset, n,
+                                                  &qiov, 0));
         }
         qemu_iovec_destroy(&qiov);
         if (ret < 0) {
@@ -516,20 +525,21 @@ int coroutine_fn qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t)
     int ret = 0;
 
     while (t->space_busy) {
-        qemu_co_queue_wait(&s->making_waiters, NULL);
+        qemu_co_queue_wait(&s->making_waiters, &s->lock);
     }
     if (t->space_ok) {
         return 0;
     }
     t->space_busy = true;
     while (t->wb_inflight) {
-        qemu_co_queue_wait(&s->making_waiters, NULL);
+        qemu_co_queue_wait(&s->making_waiters, &s->lock);
     }
     while (pos < end) {
         int64_t pnum;
 
-        ret = bdrv_block_status(s->bs->file->bs, pos, end - pos, &pnum, NULL,
-                                NULL);
+        ret = QED_UNLOCKED(s, bdrv_co_block_status(s->bs->file->bs, pos,
+                                                   end - pos, &pnum, NULL,
+                                                   NULL));
         if (ret < 0) {
             break;
         }
@@ -565,8 +575,8 @@ int coroutine_fn qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t)
  * Requests that need the same table meanwhile wait in
  * qed_table_for_entries().
  */
-static int coroutine_fn qed_make_table(BDRVQEDState *s, unsigned int l1i,
-                                       QEDCachedTable **e)
+static int coroutine_fn GRAPH_RDLOCK
+qed_make_table(BDRVQEDState *s, unsigned int l1i, QEDCachedTable **e)
 {
     uint64_t bytes = qed_table_bytes(s);
     QEDTableMaking m = { .l1_index = l1i };
@@ -644,11 +654,9 @@ static bool qed_table_making(BDRVQEDState *s, unsigned int l1i)
  * it with a reference in *@e, or *@e NULL if there is none and !@make.
  * The caller holds the clusters (qed_claim).
  */
-static int coroutine_fn qed_table_for_entries(BDRVQEDState *s,
-                                              unsigned int l1i,
-                                              unsigned int first,
-                                              unsigned int n, bool make,
-                                              QEDCachedTable **e)
+static int coroutine_fn GRAPH_RDLOCK
+qed_table_for_entries(BDRVQEDState *s, unsigned int l1i, unsigned int first,
+                      unsigned int n, bool make, QEDCachedTable **e)
 {
     uint64_t l2_offset;
     int ret;
@@ -656,7 +664,7 @@ static int coroutine_fn qed_table_for_entries(BDRVQEDState *s,
     assert(n > 0 && first + n <= s->table_nelems);
     *e = NULL;
     while (qed_table_making(s, l1i)) {
-        qemu_co_queue_wait(&s->making_waiters, NULL);
+        qemu_co_queue_wait(&s->making_waiters, &s->lock);
     }
     l2_offset = s->l1.table->offsets[l1i];
     if (l2_offset == 0) {
@@ -688,6 +696,7 @@ static void qed_fill_entries(BDRVQEDState *s, QEDCachedTable *e,
 {
     QEDDirtyTable *t = qed_l2_cache_table(e);
 
+    qed_assert_locked(s);
     qed_screen_forget(s, t->offset, first, n);
     for (unsigned int i = 0; i < n; i++) {
         t->table->offsets[first + i] = value + i * step;
@@ -734,17 +743,112 @@ int coroutine_fn qed_mark_clusters(BDRVQEDState *s, uint64_t start,
  * Copy-on-write: read [@pos, @pos + @bytes) of the backing file into a
  * new buffer (*@buf, freed by the caller) and add it to @qiov
  */
-static int coroutine_fn qed_cow_read(BDRVQEDState *s, uint64_t pos,
-                                     uint64_t bytes, QEMUIOVector *qiov,
-                                     uint8_t **buf)
+static int coroutine_fn GRAPH_RDLOCK
+qed_cow_read(BDRVQEDState *s, uint64_t pos, uint64_t bytes, QEMUIOVector *qiov,
+             uint8_t **buf)
 {
     QEMUIOVector q;
 
     *buf = qemu_blockalign(s->bs, bytes);
     qemu_iovec_init_buf(&q, *buf, bytes);
-    BLKDBG_EVENT(s->bs->file, BLKDBG_COW_READ);
+    qed_event(s, BLKDBG_COW_READ);
     qemu_iovec_add(qiov, *buf, bytes);
     return qed_read_backing(s, pos, bytes, &q, 0);
+}
+
+/*
+ * Reserve the clusters of @alloc (claimed: [alloc->start, @end)) and
+ * secure the L2 table for its entries [@first, @first + @n), which must
+ * still be of @type; grow the file to cover the reservation.  Returns 0
+ * with *@e referenced, or -EAGAIN (look up again) or a negative errno with
+ * the reservation given back and nothing held.
+ *
+ * The data's space first, then the table's (the original driver's
+ * layout, which tools and tests that inject errors at file offsets know),
+ * but the table is made, its zeros written, before the data is: see
+ * qed_allocating_write().
+ */
+static int coroutine_fn GRAPH_RDLOCK
+qed_alloc_space(BDRVQEDState *s, QEDAllocation *alloc, uint64_t end,
+                QEDExtentType type, unsigned int first, unsigned int n,
+                bool *reused, QEDCachedTable **e)
+{
+    uint64_t start = alloc->start;
+    int ret;
+
+    while (qed_table_making(s, qed_l1_index(s, start))) {
+        /*
+         * Reserve after the table another request is making, so that the
+         * file holds data, table, data...: the space of writes that fail
+         * on a full disk is then last, and goes back with file_end
+         */
+        qemu_co_queue_wait(&s->making_waiters, &s->lock);
+    }
+    alloc->file_offset = qed_reserve(s, end - start, reused);
+    ret = qed_table_for_entries(s, qed_l1_index(s, start), first, n, true,
+                                e);
+    if (ret == 0 &&
+        !qed_claimed_entries_are(*e, first, n, type == QED_EXTENT_ZERO ?
+                                               QED_L2_ZERO :
+                                               QED_L2_UNALLOCATED)) {
+        qed_l2_cache_unref(s->l2_cache, *e);
+        ret = -EAGAIN;
+    }
+    if (ret == 0) {
+        ret = qed_grow_file(s, alloc->file_offset + (end - start));
+        if (ret < 0) {
+            qed_l2_cache_unref(s->l2_cache, *e);
+        }
+    }
+    if (ret < 0) {
+        /* Never written: it reads as it did */
+        qed_unreserve(s, alloc->file_offset, end - start, false);
+        *e = NULL;
+    }
+    return ret;
+}
+
+/*
+ * The vector that writes [@pos, @pos + @bytes) of @qiov into its new
+ * clusters: with @pad, whole clusters, the guest's data padded with the
+ * backing file's (@cow; buffers in *@head_buf and *@tail_buf, freed by
+ * the caller) or with zeros, and zeros past the image's end.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+qed_alloc_iov(BDRVQEDState *s, uint64_t pos, uint64_t bytes, bool pad,
+              bool cow, QEMUIOVector *qiov, size_t qiov_offset,
+              QEMUIOVector *wqiov, uint8_t **head_buf, uint8_t **tail_buf)
+{
+    uint64_t cs = s->header.cluster_size;
+    uint64_t start = qed_start_of_cluster(s, pos);
+    uint64_t end = ROUND_UP(pos + bytes, cs);
+    uint64_t head = pos - start;
+    uint64_t tail_end = MIN(end, s->header.image_size);
+    uint64_t tail = tail_end > pos + bytes ? tail_end - (pos + bytes) : 0;
+    int ret;
+
+    if (head && pad) {
+        ret = cow ? qed_cow_read(s, start, head, wqiov, head_buf) :
+                    qed_iovec_add_zeros(s, wqiov, head);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    qemu_iovec_concat(wqiov, qiov, qiov_offset, bytes);
+    if (pad && tail) {
+        ret = cow ? qed_cow_read(s, pos + bytes, tail, wqiov, tail_buf) :
+                    qed_iovec_add_zeros(s, wqiov, tail);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (pad && end > MAX(tail_end, pos + bytes)) {
+        ret = qed_iovec_add_zeros(s, wqiov, end - MAX(tail_end, pos + bytes));
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    return 0;
 }
 
 /*
@@ -773,9 +877,6 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
     uint64_t cs = s->header.cluster_size;
     uint64_t start = qed_start_of_cluster(s, pos);
     uint64_t end = ROUND_UP(pos + bytes, cs);
-    uint64_t head = pos - start;
-    uint64_t tail_end = MIN(end, s->header.image_size);
-    uint64_t tail = tail_end > pos + bytes ? tail_end - (pos + bytes) : 0;
     bool cow = type == QED_EXTENT_UNALLOCATED && s->bs->backing;
     unsigned int first = qed_l2_index(s, start);
     unsigned int n = (end - start) / cs;
@@ -805,44 +906,13 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
         return ret;
     }
 
-    /*
-     * The data's space first, then the table's (the original driver's
-     * layout, which tools and tests that inject errors at file offsets
-     * know), but the table is made, its zeros written, before the data
-     * is: see above.
-     */
-    while (qed_table_making(s, qed_l1_index(s, start))) {
-        /*
-         * Reserve after the table another request is making, so that the
-         * file holds data, table, data...: the space of writes that fail
-         * on a full disk is then last, and goes back with file_end
-         */
-        qemu_co_queue_wait(&s->making_waiters, NULL);
-    }
-    alloc->file_offset = qed_reserve(s, end - start, &reused);
-    ret = qed_table_for_entries(s, qed_l1_index(s, start), first, n, true,
-                                &e);
-    if (ret == 0 &&
-        !qed_claimed_entries_are(e, first, n, type == QED_EXTENT_ZERO ?
-                                              QED_L2_ZERO :
-                                              QED_L2_UNALLOCATED)) {
-        qed_l2_cache_unref(s->l2_cache, e);
-        ret = -EAGAIN;
-    }
-    if (ret == 0) {
-        ret = qed_grow_file(s, alloc->file_offset + (end - start));
-        if (ret < 0) {
-            qed_l2_cache_unref(s->l2_cache, e);
-        }
-    }
+    ret = qed_alloc_space(s, alloc, end, type, first, n, &reused, &e);
     if (ret < 0) {
-        /* Never written: it reads as it did */
-        qed_unreserve(s, alloc->file_offset, end - start, false);
         qed_release(s, alloc);
         g_free(alloc);
         return ret;
     }
-    BLKDBG_EVENT(s->bs->file, BLKDBG_CLUSTER_ALLOC);
+    qed_event(s, BLKDBG_CLUSTER_ALLOC);
 
     /*
      * New space at the end reads as zeros: without a backing file only the
@@ -855,35 +925,18 @@ int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s,
      */
     pad = cow || reused || !s->can_grow;
     qemu_iovec_init(&wqiov, qiov->niov + 4);
-    wstart = alloc->file_offset + head;
-    if (head && pad) {
-        ret = cow ? qed_cow_read(s, start, head, &wqiov, &head_buf) :
-                    qed_iovec_add_zeros(s, &wqiov, head);
-        if (ret < 0) {
-            goto fail;
-        }
-        wstart = alloc->file_offset;
-    }
-    qemu_iovec_concat(&wqiov, qiov, qiov_offset, bytes);
-    if (pad && tail) {
-        ret = cow ? qed_cow_read(s, pos + bytes, tail, &wqiov, &tail_buf) :
-                    qed_iovec_add_zeros(s, &wqiov, tail);
-        if (ret < 0) {
-            goto fail;
-        }
-    }
-    if (pad && end > MAX(tail_end, pos + bytes)) {
-        ret = qed_iovec_add_zeros(s, &wqiov, end - MAX(tail_end, pos + bytes));
-        if (ret < 0) {
-            goto fail;
-        }
+    wstart = alloc->file_offset + (pad ? 0 : pos - start);
+    ret = qed_alloc_iov(s, pos, bytes, pad, cow, qiov, qiov_offset, &wqiov,
+                        &head_buf, &tail_buf);
+    if (ret < 0) {
+        goto fail;
     }
 
     /* Copy-on-write only when backing data pads the guest's */
     qed_wait_resize(s, wstart + wqiov.size);
-    BLKDBG_EVENT(s->bs->file, head_buf || tail_buf ? BLKDBG_COW_WRITE :
-                                                     BLKDBG_WRITE_AIO);
-    ret = bdrv_co_pwritev(s->bs->file, wstart, wqiov.size, &wqiov, 0);
+    qed_event(s, head_buf || tail_buf ? BLKDBG_COW_WRITE : BLKDBG_WRITE_AIO);
+    ret = QED_UNLOCKED(s, bdrv_co_pwritev(s->bs->file, wstart, wqiov.size,
+                                          &wqiov, 0));
     if (ret < 0) {
         goto fail;
     }

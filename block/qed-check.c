@@ -185,7 +185,8 @@ static const char *qed_check_l2_entry(QEDCheck *check, uint64_t offset)
 }
 
 /* Check the L1 table, repair it if asked, and list the L2 tables to read */
-static void coroutine_fn qed_check_l1(QEDCheck *check)
+static void coroutine_fn GRAPH_RDLOCK
+qed_check_l1(QEDCheck *check)
 {
     BDRVQEDState *s = check->s;
     BdrvCheckResult *result = check->result;
@@ -255,8 +256,8 @@ static void coroutine_fn qed_check_l1(QEDCheck *check)
 }
 
 /* Check the entries of one L2 table, repairing them in @table if asked */
-static void coroutine_fn qed_check_l2(QEDCheck *check, QEDCheckL2 *t,
-                                      QEDTable *table)
+static void coroutine_fn GRAPH_RDLOCK
+qed_check_l2(QEDCheck *check, QEDCheckL2 *t, QEDTable *table)
 {
     BDRVQEDState *s = check->s;
     BdrvCheckResult *result = check->result;
@@ -317,8 +318,8 @@ static void coroutine_fn qed_check_l2(QEDCheck *check, QEDCheckL2 *t,
     qed_l2_cache_drop(s->l2_cache, t->offset);
 
     if (ret < 0) {
-        qed_check_say(check, "ERROR: could not write L2 table 0x%" PRIx64 ": %s\n",
-                t->offset, strerror(-ret));
+        qed_check_say(check, "ERROR: could not write L2 table 0x%" PRIx64
+                      ": %s\n", t->offset, strerror(-ret));
         result->check_errors++;
         return;
     }
@@ -334,7 +335,8 @@ static void coroutine_fn qed_check_l2(QEDCheck *check, QEDCheckL2 *t,
  * must see the disk.  Duplicate references are resolved in this order too:
  * the entry in the table that comes first in the file keeps the cluster.
  */
-static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
+static void coroutine_fn GRAPH_RDLOCK
+qed_check_l2_tables(QEDCheck *check)
 {
     BDRVQEDState *s = check->s;
     uint64_t table_bytes = qed_table_bytes(s);
@@ -362,14 +364,14 @@ static void coroutine_fn qed_check_l2_tables(QEDCheck *check)
             bufs[n_bufs] = qed_table_buf_new(s);
         }
 
-        BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
+        qed_event(s, BLKDBG_L2_LOAD);
         ret = qed_read_tables(s, check->tables[i].offset, n, bufs);
         if (ret < 0 && n > 1) {
             /* Read the run table by table so one bad sector costs one */
             for (unsigned int j = 0; j < n; j++) {
                 QEDCheckL2 *t = &check->tables[i + j];
 
-                BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
+                qed_event(s, BLKDBG_L2_LOAD);
                 ret = qed_read_table(s, t->offset, bufs[0]);
                 if (ret < 0) {
                     qed_check_say(check, "ERROR: could not read L2 table 0x%"
@@ -482,7 +484,8 @@ static uint64_t qed_check_inner_leaks(QEDCheck *check, uint64_t used_end)
  * (qed_compact, crash-safe move by move), trailing ones by cutting the
  * file, which comes last.
  */
-static void coroutine_fn qed_check_leaks(QEDCheck *check)
+static void coroutine_fn GRAPH_RDLOCK
+qed_check_leaks(QEDCheck *check)
 {
     BDRVQEDState *s = check->s;
     BdrvCheckResult *result = check->result;
@@ -555,7 +558,8 @@ static void coroutine_fn qed_check_leaks(QEDCheck *check)
      */
     left = qed_check_count_free(check, used_end);
     ret = 0;
-    if ((uint64_t)bdrv_getlength(s->bs->file->bs) > used_end * cluster_size ||
+    if ((uint64_t)QED_UNLOCKED(s, bdrv_co_getlength(s->bs->file->bs)) >
+        used_end * cluster_size ||
         file_clusters > used_end) {
         uint64_t new_len = used_end * cluster_size;
 
@@ -596,7 +600,8 @@ int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
     int64_t file_size;
     int ret;
 
-    file_size = bdrv_getlength(s->bs->file->bs);
+    qed_assert_locked(s);
+    file_size = QED_UNLOCKED(s, bdrv_co_getlength(s->bs->file->bs));
     if (file_size < 0) {
         qed_check_say(&check, "ERROR: could not get the size of the file: %s\n",
                 strerror(-file_size));
@@ -652,7 +657,7 @@ int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
      */
     ret = 0;
     if (fix) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
         if (ret < 0) {
             qed_check_say(&check, "ERROR: could not flush the file: %s\n",
                     strerror(-ret));

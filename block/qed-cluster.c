@@ -106,7 +106,7 @@ typedef struct QEDScreenRange {
 void qed_screen_init(BDRVQEDState *s)
 {
     s->open_end = s->file_end;
-    qemu_co_mutex_init(&s->screen_lock);
+    qed_busy_init(&s->screen_busy);
     s->bad_entries = g_hash_table_new_full(g_int64_hash, g_int64_equal,
                                            g_free, g_free);
     s->bad_ranges = g_array_new(FALSE, FALSE, sizeof(QEDScreenRange));
@@ -243,11 +243,12 @@ static unsigned long *qed_screen_table_bad(BDRVQEDState *s, GHashTable *bad,
 /*
  * Read every L2 table that the L1 names and that lies inside the file as
  * opened, and record the entries of those tables and of the L1 that name
- * space past it.  The caller holds screen_lock; nothing has been
+ * space past it.  The caller holds screen_busy; nothing has been
  * allocated yet (file_end == open_end).  The result goes into effect
  * only as a whole, and only if no check vouched for the entries meanwhile.
  */
-static int coroutine_fn qed_screen_tables(BDRVQEDState *s)
+static int coroutine_fn GRAPH_RDLOCK
+qed_screen_tables(BDRVQEDState *s)
 {
     uint64_t table_bytes = qed_table_bytes(s);
     uint64_t cluster_size = s->header.cluster_size;
@@ -345,9 +346,10 @@ static int coroutine_fn qed_screen_tables(BDRVQEDState *s)
  * disk; they stay invalid (EIO) for the rest of the open all the same.
  * Best effort: if it fails, the entries keep naming space nothing else
  * uses (the allocator skipped it), which is harmless.  The caller holds
- * screen_lock.
+ * screen_busy.
  */
-static void coroutine_fn qed_screen_drop(BDRVQEDState *s)
+static void coroutine_fn GRAPH_RDLOCK
+qed_screen_drop(BDRVQEDState *s)
 {
     unsigned int ce = s->chunk_entries;
     unsigned int dropped = 0;
@@ -433,7 +435,8 @@ static bool qed_screen_passed(BDRVQEDState *s)
  * (qed_screen_tables()), and the bad entries dropped once allocations
  * have passed one (qed_screen_drop()).  Waits for a screening under way.
  */
-static int coroutine_fn qed_screen_prepare(BDRVQEDState *s)
+static int coroutine_fn GRAPH_RDLOCK
+qed_screen_prepare(BDRVQEDState *s)
 {
     int ret = 0;
 
@@ -441,8 +444,7 @@ static int coroutine_fn qed_screen_prepare(BDRVQEDState *s)
         (s->tables_screened && (s->bad_dropped || !qed_screen_passed(s)))) {
         return 0;
     }
-    qemu_co_mutex_lock(&s->screen_lock);
-    s->screen_busy = true;
+    qed_busy_enter(s, &s->screen_busy);
     if (!s->entries_checked && !s->tables_screened) {
         ret = qed_screen_tables(s);
     }
@@ -451,8 +453,7 @@ static int coroutine_fn qed_screen_prepare(BDRVQEDState *s)
         s->bad_dropped = true;
         qed_screen_drop(s);
     }
-    s->screen_busy = false;
-    qemu_co_mutex_unlock(&s->screen_lock);
+    qed_busy_leave(s, &s->screen_busy);
     return ret;
 }
 
@@ -464,19 +465,16 @@ static int coroutine_fn qed_screen_prepare(BDRVQEDState *s)
  */
 void coroutine_fn qed_screen_settle(BDRVQEDState *s)
 {
-    if (s->screen_busy || !s->tables_screened || s->bad_dropped ||
+    qed_assert_locked(s);
+    if (s->screen_busy.owner || !s->tables_screened || s->bad_dropped ||
         s->entries_checked || !qed_screen_passed(s)) {
         return;
     }
-    qemu_co_mutex_lock(&s->screen_lock);
-    if (s->tables_screened && !s->bad_dropped && !s->entries_checked &&
-        qed_screen_passed(s)) {
-        s->screen_busy = true;
-        s->bad_dropped = true;
-        qed_screen_drop(s);
-        s->screen_busy = false;
-    }
-    qemu_co_mutex_unlock(&s->screen_lock);
+    /* Free (tested above, under s->lock): taken without a wait */
+    qed_busy_enter(s, &s->screen_busy);
+    s->bad_dropped = true;
+    qed_screen_drop(s);
+    qed_busy_leave(s, &s->screen_busy);
 }
 
 /* Entries [first, first + n) of the table at @l2_offset are being set */
@@ -536,10 +534,9 @@ uint64_t qed_screen_skip(BDRVQEDState *s, uint64_t offset, uint64_t bytes)
  * change, and a writeback never writes a sector of a chunk that is being
  * read.
  */
-static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
-                                           QEDCachedTable *e,
-                                           unsigned int first,
-                                           unsigned int end)
+static int coroutine_fn GRAPH_RDLOCK
+qed_l2_load_locked(BDRVQEDState *s, QEDCachedTable *e, unsigned int first,
+                   unsigned int end)
 {
     QEDDirtyTable *t = qed_l2_cache_table(e);
     unsigned int ce = s->chunk_entries;
@@ -555,7 +552,7 @@ static int coroutine_fn qed_l2_load_locked(BDRVQEDState *s,
             break;
         }
         run_end = find_next_bit(t->loaded, last + 1, c);
-        BLKDBG_EVENT(s->bs->file, BLKDBG_L2_LOAD);
+        qed_event(s, BLKDBG_L2_LOAD);
         ret = qed_read_table_entries(s, t->offset, c * ce, (run_end - c) * ce,
                                      &t->table->offsets[c * ce]);
         if (ret < 0) {
@@ -579,7 +576,7 @@ int coroutine_fn qed_l2_ensure(BDRVQEDState *s, QEDCachedTable *e,
     if (find_next_zero_bit(qed_l2_cache_table(e)->loaded, last + 1, c) > last) {
         return 0;
     }
-    qed_l2_cache_lock_chunks(e);
+    qed_l2_cache_lock_chunks(e, &s->lock);
     ret = qed_l2_load_locked(s, e, first, end);
     qed_l2_cache_unlock_chunks(e);
     return ret;
@@ -595,6 +592,60 @@ static QEDExtentType qed_entry_type(uint64_t entry)
     default:
         return QED_EXTENT_DATA;
     }
+}
+
+/* Report the bad L1 entry (@l2_offset) that maps guest offset @cur */
+static void qed_report_bad_l1(BDRVQEDState *s, uint64_t l2_offset,
+                              uint64_t cur)
+{
+    if (l2_offset) {
+        qed_report_corruption(s, "L2 table offset 0x%" PRIx64
+                              " is invalid", l2_offset);
+    } else {
+        /* Dropped already (qed_screen_drop()) */
+        qed_report_corruption(s, "the L2 table offset for guest offset 0x%"
+                              PRIx64 " pointed past the end of the file",
+                              cur);
+    }
+}
+
+/* Report the bad L2 entry @entry (of @type) that maps guest offset @cur */
+static void qed_report_bad_entry(BDRVQEDState *s, QEDExtentType type,
+                                 uint64_t entry, uint64_t cur)
+{
+    if (type == QED_EXTENT_DATA) {
+        qed_report_corruption(s, "data cluster offset 0x%" PRIx64
+                              " for guest offset 0x%" PRIx64 " is invalid",
+                              entry, cur);
+    } else {
+        /* A bad entry, dropped (qed_screen_drop()) */
+        qed_report_corruption(s, "the data cluster offset for guest offset "
+                              "0x%" PRIx64 " pointed past the end of the "
+                              "file", cur);
+    }
+}
+
+/*
+ * The L2 table at @l2_offset, referenced in *@e, with the entries that map
+ * guest offsets [@cur, @end) loaded (@end within the table's span)
+ */
+static int coroutine_fn GRAPH_RDLOCK
+qed_extent_table(BDRVQEDState *s, uint64_t l2_offset, uint64_t cur,
+                 uint64_t end, QEDCachedTable **e)
+{
+    unsigned int i0 = qed_l2_index(s, cur);
+    unsigned int iend = i0 + DIV_ROUND_UP(end - cur, s->header.cluster_size);
+    int ret;
+
+    ret = qed_get_l2_table(s, l2_offset, e);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = qed_l2_ensure(s, *e, i0, MIN(iend, s->table_nelems));
+    if (ret < 0) {
+        qed_l2_cache_unref(s->l2_cache, *e);
+    }
+    return ret;
 }
 
 /*
@@ -632,15 +683,7 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
 
         if (s->bad_l1 && test_bit(l1i, s->bad_l1)) {
             if (first) {
-                if (l2_offset) {
-                    qed_report_corruption(s, "L2 table offset 0x%" PRIx64
-                                          " is invalid", l2_offset);
-                } else {
-                    /* Dropped already (qed_screen_drop()) */
-                    qed_report_corruption(s, "the L2 table offset for guest "
-                                          "offset 0x%" PRIx64 " pointed past "
-                                          "the end of the file", cur);
-                }
+                qed_report_bad_l1(s, l2_offset, cur);
                 return -EIO;
             }
             break;
@@ -659,18 +702,7 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
             /* Reported when a lookup starts there */
             break;
         }
-        ret = qed_get_l2_table(s, l2_offset, &e);
-        if (ret == 0) {
-            /* The entries this lookup may need, up to its end */
-            unsigned int i0 = qed_l2_index(s, cur);
-            uint64_t span = MIN(end, table_end) - cur;
-            unsigned int iend = i0 + DIV_ROUND_UP(span, cluster_size);
-
-            ret = qed_l2_ensure(s, e, i0, MIN(iend, s->table_nelems));
-            if (ret < 0) {
-                qed_l2_cache_unref(s->l2_cache, e);
-            }
-        }
+        ret = qed_extent_table(s, l2_offset, cur, MIN(end, table_end), &e);
         if (ret < 0) {
             if (first) {
                 return ret;
@@ -692,18 +724,7 @@ int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
                            !qed_data_offset_valid(s, entry))) {
                 if (first) {
                     qed_l2_cache_unref(s->l2_cache, e);
-                    if (type == QED_EXTENT_DATA) {
-                        qed_report_corruption(s, "data cluster offset 0x%"
-                                              PRIx64 " for guest offset 0x%"
-                                              PRIx64 " is invalid", entry,
-                                              cur);
-                    } else {
-                        /* A bad entry, dropped (qed_screen_drop()) */
-                        qed_report_corruption(s, "the data cluster offset "
-                                              "for guest offset 0x%" PRIx64
-                                              " pointed past the end of the "
-                                              "file", cur);
-                    }
+                    qed_report_bad_entry(s, type, entry, cur);
                     return -EIO;
                 }
                 goto done_unref;

@@ -112,7 +112,8 @@ static bool qed_compact_is_meta(QEDCompact *c, uint64_t cl)
  * past @lo.  Moves go from the end of the file down, so only the top of
  * the file is needed; a lookup below @lo reads again from lower down.
  */
-static int coroutine_fn qed_compact_scan(QEDCompact *c, uint64_t lo)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_scan(QEDCompact *c, uint64_t lo)
 {
     BDRVQEDState *s = c->s;
 
@@ -148,8 +149,8 @@ static int coroutine_fn qed_compact_scan(QEDCompact *c, uint64_t lo)
     return 0;
 }
 
-static int coroutine_fn qed_compact_owner(QEDCompact *c, uint64_t cl,
-                                          QEDOwner *owner)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_owner(QEDCompact *c, uint64_t cl, QEDOwner *owner)
 {
     QEDOwner *o;
     int ret;
@@ -196,18 +197,18 @@ static void qed_compact_owner_moved(QEDCompact *c, uint64_t from,
  * file holds no data for (punched by a discard, never written) are
  * zeroed at the new place with unmap allowed, so that they stay holes.
  */
-static int coroutine_fn qed_compact_copy(QEDCompact *c, uint64_t from,
-                                         uint64_t to, uint64_t n)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_copy(QEDCompact *c, uint64_t from, uint64_t to, uint64_t n)
 {
     BdrvChild *file = c->s->bs->file;
     uint64_t pos = from * c->cs, end = (from + n) * c->cs;
     uint64_t delta = (to - from) * c->cs;   /* wraps: fine for unsigned */
 
     while (pos < end) {
+        uint64_t len = MIN(end - pos, QED_COMPACT_COPY_BYTES);
         int64_t pnum;
-        int ret = bdrv_block_status(file->bs, pos, MIN(end - pos,
-                                    QED_COMPACT_COPY_BYTES), &pnum, NULL,
-                                    NULL);
+        int ret = QED_UNLOCKED(c->s, bdrv_co_block_status(file->bs, pos, len,
+                                                          &pnum, NULL, NULL));
 
         if (ret < 0) {
             return ret;
@@ -218,14 +219,17 @@ static int coroutine_fn qed_compact_copy(QEDCompact *c, uint64_t from,
             pnum = MIN(end - pos, QED_COMPACT_COPY_BYTES);
         }
         if (ret & BDRV_BLOCK_DATA) {
-            ret = bdrv_co_pread(file, pos, pnum, c->copy_buf, 0);
+            ret = QED_UNLOCKED(c->s, bdrv_co_pread(file, pos, pnum,
+                                                   c->copy_buf, 0));
             if (ret == 0) {
-                ret = bdrv_co_pwrite(file, pos + delta, pnum, c->copy_buf,
-                                     0);
+                ret = QED_UNLOCKED(c->s, bdrv_co_pwrite(file, pos + delta,
+                                                        pnum, c->copy_buf,
+                                                        0));
             }
         } else {
-            ret = bdrv_co_pwrite_zeroes(file, pos + delta, pnum,
-                                        BDRV_REQ_MAY_UNMAP);
+            ret = QED_UNLOCKED(c->s, bdrv_co_pwrite_zeroes(file, pos + delta,
+                                                           pnum,
+                                                           BDRV_REQ_MAY_UNMAP));
         }
         if (ret < 0) {
             return ret;
@@ -236,11 +240,12 @@ static int coroutine_fn qed_compact_copy(QEDCompact *c, uint64_t from,
 }
 
 /* Give the space of clusters nothing references back to the host */
-static void coroutine_fn qed_compact_punch(QEDCompact *c, uint64_t cl,
-                                           uint64_t n)
+static void coroutine_fn GRAPH_RDLOCK
+qed_compact_punch(QEDCompact *c, uint64_t cl, uint64_t n)
 {
     /* Errors only keep the space */
-    bdrv_co_pdiscard(c->s->bs->file, cl * c->cs, n * c->cs);
+    QED_UNLOCKED_VOID(c->s, bdrv_co_pdiscard(c->s->bs->file, cl * c->cs,
+                                             n * c->cs));
 }
 
 /*
@@ -248,7 +253,8 @@ static void coroutine_fn qed_compact_punch(QEDCompact *c, uint64_t cl,
  * that free clusters below the end still hold (failed writes leave some),
  * all of them, so that the copies find room.  Nothing references them.
  */
-static void coroutine_fn qed_compact_punch_free(QEDCompact *c)
+static void coroutine_fn GRAPH_RDLOCK
+qed_compact_punch_free(QEDCompact *c)
 {
     uint64_t end = qed_compact_used_end(c);
     uint64_t i = find_first_zero_bit(c->used, end);
@@ -270,8 +276,8 @@ static void coroutine_fn qed_compact_punch_free(QEDCompact *c)
  * the batch there (*@n becomes the moves done, at least one, else the
  * error is returned).
  */
-static int coroutine_fn qed_compact_move_data(QEDCompact *c, QEDMove *moves,
-                                              unsigned int *pn)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_move_data(QEDCompact *c, QEDMove *moves, unsigned int *pn)
 {
     BDRVQEDState *s = c->s;
     unsigned int n = *pn;
@@ -289,7 +295,7 @@ static int coroutine_fn qed_compact_move_data(QEDCompact *c, QEDMove *moves,
         }
     }
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
 
     /* The entries, table by table */
@@ -317,7 +323,7 @@ static int coroutine_fn qed_compact_move_data(QEDCompact *c, QEDMove *moves,
         }
     }
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
     g_free(done);
     if (ret < 0) {
@@ -336,8 +342,8 @@ static int coroutine_fn qed_compact_move_data(QEDCompact *c, QEDMove *moves,
 }
 
 /* Move the L2 table of L1 entry @l1i to cluster @to */
-static int coroutine_fn qed_compact_move_table(QEDCompact *c, uint32_t l1i,
-                                               uint64_t to)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_move_table(QEDCompact *c, uint32_t l1i, uint64_t to)
 {
     BDRVQEDState *s = c->s;
     uint64_t old = s->l1.table->offsets[l1i];
@@ -347,7 +353,7 @@ static int coroutine_fn qed_compact_move_table(QEDCompact *c, uint32_t l1i,
     trace_qed_compact_move(s, old, to * c->cs, c->table_clusters, true);
     ret = qed_compact_copy(c, from, to, c->table_clusters);
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
     if (ret < 0) {
         return ret;
@@ -355,7 +361,7 @@ static int coroutine_fn qed_compact_move_table(QEDCompact *c, uint32_t l1i,
     s->l1.table->offsets[l1i] = to * c->cs;
     ret = qed_write_l1_table(s, s->l1.table, l1i, 1);
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
     if (ret < 0) {
         /* Memory says what the disk may say; the caller stops here */
@@ -388,8 +394,8 @@ static uint64_t qed_compact_find_run(QEDCompact *c, uint64_t n,
 }
 
 /* Move the one data cluster @from into the free cluster @to */
-static int coroutine_fn qed_compact_move_one(QEDCompact *c, uint64_t from,
-                                             uint64_t to)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_move_one(QEDCompact *c, uint64_t from, uint64_t to)
 {
     QEDMove m = { .from = from, .to = to };
     unsigned int n = 1;
@@ -408,7 +414,8 @@ static int coroutine_fn qed_compact_move_one(QEDCompact *c, uint64_t from,
  * Afterwards the last cluster is free: the end of what is in use is one
  * cluster lower.
  */
-static int coroutine_fn qed_compact_slide(QEDCompact *c, uint64_t hole)
+static int coroutine_fn GRAPH_RDLOCK
+qed_compact_slide(QEDCompact *c, uint64_t hole)
 {
     BDRVQEDState *s = c->s;
     uint64_t end = qed_compact_used_end(c);

@@ -12,10 +12,10 @@
 #include "block/qdict.h"
 #include "qapi/qapi-visit-block-core.h"
 #include "qapi/qobject-input-visitor.h"
-#include "qapi/qmp/qdict.h"
+#include "qobject/qdict.h"
 #include "qemu/bswap.h"
 #include "qemu/option.h"
-#include "sysemu/block-backend.h"
+#include "system/block-backend.h"
 #include "qapi/error.h"
 #include "qemu/error-report.h"
 #include "qemu/memalign.h"
@@ -59,12 +59,12 @@ static int qed_validate_create(BlockdevCreateOptionsQed *o, Error **errp)
     if (ret < 0) {
         return ret;
     }
-    if (o->has_backing_file &&
+    if (o->backing_file &&
         !qed_backing_name_fits(cluster_size, strlen(o->backing_file), errp)) {
         return -EINVAL;
     }
     if (o->has_preallocation && o->preallocation != PREALLOC_MODE_OFF) {
-        if (o->has_backing_file) {
+        if (o->backing_file) {
             error_setg(errp, "Backing file and preallocation cannot be used "
                        "at the same time: preallocated clusters would hide "
                        "the backing file");
@@ -197,7 +197,7 @@ static QEDHeader qed_new_header(BlockdevCreateOptionsQed *o,
         .image_size = o->size,
     };
 
-    if (o->has_backing_file) {
+    if (o->backing_file) {
         header.features |= QED_F_BACKING_FILE;
         header.backing_filename_offset = sizeof(QEDHeader);
         header.backing_filename_size = strlen(o->backing_file);
@@ -208,6 +208,7 @@ static QEDHeader qed_new_header(BlockdevCreateOptionsQed *o,
     return header;
 }
 
+/* As qcow2_co_create(): GRAPH_UNLOCKED, the blk_co_* calls lock inside */
 int coroutine_fn qed_co_create(BlockdevCreateOptions *opts, Error **errp)
 {
     BlockdevCreateOptionsQed *o = &opts->u.qed;
@@ -228,7 +229,7 @@ int coroutine_fn qed_co_create(BlockdevCreateOptions *opts, Error **errp)
         return ret;
     }
 
-    bs = bdrv_open_blockdev_ref(o->file, errp);
+    bs = bdrv_co_open_blockdev_ref(o->file, errp);
     if (!bs) {
         return -EIO;
     }
@@ -237,8 +238,8 @@ int coroutine_fn qed_co_create(BlockdevCreateOptions *opts, Error **errp)
         goto out;
     }
 
-    blk = blk_new_with_bs(bs, BLK_PERM_WRITE | BLK_PERM_RESIZE, BLK_PERM_ALL,
-                          errp);
+    blk = blk_co_new_with_bs(bs, BLK_PERM_WRITE | BLK_PERM_RESIZE,
+                             BLK_PERM_ALL, errp);
     if (!blk) {
         ret = -EPERM;
         goto out;
@@ -290,8 +291,8 @@ int coroutine_fn qed_co_create(BlockdevCreateOptions *opts, Error **errp)
 
 out:
     g_free(buf);
-    blk_unref(blk);
-    bdrv_unref(bs);
+    blk_co_unref(blk);
+    bdrv_co_unref(bs);
     return ret;
 }
 
@@ -402,12 +403,12 @@ int coroutine_fn qed_co_create_opts(BlockDriver *drv,
     if (ret < 0) {
         goto fail;
     }
-    ret = bdrv_create_file(filename, opts, errp);
+    ret = bdrv_co_create_file(filename, opts, errp);
     if (ret < 0) {
         goto fail;
     }
-    bs = bdrv_open(filename, NULL, NULL,
-                   BDRV_O_RDWR | BDRV_O_RESIZE | BDRV_O_PROTOCOL, errp);
+    bs = bdrv_co_open(filename, NULL, NULL,
+                      BDRV_O_RDWR | BDRV_O_RESIZE | BDRV_O_PROTOCOL, errp);
     if (!bs) {
         ret = -EIO;
         goto fail;
@@ -425,14 +426,16 @@ fail:
         /*
          * As qcow2 does, a failed create (e.g. preallocation on a full file
          * system) leaves no half-made image behind.  @bs is set only once
-         * bdrv_create_file() has made or emptied the file; every option is
-         * checked before that, so a bad one never deletes a file it did
+         * bdrv_co_create_file() has made or emptied the file; every option
+         * is checked before that, so a bad one never deletes a file it did
          * not touch.
          */
+        bdrv_graph_co_rdlock();
         bdrv_co_delete_file_noerr(bs);
+        bdrv_graph_co_rdunlock();
     }
     qobject_unref(qdict);
-    bdrv_unref(bs);
+    bdrv_co_unref(bs);
     qapi_free_BlockdevCreateOptions(create_options);
     return ret;
 }
@@ -443,8 +446,9 @@ fail:
  * (QED_F_BACKING_FORMAT_NO_PROBE) or "probe": for a probed one, the format
  * the backing file was opened with is the current one.
  */
-static bool qed_amend_backing_is_current(BlockDriverState *bs,
-                                         const char *file, const char *fmt)
+static bool GRAPH_RDLOCK
+qed_amend_backing_is_current(BlockDriverState *bs, const char *file,
+                             const char *fmt)
 {
     BDRVQEDState *s = bs->opaque;
     bool has_backing = s->header.features & QED_F_BACKING_FILE;

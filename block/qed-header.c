@@ -97,7 +97,7 @@ int qed_validate_image_size(uint64_t size, uint64_t cluster_size,
 
 /*
  * The one writer of the header: sector 0 from @h, then s->header = *h.
- * The caller holds header_lock, so that every header write starts from the
+ * The caller holds header_busy, so that every header write starts from the
  * header the last one left (a size change and a NEED_CHECK change built
  * from the same old copy would undo each other), and says why the moment
  * of the write is safe.  One sector is written, so a crash leaves the old
@@ -109,15 +109,18 @@ int coroutine_fn qed_update_header(BDRVQEDState *s, const QEDHeader *h)
     uint8_t *buf;
     int ret;
 
-    assert(s->header_lock.holder == qemu_coroutine_self());
+    qed_assert_locked(s);
+    assert(qed_busy_held(&s->header_busy));
 
     /* The backing file name may share the sector: read, modify, write */
     buf = qemu_blockalign(s->bs, BDRV_SECTOR_SIZE);
-    ret = bdrv_co_pread(s->bs->file, 0, BDRV_SECTOR_SIZE, buf, 0);
+    ret = QED_UNLOCKED(s, bdrv_co_pread(s->bs->file, 0, BDRV_SECTOR_SIZE, buf,
+                                        0));
     if (ret == 0) {
         qed_header_cpu_to_le(h, &le);
         memcpy(buf, &le, sizeof(le));
-        ret = bdrv_co_pwrite(s->bs->file, 0, BDRV_SECTOR_SIZE, buf, 0);
+        ret = QED_UNLOCKED(s, bdrv_co_pwrite(s->bs->file, 0, BDRV_SECTOR_SIZE,
+                                             buf, 0));
     }
     qemu_vfree(buf);
     if (ret == 0) {
@@ -265,7 +268,7 @@ int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque)
         return ret;
     }
 
-    qemu_co_mutex_lock(&s->header_lock);
+    qed_busy_enter(s, &s->header_busy);
     h = s->header;
     h.features &= ~(QED_F_BACKING_FILE | QED_F_BACKING_FORMAT_NO_PROBE);
     h.backing_filename_offset = 0;
@@ -288,9 +291,9 @@ int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque)
             ret = -ENOSPC;
             goto out;
         }
-        ret = bdrv_co_pwrite(s->bs->file, off, len, file, 0);
+        ret = QED_UNLOCKED(s, bdrv_co_pwrite(s->bs->file, off, len, file, 0));
         if (ret == 0) {
-            ret = bdrv_co_flush(s->bs->file->bs);
+            ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
         }
         if (ret < 0) {
             goto out;
@@ -308,7 +311,7 @@ int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque)
                 file ?: "");
     }
 out:
-    qemu_co_mutex_unlock(&s->header_lock);
+    qed_busy_leave(s, &s->header_busy);
     return ret;
 }
 
@@ -340,11 +343,12 @@ int coroutine_fn qed_raise_need_check(BDRVQEDState *s)
     QEDHeader h;
     int ret = 0;
 
+    qed_assert_locked(s);
     if (s->need_check_ready) {
         return 0;
     }
 
-    qemu_co_mutex_lock(&s->header_lock);
+    qed_busy_enter(s, &s->header_busy);
     if (!s->need_check_ready) {
         if (!(s->header.features & QED_F_NEED_CHECK)) {
             h = s->header;
@@ -353,20 +357,21 @@ int coroutine_fn qed_raise_need_check(BDRVQEDState *s)
         }
         /* Also when the bit was set: an earlier flush may have failed */
         if (ret == 0) {
-            ret = bdrv_co_flush(s->bs->file->bs);
+            ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
         }
         if (ret == 0) {
             s->need_check_ready = true;
             trace_qed_need_check_set(s);
         }
     }
-    qemu_co_mutex_unlock(&s->header_lock);
+    qed_busy_leave(s, &s->header_busy);
     return ret;
 }
 
 /* Before table updates: crash ordering 4 */
 int coroutine_fn qed_set_need_check(BDRVQEDState *s)
 {
+    qed_assert_locked(s);
     if (qed_has_backing_file(s)) {
         return 0;
     }

@@ -51,7 +51,12 @@ struct QEDCachedTable {
     bool used;              /* looked up since the last idle release */
     unsigned long *resident;    /* chunks that take memory */
     unsigned int nresident;
-    CoMutex lock;           /* held to load chunks */
+    /*
+     * Chunks are being loaded (qed_l2_cache_lock_chunks()); others wait
+     * on load_waiters, with the driver's lock released
+     */
+    bool loading;
+    CoQueue load_waiters;
     QTAILQ_ENTRY(QEDCachedTable) lru;
     QTAILQ_ENTRY(QEDCachedTable) dirty_next;
 };
@@ -78,9 +83,35 @@ struct QEDL2Cache {
      * the tables again until a table is unused or clean again
      */
     bool shrink_futile;
+    /*
+     * The driver's metadata lock, which guards all of the cache (NULL in
+     * the unit tests, which run no coroutines)
+     */
+    CoMutex *lock;
 };
 
 static void qed_l2_cache_shrink(QEDL2Cache *c);
+
+void qed_l2_cache_set_lock(QEDL2Cache *c, CoMutex *lock)
+{
+    c->lock = lock;
+}
+
+/*
+ * The driver holds its lock (qed_assert_locked(): or this is its open or
+ * close, in the main loop, outside coroutines)
+ */
+static void qed_l2_cache_assert_locked(QEDL2Cache *c)
+{
+    if (!c->lock) {
+        return;
+    }
+    if (qemu_in_coroutine()) {
+        assert(c->lock->holder == qemu_coroutine_self());
+    } else {
+        assert(qemu_get_current_aio_context() == qemu_get_aio_context());
+    }
+}
 
 QEDL2Cache *qed_l2_cache_new(uint64_t max_bytes, size_t table_bytes)
 {
@@ -128,6 +159,7 @@ static void qed_l2_cache_set_resident(QEDL2Cache *c, QEDCachedTable *e,
  */
 static void qed_l2_cache_remove(QEDL2Cache *c, QEDCachedTable *e)
 {
+    qed_l2_cache_assert_locked(c);
     assert(!e->dropped);
     g_hash_table_remove(c->by_offset, &e->t.offset);
     QTAILQ_REMOVE(&c->lru, e, lru);
@@ -241,8 +273,10 @@ void qed_l2_cache_free(QEDL2Cache *c)
 /* Return the table at @offset with a reference taken, or NULL */
 QEDCachedTable *qed_l2_cache_find(QEDL2Cache *c, uint64_t offset)
 {
-    QEDCachedTable *e = g_hash_table_lookup(c->by_offset, &offset);
+    QEDCachedTable *e;
 
+    qed_l2_cache_assert_locked(c);
+    e = g_hash_table_lookup(c->by_offset, &offset);
     if (!e) {
         trace_qed_l2_cache_miss(c, offset);
         return NULL;
@@ -291,7 +325,7 @@ QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
         bitmap_set(e->t.loaded, 0, c->nchunks);
         qed_l2_cache_set_resident(c, e, 0, c->nchunks);
     }
-    qemu_co_mutex_init(&e->lock);
+    qemu_co_queue_init(&e->load_waiters);
     g_hash_table_insert(c->by_offset, &e->t.offset, e);
     QTAILQ_INSERT_HEAD(&c->lru, e, lru);
     c->n_tables++;
@@ -307,16 +341,24 @@ QEDDirtyTable *qed_l2_cache_table(QEDCachedTable *e)
 
 /*
  * Held while chunks of @e are read (qed_l2_ensure()), so that two
- * lookups never read the same chunk at once
+ * lookups never read the same chunk at once.  The caller holds @lock,
+ * the driver's metadata lock, which a wait releases; the chunks are read
+ * with it released too.
  */
-void coroutine_fn qed_l2_cache_lock_chunks(QEDCachedTable *e)
+void coroutine_fn qed_l2_cache_lock_chunks(QEDCachedTable *e,
+                                          CoMutex *lock)
 {
-    qemu_co_mutex_lock(&e->lock);
+    while (e->loading) {
+        qemu_co_queue_wait(&e->load_waiters, lock);
+    }
+    e->loading = true;
 }
 
 void coroutine_fn qed_l2_cache_unlock_chunks(QEDCachedTable *e)
 {
-    qemu_co_mutex_unlock(&e->lock);
+    assert(e->loading);
+    e->loading = false;
+    qemu_co_queue_restart_all(&e->load_waiters);
 }
 
 /* Chunks [first, first + n) of @e were read from disk */
@@ -331,6 +373,7 @@ void qed_l2_cache_loaded(QEDL2Cache *c, QEDCachedTable *e,
 
 void qed_l2_cache_unref(QEDL2Cache *c, QEDCachedTable *e)
 {
+    qed_l2_cache_assert_locked(c);
     assert(e->ref > 0);
     if (--e->ref > 1) {
         return;
@@ -383,6 +426,7 @@ void qed_l2_cache_mark_dirty(QEDL2Cache *c, QEDCachedTable *e,
 {
     unsigned int added;
 
+    qed_l2_cache_assert_locked(c);
     assert(!e->dropped && first + n <= c->nsectors);
     added = qed_dirty_set(&e->t, first, n);
     c->dirty_sectors += added;
@@ -410,6 +454,7 @@ bool qed_l2_cache_take_dirty(QEDL2Cache *c, QEDCachedTable *e,
 {
     bool fresh = e->fresh;
 
+    qed_l2_cache_assert_locked(c);
     c->dirty_sectors -= qed_dirty_clear(&e->t, first, n);
     c->shrink_futile = false;
     e->ref++;
@@ -495,6 +540,7 @@ uint64_t qed_l2_cache_clean_unused(QEDL2Cache *c)
     uint64_t before = c->resident_bytes;
     QEDCachedTable *e, *prev;
 
+    qed_l2_cache_assert_locked(c);
     QTAILQ_FOREACH_REVERSE_SAFE(e, &c->lru, lru, prev) {
         if (e->used) {
             e->used = false;

@@ -153,8 +153,10 @@ int coroutine_fn qed_read_tables(BDRVQEDState *s, uint64_t offset,
 
     trace_qed_read_table(s, offset, n * nelems);
 
+    /* Into buffers of the caller's, none that others look at meanwhile */
     if (n == 1) {
-        ret = bdrv_co_pread(s->bs->file, offset, bytes, tables[0], 0);
+        ret = QED_UNLOCKED(s, bdrv_co_pread(s->bs->file, offset, bytes,
+                                            tables[0], 0));
         if (ret < 0) {
             return ret;
         }
@@ -167,7 +169,8 @@ int coroutine_fn qed_read_tables(BDRVQEDState *s, uint64_t offset,
     if (!buf) {
         return -ENOMEM;
     }
-    ret = bdrv_co_pread(s->bs->file, offset, n * bytes, buf, 0);
+    ret = QED_UNLOCKED(s, bdrv_co_pread(s->bs->file, offset, n * bytes, buf,
+                                        0));
     if (ret == 0) {
         for (unsigned int i = 0; i < n; i++) {
             memcpy(tables[i], buf + i * bytes, bytes);
@@ -188,8 +191,15 @@ int coroutine_fn qed_read_table_entries(BDRVQEDState *s,
 
     assert(n > 0 && first + n <= s->table_nelems);
     trace_qed_read_table(s, table_offset + first * sizeof(uint64_t), n);
-    ret = bdrv_co_pread(s->bs->file, table_offset + first * sizeof(uint64_t),
-                        n * sizeof(uint64_t), entries, 0);
+    /*
+     * With s->lock released: @entries may be chunks of a cached table
+     * being loaded, which nobody else reads or changes until they are
+     * marked loaded (qed_l2_load_locked())
+     */
+    ret = QED_UNLOCKED(s, bdrv_co_pread(s->bs->file,
+                                        table_offset +
+                                        first * sizeof(uint64_t),
+                                        n * sizeof(uint64_t), entries, 0));
     if (ret == 0) {
         qed_table_to_cpu(entries, n);
     }
@@ -229,17 +239,17 @@ int coroutine_fn qed_write_table_snapshot(BDRVQEDState *s,
            n % QED_ENTRIES_PER_SECTOR == 0);
     assert(n > 0 && first + n <= s->table_nelems);
     trace_qed_write_table(s, table_offset, first, n);
-    return bdrv_co_pwrite(s->bs->file,
-                          table_offset + first * sizeof(uint64_t),
-                          n * sizeof(uint64_t), snapshot, 0);
+    return QED_UNLOCKED(s, bdrv_co_pwrite(s->bs->file,
+                                          table_offset +
+                                          first * sizeof(uint64_t),
+                                          n * sizeof(uint64_t), snapshot, 0));
 }
 
 /* The same from entries in CPU order */
-static int coroutine_fn qed_write_table_sectors(BDRVQEDState *s,
-                                                uint64_t table_offset,
-                                                unsigned int first,
-                                                unsigned int n,
-                                                const uint64_t *entries)
+static int coroutine_fn GRAPH_RDLOCK
+qed_write_table_sectors(BDRVQEDState *s, uint64_t table_offset,
+                        unsigned int first, unsigned int n,
+                        const uint64_t *entries)
 {
     uint64_t *buf = qemu_blockalign(s->bs->file->bs, n * sizeof(uint64_t));
     int ret;
@@ -279,6 +289,7 @@ static int qed_u64_cmp(const void *a, const void *b)
 /* Room for one more start in s->l2_starts */
 static void qed_l2_starts_reserve(BDRVQEDState *s)
 {
+    qed_assert_locked(s);
     if (s->n_l2_starts == s->l2_starts_size) {
         s->l2_starts_size = MAX(16, s->l2_starts_size * 2);
         s->l2_starts = g_renew(uint64_t, s->l2_starts, s->l2_starts_size);
@@ -370,6 +381,6 @@ bool qed_in_l2_table(BDRVQEDState *s, uint64_t offset)
 int coroutine_fn qed_write_l1_table(BDRVQEDState *s, QEDTable *l1,
                                     unsigned int index, unsigned int n)
 {
-    BLKDBG_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
+    qed_event(s, BLKDBG_L1_UPDATE);
     return qed_write_table(s, s->header.l1_table_offset, l1, index, n);
 }

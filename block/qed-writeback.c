@@ -101,8 +101,8 @@ typedef struct QEDWbArena {
  * @a over *@buf, a buffer of @size bytes made at the first pass and kept
  * for the open (passes run one at a time): a pass allocates nothing
  */
-static void qed_wb_arena_init(BDRVQEDState *s, QEDWbArena *a, void **buf,
-                              size_t size)
+static void GRAPH_RDLOCK
+qed_wb_arena_init(BDRVQEDState *s, QEDWbArena *a, void **buf, size_t size)
 {
     if (!*buf) {
         *buf = qemu_blockalign(s->bs->file->bs, size);
@@ -166,6 +166,7 @@ static bool qed_wb_collect(BDRVQEDState *s, QEDDirtyTable *t,
     unsigned long i = find_first_bit(t->dirty, nsectors);
     size_t room;
 
+    qed_assert_locked(s);
     while (i < nsectors && (room = qed_wb_arena_room(arena)) > 0) {
         unsigned long max_end = i + room;
         unsigned long end = find_next_zero_bit(t->dirty, nsectors, i);
@@ -201,21 +202,30 @@ static bool qed_wb_collect(BDRVQEDState *s, QEDDirtyTable *t,
     return i >= nsectors;
 }
 
-static int coroutine_fn qed_wb_task_run(AioTask *task)
+/*
+ * This function can count as GRAPH_RDLOCK because qed_wb_write() holds
+ * the graph lock and keeps it until this coroutine has terminated
+ * (aio_task_pool_wait_all()), as qcow2's task entries do.  A coroutine of
+ * its own: it takes s->lock (its spawner released it, and holds wb_busy
+ * for the pass).
+ */
+static int coroutine_fn GRAPH_RDLOCK
+qed_wb_task_run(AioTask *task)
 {
     QEDWbTask *t = container_of(task, QEDWbTask, task);
     BDRVQEDState *s = t->s;
     QEDWbJob *job = t->job;
     QEDDirtyTable *table = job->t;
+    int ret;
 
+    qed_lock(s);
     if (job->e) {
-        BLKDBG_EVENT(s->bs->file, job->fresh ? BLKDBG_L2_ALLOC_WRITE :
-                                               BLKDBG_L2_UPDATE);
+        qed_event(s, job->fresh ? BLKDBG_L2_ALLOC_WRITE : BLKDBG_L2_UPDATE);
         trace_qed_l2_update(s, table->offset,
                             job->first * QED_ENTRIES_PER_SECTOR,
                             job->n * QED_ENTRIES_PER_SECTOR);
     } else {
-        BLKDBG_EVENT(s->bs->file, BLKDBG_L1_UPDATE);
+        qed_event(s, BLKDBG_L1_UPDATE);
     }
     /* Not while the table's holes are being allocated (qed_secure_space) */
     for (;;) {
@@ -225,24 +235,33 @@ static int coroutine_fn qed_wb_task_run(AioTask *task)
         if (!table->space_busy) {
             break;
         }
-        qemu_co_queue_wait(&s->making_waiters, NULL);
+        qemu_co_queue_wait(&s->making_waiters, &s->lock);
     }
     table->wb_inflight++;
-    job->ret = qed_write_table_snapshot(s, table->offset,
-                                        job->first * QED_ENTRIES_PER_SECTOR,
-                                        job->n * QED_ENTRIES_PER_SECTOR,
-                                        job->snapshot);
+    ret = qed_write_table_snapshot(s, table->offset,
+                                   job->first * QED_ENTRIES_PER_SECTOR,
+                                   job->n * QED_ENTRIES_PER_SECTOR,
+                                   job->snapshot);
+    job->ret = ret;
     table->wb_inflight--;
     qemu_co_queue_restart_all(&s->making_waiters);
-    return job->ret;
+    qed_unlock(s);
+    return ret;
 }
 
 /* Write @jobs, several at once; the first error is returned */
-static int coroutine_fn qed_wb_write(BDRVQEDState *s, GArray *jobs)
+static int coroutine_fn GRAPH_RDLOCK
+qed_wb_write(BDRVQEDState *s, GArray *jobs)
 {
     AioTaskPool *pool = aio_task_pool_new(QED_WB_PARALLEL);
     int ret;
 
+    /*
+     * The tasks take s->lock themselves, and starting one may wait for a
+     * slot (a plain yield): the lock is released for the whole of it.
+     * @jobs is the pass's own (wb_busy), so is every snapshot.
+     */
+    qed_unlock_io(s);
     for (unsigned int i = 0; i < jobs->len; i++) {
         QEDWbTask *t = g_new(QEDWbTask, 1);
 
@@ -256,6 +275,7 @@ static int coroutine_fn qed_wb_write(BDRVQEDState *s, GArray *jobs)
     aio_task_pool_wait_all(pool);
     ret = aio_task_pool_status(pool);
     aio_task_pool_free(pool);
+    qed_relock_io(s);
     return ret;
 }
 
@@ -267,6 +287,7 @@ static void qed_wb_finish(BDRVQEDState *s, GArray *jobs)
 {
     QEDL2Cache *c = s->l2_cache;
 
+    qed_assert_locked(s);
     for (unsigned int i = 0; i < jobs->len; i++) {
         QEDWbJob *job = &g_array_index(jobs, QEDWbJob, i);
 
@@ -303,13 +324,14 @@ static void qed_wb_finish(BDRVQEDState *s, GArray *jobs)
  * at a time, so every earlier table write has completed), and so is the
  * data of every entry set before it started (@gen: s->l2_gen then).
  */
-static int coroutine_fn qed_wb_flush(BDRVQEDState *s, uint64_t *gen)
+static int coroutine_fn GRAPH_RDLOCK
+qed_wb_flush(BDRVQEDState *s, uint64_t *gen)
 {
     uint64_t start_gen = s->l2_gen;
     int ret;
 
-    BLKDBG_EVENT(s->bs->file, BLKDBG_FLUSH_TO_DISK);
-    ret = bdrv_co_flush(s->bs->file->bs);
+    qed_event(s, BLKDBG_FLUSH_TO_DISK);
+    ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     trace_qed_wb_flush(s, s->wb_tables_unflushed, ret);
     if (ret == 0) {
         s->wb_tables_unflushed = false;
@@ -333,7 +355,8 @@ static int coroutine_fn qed_wb_flush(BDRVQEDState *s, uint64_t *gen)
  * since the last flush started (s->l2_gen moved).  The flush also puts the
  * file's new size on disk.
  */
-static int coroutine_fn qed_wb_write_l2(BDRVQEDState *s, GPtrArray *tables)
+static int coroutine_fn GRAPH_RDLOCK
+qed_wb_write_l2(BDRVQEDState *s, GPtrArray *tables)
 {
     GArray *jobs = g_array_new(false, false, sizeof(QEDWbJob));
     bool flushed = false;
@@ -385,7 +408,7 @@ static int coroutine_fn qed_wb_write_l2(BDRVQEDState *s, GPtrArray *tables)
  * One writeback pass: every sector dirty when it starts reaches the disk,
  * or stays dirty (and the pass fails) if its write failed.  Passes run one
  * at a time, so two writes of one sector are never in flight together and
- * a flush that waits for wb_lock also waits for a pass that started
+ * a flush that waits for wb_busy also waits for a pass that started
  * before it.
  *
  * Crash ordering, in this order:
@@ -414,18 +437,19 @@ int coroutine_fn qed_writeback(BDRVQEDState *s)
     bool all;
     int ret;
 
+    qed_assert_locked(s);
     /* Bad entries that allocations have passed go with this pass */
     qed_screen_settle(s);
 
-    qemu_co_mutex_lock(&s->wb_lock);
+    qed_busy_enter(s, &s->wb_busy);
     if (!qed_tables_dirty(s)) {
-        qemu_co_mutex_unlock(&s->wb_lock);
+        qed_busy_leave(s, &s->wb_busy);
         return 0;
     }
 
     ret = qed_set_need_check(s);
     if (ret < 0) {
-        qemu_co_mutex_unlock(&s->wb_lock);
+        qed_busy_leave(s, &s->wb_busy);
         return ret;
     }
 
@@ -468,7 +492,7 @@ int coroutine_fn qed_writeback(BDRVQEDState *s)
         qed_l2_cache_unref(s->l2_cache, g_ptr_array_index(tables, i));
     }
     g_ptr_array_free(tables, true);
-    qemu_co_mutex_unlock(&s->wb_lock);
+    qed_busy_leave(s, &s->wb_busy);
     return ret;
 }
 
@@ -476,12 +500,17 @@ static void coroutine_fn qed_wb_background_entry(void *opaque)
 {
     BDRVQEDState *s = opaque;
 
+    /* A coroutine of our own: it takes the graph reader lock itself */
+    GRAPH_RDLOCK_GUARD();
+
     /*
      * A failure leaves the sectors dirty: the next pass writes them again,
      * and a flush fails if that fails too
      */
+    qed_lock(s);
     qed_writeback(s);
     s->wb_background = false;
+    qed_unlock(s);
     bdrv_dec_in_flight(s->bs);
 }
 
@@ -496,6 +525,7 @@ void coroutine_fn qed_wb_throttle(BDRVQEDState *s)
     QEDL2CacheStats st;
     uint64_t over;
 
+    qed_assert_locked(s);
     qed_l2_cache_stats(s->l2_cache, &st);
     over = st.resident > st.max ? st.resident - st.max : 0;
     if (st.dirty_sectors > QED_WB_HARD_SECTORS || over > QED_WB_MEMORY_SLACK) {

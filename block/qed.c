@@ -3,10 +3,10 @@
  *
  * The BlockDriver: probe, open/close, reopen, the request entry points
  * (read, write, write-zeroes, discard, flush, block status, truncate),
- * NEED_CHECK's clearing and its timer, make_empty, inactivation and the
- * check entry point.  The other files and their jobs are listed in
- * docs/qed-design.md, section 1; the locks, what each guards and the
- * order they nest in, at the top of qed.h.
+ * make_empty, inactivation and the check entry point (NEED_CHECK's
+ * clearing, the timers and the drain are in qed-timer.c).  The other
+ * files and their jobs are listed in docs/qed-design.md, section 1; the
+ * locks, what each guards and the order they nest in, at the top of qed.h.
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
@@ -17,7 +17,7 @@
 #include "qapi/error.h"
 #include "qapi/qapi-visit-block-core.h"
 #include "qapi/qobject-input-visitor.h"
-#include "qapi/qmp/qdict.h"
+#include "qobject/qdict.h"
 #include "qemu/bswap.h"
 #include "block/aio_task.h"
 #include "qemu/error-report.h"
@@ -27,7 +27,7 @@
 #include "qemu/option.h"
 #include "qemu/timer.h"
 #include "qemu/units.h"
-#include "sysemu/block-backend.h"
+#include "system/block-backend.h"
 #include "trace.h"
 #include "qed.h"
 
@@ -81,230 +81,12 @@ static int qed_probe(const uint8_t *buf, int buf_size, const char *filename)
 
 
 
-/* ---- NEED_CHECK and its timer ------------------------------------------- */
+/* ---- running coroutine_fns from the main loop --------------------------- */
 
-/*
- * Write back every dirty table sector, cut the file back to the clusters
- * in use, then clear NEED_CHECK if it is set.
- *
- * Crash ordering 5: clear NEED_CHECK only when no allocation is in flight,
- * no table sector is dirty, and after a flush, so every table write before
- * it is on disk.  An allocation that starts meanwhile, or a writeback
- * pass, finds need_check_ready false and waits for header_lock before it
- * writes anything, then sets the bit again (over a backing file: only an
- * allocation that grows the file, ordering 8).
- *
- * Crash ordering 8: the grow-ahead tail goes first, and that flush also
- * puts the new length on disk before the bit is cleared, so that no tail
- * outlives the bit (the original driver's check counts one as leaked
- * clusters).  The cut happens with no allocation in flight (ordering 7),
- * and a new allocation grows the file again only after setting the bit,
- * which waits for header_lock.
- */
-
-int coroutine_fn qed_clear_need_check(BDRVQEDState *s)
-{
-    QEDHeader h;
-    int ret;
-
-    ret = qed_writeback(s);
-    if (ret < 0) {
-        return ret;
-    }
-
-    qemu_co_mutex_lock(&s->header_lock);
-    s->need_check_ready = false;
-    if (s->allocating_writes == 0 && !qed_tables_dirty(s) &&
-        !bdrv_is_read_only(s->bs)) {
-        if (s->file_size > s->file_end) {
-            ret = qed_resize_file(s, s->file_end);
-        }
-        if (ret == 0 && (s->header.features & QED_F_NEED_CHECK) &&
-            !s->unrepaired) {
-            ret = bdrv_co_flush(s->bs->file->bs);
-            if (ret == 0) {
-                h = s->header;
-                h.features &= ~QED_F_NEED_CHECK;
-                ret = qed_update_header(s, &h);
-            }
-            if (ret == 0) {
-                /* Leave the clean header on disk before anyone goes away */
-                ret = bdrv_co_flush(s->bs->file->bs);
-            }
-            if (ret == 0) {
-                trace_qed_need_check_clear(s);
-                /* Armed meanwhile by an allocation that has landed */
-                qed_cancel_timer(s);
-            }
-        }
-    }
-    qemu_co_mutex_unlock(&s->header_lock);
-    return ret;
-}
-
-static int coroutine_fn qed_co_clear_need_check(BDRVQEDState *s,
-                                                void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_clear_need_check(BDRVQEDState *s, void *opaque)
 {
     return qed_clear_need_check(s);
-}
-
-/* Allocations whose data is still on its way */
-static bool qed_allocs_in_flight(BDRVQEDState *s)
-{
-    return !QLIST_EMPTY(&s->allocs);
-}
-
-static void coroutine_fn qed_need_check_timer_entry(void *opaque)
-{
-    BDRVQEDState *s = opaque;
-
-    while (qed_allocs_in_flight(s)) {
-        qemu_co_queue_wait(&s->idle_waiters, NULL);
-    }
-    qed_clear_need_check(s);
-    s->timer_running = false;
-    bdrv_dec_in_flight(s->bs);
-}
-
-/* Start clearing NEED_CHECK in a coroutine that drain waits for */
-static void qed_start_clear(BDRVQEDState *s)
-{
-    Coroutine *co;
-
-    if (s->timer_running) {
-        return;
-    }
-    s->timer_running = true;
-    bdrv_inc_in_flight(s->bs);
-    co = qemu_coroutine_create(qed_need_check_timer_entry, s);
-    aio_co_enter(bdrv_get_aio_context(s->bs), co);
-}
-
-static void qed_need_check_timer_cb(void *opaque)
-{
-    BDRVQEDState *s = opaque;
-
-    if (qatomic_read(&s->bs->quiesce_counter) > 0) {
-        /* No I/O of ours inside a drained section: look again later */
-        timer_mod(s->need_check_timer,
-                  qemu_clock_get_ns(QEMU_CLOCK_REALTIME) +
-                  NANOSECONDS_PER_SECOND);
-        return;
-    }
-    trace_qed_timer_fire(s);
-    qed_start_clear(s);
-}
-
-static bool qed_may_write_header(BDRVQEDState *s)
-{
-    return !bdrv_is_read_only(s->bs) &&
-           !(s->bs->open_flags & BDRV_O_INACTIVE);
-}
-
-/*
- * After the last allocating write: write the tables back and clear the
- * bit in a few seconds
- */
-void qed_arm_timer(BDRVQEDState *s)
-{
-    if (s->need_check_timer &&
-        ((s->header.features & QED_F_NEED_CHECK) || qed_tables_dirty(s) ||
-         s->file_size > s->file_end) &&
-        qed_may_write_header(s)) {
-        trace_qed_timer_arm(s);
-        timer_mod(s->need_check_timer,
-                  qemu_clock_get_ns(QEMU_CLOCK_REALTIME) +
-                  QED_NEED_CHECK_TIMEOUT * NANOSECONDS_PER_SECOND);
-    }
-}
-
-void qed_cancel_timer(BDRVQEDState *s)
-{
-    if (s->need_check_timer && timer_pending(s->need_check_timer)) {
-        trace_qed_timer_cancel(s);
-        timer_del(s->need_check_timer);
-    }
-}
-
-/*
- * The idle release: every cache-clean-interval seconds the L2 tables
- * that nobody looked up since the last time give their memory back
- * (qed_l2_cache_clean_unused()).  Memory only, no I/O: it may run in a
- * drained section.
- */
-static void qed_cache_clean_timer_cb(void *opaque)
-{
-    BDRVQEDState *s = opaque;
-    uint64_t released = qed_l2_cache_clean_unused(s->l2_cache);
-    QEDL2CacheStats st;
-
-    qed_l2_cache_stats(s->l2_cache, &st);
-    trace_qed_cache_clean(s, released, st.resident);
-    timer_mod(s->cache_clean_timer, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
-              (int64_t)s->cache_clean_interval * 1000);
-}
-
-static void qed_cache_clean_timer_init(BDRVQEDState *s, AioContext *ctx)
-{
-    if (s->cache_clean_interval > 0 && s->l2_cache) {
-        s->cache_clean_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME,
-                                             SCALE_MS,
-                                             qed_cache_clean_timer_cb, s);
-        timer_mod(s->cache_clean_timer,
-                  qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
-                  (int64_t)s->cache_clean_interval * 1000);
-    }
-}
-
-static void qed_cache_clean_timer_del(BDRVQEDState *s)
-{
-    if (s->cache_clean_timer) {
-        timer_free(s->cache_clean_timer);
-        s->cache_clean_timer = NULL;
-    }
-}
-
-static void qed_attach_aio_context(BlockDriverState *bs,
-                                   AioContext *new_context)
-{
-    BDRVQEDState *s = bs->opaque;
-
-    s->need_check_timer = aio_timer_new(new_context, QEMU_CLOCK_REALTIME,
-                                        SCALE_NS, qed_need_check_timer_cb, s);
-    if (s->allocating_writes == 0) {
-        qed_arm_timer(s);
-    }
-    qed_cache_clean_timer_init(s, new_context);
-}
-
-static void qed_detach_aio_context(BlockDriverState *bs)
-{
-    BDRVQEDState *s = bs->opaque;
-
-    if (s->need_check_timer) {
-        timer_free(s->need_check_timer);
-        s->need_check_timer = NULL;
-    }
-    qed_cache_clean_timer_del(s);
-}
-
-/*
- * A drain (stop, snapshot, hand-over...) writes the tables back and
- * clears the bit as soon as the allocations in flight are done, rather
- * than leave a timer behind that would write in the middle of whatever
- * the drain is for.
- */
-static void coroutine_fn qed_co_drain_begin(BlockDriverState *bs)
-{
-    BDRVQEDState *s = bs->opaque;
-
-    /* Allocations in flight will dirty tables yet: wait for them too */
-    if (qed_may_write_header(s) &&
-        ((s->header.features & QED_F_NEED_CHECK) ||
-         qed_allocs_in_flight(s) || qed_tables_dirty(s))) {
-        qed_cancel_timer(s);
-        qed_start_clear(s);
-    }
 }
 
 /* Run a coroutine_fn from outside coroutine context and wait for it */
@@ -321,24 +103,36 @@ static void coroutine_fn qed_co_call_entry(void *opaque)
 {
     QEDCoCall *call = opaque;
 
+    /* Every QEDCoFunc is GRAPH_RDLOCK: as qcow2_open_entry() */
+    GRAPH_RDLOCK_GUARD();
+
+    /* Uncontended (the node is drained), but the assertions hold */
+    qed_lock(call->s);
     call->ret = call->fn(call->s, call->opaque);
-    /* BDRV_POLL_WHILE in another thread (an iothread's node) needs this */
+    qed_unlock(call->s);
+    /* AIO_WAIT_WHILE in the main loop (an iothread's node) needs this */
     aio_wait_kick();
 }
 
-static int qed_call_in_coroutine(BDRVQEDState *s, QEDCoFunc *fn,
-                                 void *opaque)
+/*
+ * Only from the main loop, outside coroutines: .bdrv_open, .bdrv_close,
+ * .bdrv_reopen_*, .bdrv_inactivate and .bdrv_make_empty all run there in
+ * 10.0.  As qcow2_open(): the coroutine runs in the node's AioContext,
+ * and the main loop polls until it is done.
+ */
+static int no_coroutine_fn qed_call_in_coroutine(BDRVQEDState *s,
+                                                 QEDCoFunc *fn, void *opaque)
 {
     QEDCoCall call = {
         .s = s, .fn = fn, .opaque = opaque, .ret = -EINPROGRESS,
     };
 
-    if (qemu_in_coroutine()) {
-        return fn(s, opaque);
-    }
-    bdrv_coroutine_enter(s->bs, qemu_coroutine_create(qed_co_call_entry,
-                                                      &call));
-    BDRV_POLL_WHILE(s->bs, call.ret == -EINPROGRESS);
+    assert(!qemu_in_coroutine());
+    assert(qemu_get_current_aio_context() == qemu_get_aio_context());
+
+    aio_co_enter(bdrv_get_aio_context(s->bs),
+                 qemu_coroutine_create(qed_co_call_entry, &call));
+    AIO_WAIT_WHILE_UNLOCKED(NULL, call.ret == -EINPROGRESS);
     return call.ret;
 }
 
@@ -350,7 +144,8 @@ static int qed_call_in_coroutine(BDRVQEDState *s, QEDCoFunc *fn,
  * After a failed write (a full disk) the file may hold part of it past
  * file_end, whatever file_size says: cut then too.
  */
-static int coroutine_fn qed_trim_file_tail(BDRVQEDState *s, void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_trim_file_tail(BDRVQEDState *s, void *opaque)
 {
     int ret;
 
@@ -381,7 +176,8 @@ static int coroutine_fn qed_trim_file_tail(BDRVQEDState *s, void *opaque)
  * marked dirty (qed_set_need_check() does nothing): its leak stays for
  * `check -r leaks`, as the original driver's do.
  */
-static int coroutine_fn qed_reclaim_free_space(BDRVQEDState *s, void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_reclaim_free_space(BDRVQEDState *s, void *opaque)
 {
     BdrvCheckResult result = {0};
     int ret;
@@ -527,15 +323,17 @@ static void qed_init_geometry(BDRVQEDState *s, int64_t file_size)
     s->grow_tight = false;
 }
 
-static int coroutine_fn qed_read_backing_name(BlockDriverState *bs,
-                                              Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+qed_read_backing_name(BlockDriverState *bs, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
     char name[PATH_MAX];
     int ret;
 
-    ret = bdrv_co_pread(bs->file, s->header.backing_filename_offset,
-                        s->header.backing_filename_size, name, 0);
+    ret = QED_UNLOCKED(s, bdrv_co_pread(bs->file,
+                                        s->header.backing_filename_offset,
+                                        s->header.backing_filename_size,
+                                        name, 0));
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not read the backing file name");
         return ret;
@@ -557,7 +355,8 @@ static int coroutine_fn qed_read_backing_name(BlockDriverState *bs,
 }
 
 /* A writer that does not know autoclear features clears them */
-static int coroutine_fn qed_clear_autoclear(BDRVQEDState *s, Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+qed_clear_autoclear(BDRVQEDState *s, Error **errp)
 {
     QEDHeader h = s->header;
     int ret;
@@ -566,9 +365,9 @@ static int coroutine_fn qed_clear_autoclear(BDRVQEDState *s, Error **errp)
         return 0;
     }
     h.autoclear_features &= QED_AUTOCLEAR_FEATURE_MASK;
-    qemu_co_mutex_lock(&s->header_lock);
+    qed_busy_enter(s, &s->header_busy);
     ret = qed_update_header(s, &h);
-    qemu_co_mutex_unlock(&s->header_lock);
+    qed_busy_leave(s, &s->header_busy);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not update the header");
     }
@@ -576,8 +375,8 @@ static int coroutine_fn qed_clear_autoclear(BDRVQEDState *s, Error **errp)
 }
 
 /* NEED_CHECK is set: repair what a crash left (read-only: only look) */
-static int coroutine_fn qed_repair_on_open(BlockDriverState *bs, int flags,
-                                          Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+qed_repair_on_open(BlockDriverState *bs, int flags, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
     BdrvCheckResult result = {0};
@@ -613,8 +412,8 @@ static int coroutine_fn qed_repair_on_open(BlockDriverState *bs, int flags,
     return ret;
 }
 
-static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
-                                    int flags, Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+qed_do_open(BlockDriverState *bs, QDict *options, int flags, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
     QEDHeader le;
@@ -622,24 +421,26 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     QEDRuntimeOpts ropts;
     int ret;
 
+    /* s->lock is held: qed_open() made it, invalidate_cache kept it */
+    qed_assert_locked(s);
     s->bs = bs;
     QLIST_INIT(&s->allocs);
     qemu_co_queue_init(&s->alloc_waiters);
     qemu_co_queue_init(&s->idle_waiters);
-    qemu_co_mutex_init(&s->header_lock);
+    qed_busy_init(&s->header_busy);
     qemu_co_queue_init(&s->resize_waiters);
     QLIST_INIT(&s->tables_making);
     qemu_co_queue_init(&s->making_waiters);
-    qemu_co_mutex_init(&s->wb_lock);
+    qed_busy_init(&s->wb_busy);
 
-    ret = bdrv_co_pread(bs->file, 0, sizeof(le), &le, 0);
+    ret = QED_UNLOCKED(s, bdrv_co_pread(bs->file, 0, sizeof(le), &le, 0));
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not read the QED header");
         return ret;
     }
     qed_header_le_to_cpu(&le, &s->header);
 
-    file_size = bdrv_getlength(bs->file->bs);
+    file_size = QED_UNLOCKED(s, bdrv_co_getlength(bs->file->bs));
     if (file_size < 0) {
         error_setg_errno(errp, -file_size, "Could not get the file size");
         return file_size;
@@ -664,6 +465,7 @@ static int coroutine_fn qed_do_open(BlockDriverState *bs, QDict *options,
     }
     qed_apply_runtime_opts(s, &ropts);
     s->l2_cache = qed_l2_cache_new(ropts.cache_size, qed_table_bytes(s));
+    qed_l2_cache_set_lock(s->l2_cache, &s->lock);
 
     ret = qed_dirty_table_init(&s->l1, s->header.l1_table_offset,
                                qed_table_bytes(s));
@@ -710,7 +512,8 @@ typedef struct QEDOpenArgs {
     Error **errp;
 } QEDOpenArgs;
 
-static int coroutine_fn qed_co_open(BDRVQEDState *s, void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_open(BDRVQEDState *s, void *opaque)
 {
     QEDOpenArgs *args = opaque;
 
@@ -730,17 +533,20 @@ static int qed_open(BlockDriverState *bs, QDict *options, int flags,
     }
 
     s->bs = bs;
+    qemu_co_mutex_init(&s->lock);
     ret = qed_call_in_coroutine(s, qed_co_open, &args);
     if (ret == 0) {
         s->need_check_timer = aio_timer_new(bdrv_get_aio_context(bs),
                                             QEMU_CLOCK_REALTIME, SCALE_NS,
                                             qed_need_check_timer_cb, s);
         qed_cache_clean_timer_init(s, bdrv_get_aio_context(bs));
+        qatomic_set(&s->opened, true);
     }
     return ret;
 }
 
-static void qed_refresh_limits(BlockDriverState *bs, Error **errp)
+static void GRAPH_RDLOCK
+qed_refresh_limits(BlockDriverState *bs, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
 
@@ -748,10 +554,11 @@ static void qed_refresh_limits(BlockDriverState *bs, Error **errp)
     bs->bl.pdiscard_alignment = s->header.cluster_size;
 }
 
-static void qed_close(BlockDriverState *bs)
+static void GRAPH_RDLOCK qed_do_close(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
 
+    qatomic_set(&s->opened, false);
     qed_cancel_timer(s);
     qed_detach_aio_context(bs);
 
@@ -765,7 +572,28 @@ static void qed_close(BlockDriverState *bs)
     qed_free_state(s);
 }
 
-static int qed_inactivate(BlockDriverState *bs)
+/* Main loop, inside bdrv_close()'s drained section; as qcow2_close() */
+static void GRAPH_UNLOCKED qed_close(BlockDriverState *bs)
+{
+    GLOBAL_STATE_CODE();
+    GRAPH_RDLOCK_GUARD_MAINLOOP();
+
+    qed_do_close(bs);
+}
+
+/*
+ * PORT-10: in 10.0 the block layer follows a successful inactivate with
+ * bdrv_drained_begin(); open_flags |= BDRV_O_INACTIVE; bdrv_drained_end()
+ * (and may still fail with -EPERM after this returned 0, leaving the node
+ * active).  That drain runs qed_drain_begin() while BDRV_O_INACTIVE is
+ * not set yet: it finds nothing to do after the clear below (NEED_CHECK
+ * clear, no allocation, no dirty table), except when s->unrepaired keeps
+ * NEED_CHECK set, where its clear writes nothing either (a writeback of
+ * no sector, no resize after the trim below).  Unlike migration,
+ * blockdev-set-active does not drain or stop the guest before this.
+ */
+static int GRAPH_RDLOCK
+qed_inactivate(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
     int ret = 0;
@@ -781,19 +609,23 @@ static int qed_inactivate(BlockDriverState *bs)
     return ret;
 }
 
-static void coroutine_fn qed_co_invalidate_cache(BlockDriverState *bs,
-                                                 Error **errp)
+static void coroutine_fn GRAPH_RDLOCK
+qed_co_invalidate_cache(BlockDriverState *bs, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
     QEMUTimer *timer = s->need_check_timer;
     QDict *options;
     int ret;
 
+    qed_lock(s);
     /* Another process may have changed the image: read it afresh */
+    qatomic_set(&s->opened, false);
     qed_cancel_timer(s);
     qed_cache_clean_timer_del(s);
     qed_free_state(s);
-    memset(s, 0, sizeof(*s));
+    /* All but s->lock, which this coroutine holds (it comes first) */
+    QEMU_BUILD_BUG_ON(offsetof(BDRVQEDState, lock) != 0);
+    memset((char *)s + sizeof(s->lock), 0, sizeof(*s) - sizeof(s->lock));
     s->need_check_timer = timer;
 
     options = qdict_clone_shallow(bs->options);
@@ -803,15 +635,23 @@ static void coroutine_fn qed_co_invalidate_cache(BlockDriverState *bs,
         error_prepend(errp, "Could not reopen qed layer: ");
     } else {
         qed_cache_clean_timer_init(s, bdrv_get_aio_context(bs));
+        qatomic_set(&s->opened, true);
     }
+    qed_unlock(s);
 }
 
-static int qed_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
-                              Error **errp)
+static int GRAPH_UNLOCKED
+qed_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
+                   Error **errp)
 {
     BDRVQEDState *s = state->bs->opaque;
-    QEDRuntimeOpts *r = g_new0(QEDRuntimeOpts, 1);
+    QEDRuntimeOpts *r;
     int ret;
+
+    GLOBAL_STATE_CODE();
+    GRAPH_RDLOCK_GUARD_MAINLOOP();
+
+    r = g_new0(QEDRuntimeOpts, 1);
 
     if (!qed_parse_runtime_opts(s, state->options, r, errp)) {
         g_free(r);
@@ -856,7 +696,8 @@ typedef struct QEDRepairArgs {
     Error **errp;
 } QEDRepairArgs;
 
-static int coroutine_fn qed_co_repair(BDRVQEDState *s, void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_repair(BDRVQEDState *s, void *opaque)
 {
     QEDRepairArgs *args = opaque;
 
@@ -870,11 +711,14 @@ static int coroutine_fn qed_co_repair(BDRVQEDState *s, void *opaque)
  * the file is writable only once every node has committed.)  If it
  * fails, the bit stays and the next open repairs.
  */
-static void qed_reopen_commit_post(BDRVReopenState *state)
+static void GRAPH_UNLOCKED qed_reopen_commit_post(BDRVReopenState *state)
 {
     BDRVQEDState *s = state->bs->opaque;
     Error *local_err = NULL;
     QEDRepairArgs args = { .flags = state->flags, .errp = &local_err };
+
+    GLOBAL_STATE_CODE();
+    GRAPH_RDLOCK_GUARD_MAINLOOP();
 
     if (s->unrepaired && (state->flags & BDRV_O_RDWR) &&
         !(state->flags & BDRV_O_INACTIVE)) {
@@ -896,9 +740,16 @@ static void qed_reopen_abort(BDRVReopenState *state)
  * memory, so one writeback pass (which also waits for a pass under way)
  * puts them on disk, and the block layer flushes the file after it.
  */
-static int coroutine_fn qed_co_flush_to_os(BlockDriverState *bs)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_flush_to_os(BlockDriverState *bs)
 {
-    return qed_writeback(bs->opaque);
+    BDRVQEDState *s = bs->opaque;
+    int ret;
+
+    qed_lock(s);
+    ret = qed_writeback(s);
+    qed_unlock(s);
+    return ret;
 }
 
 /* ---- reads -------------------------------------------------------------- */
@@ -909,37 +760,39 @@ int coroutine_fn qed_read_backing(BDRVQEDState *s, uint64_t pos,
                                   size_t qiov_offset)
 {
     if (s->bs->backing) {
-        BLKDBG_EVENT(s->bs->file, BLKDBG_READ_BACKING_AIO);
-        return bdrv_co_preadv_part(s->bs->backing, pos, bytes, qiov,
-                                   qiov_offset, 0);
+        qed_event(s, BLKDBG_READ_BACKING_AIO);
+        return QED_UNLOCKED(s, bdrv_co_preadv_part(s->bs->backing, pos, bytes,
+                                                   qiov, qiov_offset, 0));
     }
     qemu_iovec_memset(qiov, qiov_offset, 0, bytes);
     return 0;
 }
 
-static int coroutine_fn qed_co_preadv_part(BlockDriverState *bs,
-                                           int64_t offset, int64_t bytes,
-                                           QEMUIOVector *qiov,
-                                           size_t qiov_offset,
-                                           BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_preadv_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                   QEMUIOVector *qiov, size_t qiov_offset,
+                   BdrvRequestFlags flags)
 {
     BDRVQEDState *s = bs->opaque;
+    int ret = 0;
 
     trace_qed_co_preadv(s, offset, bytes);
+    qed_lock(s);
     while (bytes > 0) {
         QEDExtent ext;
-        int ret;
 
         ret = qed_find_extent(s, offset, bytes, &ext);
         if (ret < 0) {
-            return ret;
+            break;
         }
 
         switch (ext.type) {
         case QED_EXTENT_DATA:
-            BLKDBG_EVENT(bs->file, BLKDBG_READ_AIO);
-            ret = bdrv_co_preadv_part(bs->file, ext.file_offset, ext.bytes,
-                                      qiov, qiov_offset, 0);
+            qed_event(s, BLKDBG_READ_AIO);
+            ret = QED_UNLOCKED(s, bdrv_co_preadv_part(bs->file,
+                                                      ext.file_offset,
+                                                      ext.bytes, qiov,
+                                                      qiov_offset, 0));
             break;
         case QED_EXTENT_ZERO:
             qemu_iovec_memset(qiov, qiov_offset, 0, ext.bytes);
@@ -949,13 +802,14 @@ static int coroutine_fn qed_co_preadv_part(BlockDriverState *bs,
             break;
         }
         if (ret < 0) {
-            return ret;
+            break;
         }
         offset += ext.bytes;
         qiov_offset += ext.bytes;
         bytes -= ext.bytes;
     }
-    return 0;
+    qed_unlock(s);
+    return ret < 0 ? ret : 0;
 }
 
 /* ---- writes ------------------------------------------------------------- */
@@ -969,14 +823,14 @@ static uint64_t qed_bytes_to_table_end(BDRVQEDState *s, uint64_t pos)
     return ROUND_UP(pos + 1, table_span) - pos;
 }
 
-static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
-                                            int64_t offset, int64_t bytes,
-                                            QEMUIOVector *qiov,
-                                            size_t qiov_offset,
-                                            BdrvRequestFlags flags)
+/* qed_co_pwritev_part()'s work, under s->lock (also for truncate) */
+static int coroutine_fn GRAPH_RDLOCK
+qed_do_pwritev(BlockDriverState *bs, int64_t offset, int64_t bytes,
+               QEMUIOVector *qiov, size_t qiov_offset, BdrvRequestFlags flags)
 {
     BDRVQEDState *s = bs->opaque;
 
+    qed_assert_locked(s);
     trace_qed_co_pwritev(s, offset, bytes, flags);
     while (bytes > 0) {
         QEDExtent ext;
@@ -990,9 +844,11 @@ static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
         if (ext.type == QED_EXTENT_DATA) {
             /* In place: the cluster is ours and stays where it is */
             qed_wait_resize(s, ext.file_offset + ext.bytes);
-            BLKDBG_EVENT(bs->file, BLKDBG_WRITE_AIO);
-            ret = bdrv_co_pwritev_part(bs->file, ext.file_offset, ext.bytes,
-                                       qiov, qiov_offset, 0);
+            qed_event(s, BLKDBG_WRITE_AIO);
+            ret = QED_UNLOCKED(s, bdrv_co_pwritev_part(bs->file,
+                                                       ext.file_offset,
+                                                       ext.bytes, qiov,
+                                                       qiov_offset, 0));
             if (ret < 0) {
                 return ret;
             }
@@ -1016,14 +872,28 @@ static int coroutine_fn qed_co_pwritev_part(BlockDriverState *bs,
     return 0;
 }
 
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_pwritev_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                    QEMUIOVector *qiov, size_t qiov_offset,
+                    BdrvRequestFlags flags)
+{
+    BDRVQEDState *s = bs->opaque;
+    int ret;
+
+    qed_lock(s);
+    ret = qed_do_pwritev(bs, offset, bytes, qiov, qiov_offset, flags);
+    qed_unlock(s);
+    return ret;
+}
+
 /*
  * Give clusters [start, end), which lie in one L2 table, the marker @value
  * (QED_L2_ZERO or QED_L2_UNALLOCATED), if they are still unallocated, as
  * the caller's lookup found them.  Returns 0 when done, -EAGAIN when the
  * caller must look up again.
  */
-static int coroutine_fn qed_set_markers(BDRVQEDState *s, uint64_t start,
-                                        uint64_t end, uint64_t value)
+static int coroutine_fn GRAPH_RDLOCK
+qed_set_markers(BDRVQEDState *s, uint64_t start, uint64_t end, uint64_t value)
 {
     QEDAllocation alloc;
     int ret;
@@ -1050,12 +920,14 @@ static bool qed_whole_clusters(BDRVQEDState *s, uint64_t offset,
             end == s->header.image_size);
 }
 
-static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
-                                             int64_t offset, int64_t bytes,
-                                             BdrvRequestFlags flags)
+/* qed_co_pwrite_zeroes()'s work, under s->lock (also for truncate) */
+static int coroutine_fn GRAPH_RDLOCK
+qed_do_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                     BdrvRequestFlags flags)
 {
     BDRVQEDState *s = bs->opaque;
 
+    qed_assert_locked(s);
     while (bytes > 0) {
         QEDExtent ext;
         int ret;
@@ -1068,8 +940,9 @@ static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
         switch (ext.type) {
         case QED_EXTENT_DATA:
             /* Allocated clusters stay; the file zeroes (and may unmap) */
-            ret = bdrv_co_pwrite_zeroes(bs->file, ext.file_offset, ext.bytes,
-                                        flags);
+            ret = QED_UNLOCKED(s, bdrv_co_pwrite_zeroes(bs->file,
+                                                        ext.file_offset,
+                                                        ext.bytes, flags));
             break;
         case QED_EXTENT_ZERO:
             break;
@@ -1101,6 +974,19 @@ static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
     return 0;
 }
 
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                     BdrvRequestFlags flags)
+{
+    BDRVQEDState *s = bs->opaque;
+    int ret;
+
+    qed_lock(s);
+    ret = qed_do_pwrite_zeroes(bs, offset, bytes, flags);
+    qed_unlock(s);
+    return ret;
+}
+
 /*
  * Guest TRIM: the space of the data clusters that the request covers goes
  * back to the host, and their entries stay.  A punched cluster reads as
@@ -1113,47 +999,52 @@ static int coroutine_fn qed_co_pwrite_zeroes(BlockDriverState *bs,
  * convert see the punched clusters as zeros.  If the file cannot punch,
  * the data stays, as discard allows.
  */
-static int coroutine_fn qed_co_pdiscard(BlockDriverState *bs, int64_t offset,
-                                        int64_t bytes)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
 {
     BDRVQEDState *s = bs->opaque;
+    int ret = 0;
 
     trace_qed_discard(s, offset, bytes);
+    qed_lock(s);
     if (!qed_whole_clusters(s, offset, bytes)) {
+        qed_unlock(s);
         return -ENOTSUP;
     }
     while (bytes > 0) {
         QEDExtent ext;
-        int ret;
 
         ret = qed_find_extent(s, offset, bytes, &ext);
         if (ret < 0) {
-            return ret;
+            break;
         }
         if (ext.type == QED_EXTENT_DATA) {
             uint64_t end = ROUND_UP(offset + ext.bytes,
                                     s->header.cluster_size);
 
             /* Errors here only keep the space: the entries are unchanged */
-            bdrv_co_pdiscard(bs->file, ext.file_offset, end - offset);
+            QED_UNLOCKED_VOID(s, bdrv_co_pdiscard(bs->file, ext.file_offset,
+                                                  end - offset));
         }
         offset += ext.bytes;
         bytes -= ext.bytes;
     }
-    return 0;
+    qed_unlock(s);
+    return ret;
 }
 
-static int coroutine_fn qed_co_block_status(BlockDriverState *bs,
-                                            bool want_zero, int64_t offset,
-                                            int64_t bytes, int64_t *pnum,
-                                            int64_t *map,
-                                            BlockDriverState **file)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_block_status(BlockDriverState *bs, bool want_zero, int64_t offset,
+                    int64_t bytes, int64_t *pnum, int64_t *map,
+                    BlockDriverState **file)
 {
     BDRVQEDState *s = bs->opaque;
     QEDExtent ext;
     int ret;
 
+    qed_lock(s);
     ret = qed_find_extent(s, offset, bytes, &ext);
+    qed_unlock(s);
     if (ret < 0) {
         return ret;
     }
@@ -1178,9 +1069,9 @@ static int coroutine_fn qed_co_block_status(BlockDriverState *bs,
 
 /* ---- size, info, backing file ------------------------------------------- */
 
-static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
-                                        bool exact, PreallocMode prealloc,
-                                        BdrvRequestFlags flags, Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+qed_do_truncate(BlockDriverState *bs, int64_t offset, PreallocMode prealloc,
+                BdrvRequestFlags flags, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
     uint64_t old_size = s->header.image_size;
@@ -1210,11 +1101,11 @@ static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
      * Entries past the old end are unallocated, so growing is one header
      * write (a single sector, so a crash leaves the old or the new size).
      */
-    qemu_co_mutex_lock(&s->header_lock);
+    qed_busy_enter(s, &s->header_busy);
     h = s->header;
     h.image_size = offset;
     ret = qed_update_header(s, &h);
-    qemu_co_mutex_unlock(&s->header_lock);
+    qed_busy_leave(s, &s->header_busy);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Failed to update the image size");
         return ret;
@@ -1222,7 +1113,7 @@ static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
 
     if (flags & BDRV_REQ_ZERO_WRITE) {
         /* The backing file must not show through the new area */
-        ret = qed_co_pwrite_zeroes(bs, old_size, offset - old_size, 0);
+        ret = qed_do_pwrite_zeroes(bs, old_size, offset - old_size, 0);
         if (ret == -ENOTSUP) {
             uint64_t head_end = MIN(ROUND_UP(old_size,
                                              s->header.cluster_size), offset);
@@ -1230,11 +1121,11 @@ static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
             uint8_t *zeros = qemu_blockalign0(bs, head_end - old_size);
 
             qemu_iovec_init_buf(&qiov, zeros, head_end - old_size);
-            ret = qed_co_pwritev_part(bs, old_size, head_end - old_size,
-                                      &qiov, 0, 0);
+            ret = qed_do_pwritev(bs, old_size, head_end - old_size, &qiov,
+                                 0, 0);
             qemu_vfree(zeros);
             if (ret == 0 && head_end < offset) {
-                ret = qed_co_pwrite_zeroes(bs, head_end, offset - head_end,
+                ret = qed_do_pwrite_zeroes(bs, head_end, offset - head_end,
                                            0);
             }
         }
@@ -1246,20 +1137,40 @@ static int coroutine_fn qed_co_truncate(BlockDriverState *bs, int64_t offset,
     return 0;
 }
 
-static int64_t qed_getlength(BlockDriverState *bs)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
+                PreallocMode prealloc, BdrvRequestFlags flags, Error **errp)
 {
     BDRVQEDState *s = bs->opaque;
+    int ret;
 
-    return s->header.image_size;
+    qed_lock(s);
+    ret = qed_do_truncate(bs, offset, prealloc, flags, errp);
+    qed_unlock(s);
+    return ret;
 }
 
-static int qed_get_info(BlockDriverState *bs, BlockDriverInfo *bdi)
+static int64_t coroutine_fn GRAPH_RDLOCK qed_co_getlength(BlockDriverState *bs)
+{
+    BDRVQEDState *s = bs->opaque;
+    int64_t len;
+
+    qed_lock(s);
+    len = s->header.image_size;
+    qed_unlock(s);
+    return len;
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_get_info(BlockDriverState *bs, BlockDriverInfo *bdi)
 {
     BDRVQEDState *s = bs->opaque;
 
     memset(bdi, 0, sizeof(*bdi));
+    qed_lock(s);
     bdi->cluster_size = s->header.cluster_size;
     bdi->is_dirty = s->header.features & QED_F_NEED_CHECK;
+    qed_unlock(s);
     return 0;
 }
 
@@ -1280,7 +1191,8 @@ static int qed_get_info(BlockDriverState *bs, BlockDriverInfo *bdi)
  * leaks` reclaims, never a corruption.  (Without a backing file, which
  * commit never empties, the bit is set first as for any table change.)
  */
-static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_make_empty(BDRVQEDState *s, void *opaque)
 {
     uint64_t bytes = qed_table_bytes(s);
     QEDTable *zero;
@@ -1288,20 +1200,20 @@ static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
 
     /* Nothing may be in flight (the caller drained): settle the tables */
     while (qed_allocs_in_flight(s)) {
-        qemu_co_queue_wait(&s->idle_waiters, NULL);
+        qemu_co_queue_wait(&s->idle_waiters, &s->lock);
     }
     ret = qed_writeback(s);
     if (ret < 0) {
         return ret;
     }
     if (s->bs->backing) {
-        ret = bdrv_co_flush(s->bs->backing->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->backing->bs));
         if (ret < 0) {
             return ret;
         }
     }
 
-    qemu_co_mutex_lock(&s->wb_lock);
+    qed_busy_enter(s, &s->wb_busy);
     ret = qed_set_need_check(s);
     if (ret == 0) {
         zero = qed_table_new(bytes);
@@ -1310,7 +1222,7 @@ static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
         qed_table_free(zero, bytes);
     }
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
     if (ret == 0) {
         /* The disk names no table now: neither may memory */
@@ -1325,7 +1237,7 @@ static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
         qed_free_space_forget(s);
         qed_screen_reset(s);
     }
-    qemu_co_mutex_unlock(&s->wb_lock);
+    qed_busy_leave(s, &s->wb_busy);
     if (ret < 0) {
         return ret;
     }
@@ -1333,7 +1245,7 @@ static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
     /* Cuts the file to file_end (and clears the bit, if it was set) */
     ret = qed_trim_file_tail(s, NULL);
     if (ret == 0) {
-        ret = bdrv_co_flush(s->bs->file->bs);
+        ret = QED_UNLOCKED(s, bdrv_co_flush(s->bs->file->bs));
     }
     if (ret == 0) {
         ret = qed_clear_need_check(s);
@@ -1341,7 +1253,8 @@ static int coroutine_fn qed_co_make_empty(BDRVQEDState *s, void *opaque)
     return ret;
 }
 
-static int qed_make_empty(BlockDriverState *bs)
+static int GRAPH_RDLOCK
+qed_make_empty(BlockDriverState *bs)
 {
     BDRVQEDState *s = bs->opaque;
     int ret;
@@ -1352,24 +1265,27 @@ static int qed_make_empty(BlockDriverState *bs)
     return ret;
 }
 
-static int qed_change_backing_file(BlockDriverState *bs,
-                                   const char *backing_file,
-                                   const char *backing_fmt)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_change_backing_file(BlockDriverState *bs, const char *backing_file,
+                           const char *backing_fmt)
 {
     BDRVQEDState *s = bs->opaque;
-
     QEDBackingChange change = { .file = backing_file, .fmt = backing_fmt };
+    int ret;
 
-    return qed_call_in_coroutine(s, qed_co_change_backing, &change);
+    qed_lock(s);
+    ret = qed_co_change_backing(s, &change);
+    qed_unlock(s);
+    return ret;
 }
 
-static int coroutine_fn qed_co_check(BlockDriverState *bs,
-                                     BdrvCheckResult *result,
-                                     BdrvCheckMode fix)
+static int coroutine_fn GRAPH_RDLOCK
+qed_co_check(BlockDriverState *bs, BdrvCheckResult *result, BdrvCheckMode fix)
 {
     BDRVQEDState *s = bs->opaque;
     int ret;
 
+    qed_lock(s);
     if (s->header.features & QED_F_NEED_CHECK) {
         /* What a crash leaves (leaks, a tail) is no surprise then */
         fprintf(stderr, "The image was not closed cleanly (NEED_CHECK is "
@@ -1382,17 +1298,17 @@ static int coroutine_fn qed_co_check(BlockDriverState *bs,
      * clusters as leaked
      */
     while (qed_allocs_in_flight(s)) {
-        qemu_co_queue_wait(&s->idle_waiters, NULL);
+        qemu_co_queue_wait(&s->idle_waiters, &s->lock);
     }
     ret = qed_writeback(s);
-    if (ret < 0) {
-        return ret;
+    if (ret == 0) {
+        ret = qed_check(s, result, fix, false);
+        if (ret == 0 && (fix & BDRV_FIX_ERRORS) && !result->corruptions &&
+            !result->check_errors) {
+            ret = qed_clear_need_check(s);
+        }
     }
-    ret = qed_check(s, result, fix, false);
-    if (ret == 0 && (fix & BDRV_FIX_ERRORS) && !result->corruptions &&
-        !result->check_errors) {
-        ret = qed_clear_need_check(s);
-    }
+    qed_unlock(s);
     return ret;
 }
 
@@ -1439,10 +1355,10 @@ static BlockDriver bdrv_qed = {
     .bdrv_co_pdiscard           = qed_co_pdiscard,
     .bdrv_co_truncate           = qed_co_truncate,
     .bdrv_co_flush_to_os        = qed_co_flush_to_os,
-    .bdrv_getlength             = qed_getlength,
-    .bdrv_get_info              = qed_get_info,
+    .bdrv_co_getlength          = qed_co_getlength,
+    .bdrv_co_get_info           = qed_co_get_info,
     .bdrv_refresh_limits        = qed_refresh_limits,
-    .bdrv_change_backing_file   = qed_change_backing_file,
+    .bdrv_co_change_backing_file = qed_co_change_backing_file,
     .bdrv_make_empty            = qed_make_empty,
     .bdrv_co_invalidate_cache   = qed_co_invalidate_cache,
     .bdrv_inactivate            = qed_inactivate,
@@ -1451,7 +1367,7 @@ static BlockDriver bdrv_qed = {
     .bdrv_measure               = qed_measure,
     .bdrv_detach_aio_context    = qed_detach_aio_context,
     .bdrv_attach_aio_context    = qed_attach_aio_context,
-    .bdrv_co_drain_begin        = qed_co_drain_begin,
+    .bdrv_drain_begin           = qed_drain_begin,
 };
 
 static void bdrv_qed_init(void)

@@ -9,33 +9,61 @@
  *
  * The driver's files and their jobs: docs/qed-design.md, section 1.
  *
- * Locks and waits.  Requests run in coroutines of the node's AioContext:
- * state changes only between yields, and what must stay consistent across
- * a yield is guarded by one of these (what it guards, then who waits):
- *   wb_lock          one writeback pass at a time (CoMutex)
- *   header_lock      the header on disk and s->header; NEED_CHECK's state
- *                    (CoMutex)
+ * Locks and waits (PORT-10: see docs/qed-design.md, section 5).  Since
+ * QEMU 10.0 the request coroutines of one node run in several threads at
+ * once (virtio-blk iothread-vq-mapping), so "state changes only between
+ * yields" is made true by a lock: s->lock, the metadata lock (a CoMutex).
+ * Every coroutine that reads or writes driver state (BDRVQEDState, the L2
+ * cache, dirty tables, the allocations, free runs, counters, the header
+ * copy) holds it, and releases it exactly where it yields: around every
+ * I/O on a child (qed_unlock_io()/qed_relock_io(), QED_UNLOCKED()), in
+ * every wait on a CoQueue (qemu_co_queue_wait(q, &s->lock)), around
+ * aio_task_pool waits and blkdebug events (qed_event(): a breakpoint
+ * there yields).  So a yield is a lock release point and every
+ * argument below, written for the one-thread model, holds as it was.
+ * Code outside coroutines touches state only in the main loop's open,
+ * close and reopen paths, with the node drained (qed_assert_locked()
+ * accepts that); timer callbacks and BHs use atomics only, and spawn a
+ * coroutine that takes s->lock for anything else.
+ *
+ * What must stay consistent across a yield is guarded by one of these
+ * (all taken under s->lock, waited for on a CoQueue with s->lock given,
+ * never held as a CoMutex across I/O; what it guards, then who waits):
+ *   wb_busy          one writeback pass at a time (QEDBusy: wb_waiters)
+ *   header_busy      the header on disk and s->header; NEED_CHECK's state
+ *                    (QEDBusy)
  *   a claim          an allocation on s->allocs: the entries of a range of
  *                    guest clusters (waiters: alloc_waiters)
- *   e->lock          loading chunks of one cached L2 table (CoMutex)
+ *   e->loading       loading chunks of one cached L2 table (a flag and a
+ *                    CoQueue of the cache entry)
  *   resizing         one change of the file's length at a time, and writes
  *                    past its target wait (resize_waiters)
  *   tables_making,   a new L2 table's space, a table's holes being
  *   space_busy       allocated (making_waiters)
  *   allocating_writes == 0   idle, for the timer (idle_waiters)
- *   screen_lock      the reading of every table for bad entries, before
- *                    the first allocation, and their drop (CoMutex; taken
+ *   screen_busy      the reading of every table for bad entries, before
+ *                    the first allocation, and their drop (QEDBusy; taken
  *                    by lookups, which hold no claim, and by the
  *                    writeback only when free: qed_screen_settle())
- * Order in which they may be taken, one inside the other:
- *   wb_lock -> header_lock -> resizing
- *   a claim -> header_lock -> resizing
- *   a claim -> e->lock, tables_making, space_busy
- *   wb_lock -> resizing, space_busy (a pass's table writes wait for them)
- * Never: wb_lock inside a claim (writers release their claim before they
- * throttle, qed_wb_throttle), a claim inside wb_lock, wb_lock inside
- * header_lock (NEED_CHECK's clear and a backing change run the writeback
- * first, then take header_lock).
+ * Order in which they may be taken, one inside the other (s->lock is
+ * innermost of all and never held while waiting for one of them: a wait
+ * releases it):
+ *   wb_busy -> header_busy -> resizing
+ *   a claim -> header_busy -> resizing
+ *   a claim -> e->loading, tables_making, space_busy
+ *   wb_busy -> resizing, space_busy (a pass's table writes wait for them)
+ * Never: wb_busy inside a claim (writers release their claim before they
+ * throttle, qed_wb_throttle), a claim inside wb_busy, wb_busy inside
+ * header_busy (NEED_CHECK's clear and a backing change run the writeback
+ * first, then take header_busy).
+ *
+ * The graph lock (QEMU 8.0+): every function that reads bs->file or
+ * bs->backing or does I/O on them is GRAPH_RDLOCK.  Requests hold the
+ * reader lock from the block layer; the coroutines the driver starts
+ * itself (the NEED_CHECK timer's, the background writeback's,
+ * qed_call_in_coroutine()'s) take it with GRAPH_RDLOCK_GUARD(); the
+ * writeback's aio tasks run under their spawner's.  The graph lock is
+ * taken before s->lock, never inside it.
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
@@ -44,6 +72,7 @@
 #ifndef BLOCK_QED_H
 #define BLOCK_QED_H
 
+#include "block/block-io.h"
 #include "block/block_int.h"
 #include "qemu/cutils.h"
 #include "qemu/coroutine.h"
@@ -217,19 +246,50 @@ typedef struct QEDTableMaking {
     QLIST_ENTRY(QEDTableMaking) next;
 } QEDTableMaking;
 
-typedef struct BDRVQEDState {
-    BlockDriverState *bs;
-    QEDHeader header;           /* CPU order, equal to the disk */
+/*
+ * A flag of s->lock's that is held across yields (wb_busy, header_busy,
+ * screen_busy): taken and waited for under s->lock (qed_busy_enter()),
+ * so that nobody ever waits for another lock while holding s->lock
+ */
+typedef struct QEDBusy {
+    Coroutine *owner;           /* NULL: free */
+    CoQueue waiters;
+} QEDBusy;
 
-    QEDDirtyTable l1;           /* the L1 table, CPU order */
-    /* The L2 tables the L1 names, by offset: no data cluster may be in one */
+/*
+ * Which lock guards each field.  "lock": s->lock, the metadata lock (read
+ * and written by coroutines that hold it; outside coroutines only by the
+ * main loop's open/close/reopen code, node drained).  "open": set at open
+ * (or invalidate_cache's open afresh), then read under s->lock or by the
+ * main loop with the node drained.  "atomic": qatomic_*, from any thread.
+ */
+typedef struct BDRVQEDState {
+    /*
+     * The metadata lock (see the top of this file).  First, so that
+     * invalidate_cache can clear all that follows while holding it.
+     */
+    CoMutex lock;
+
+    BlockDriverState *bs;       /* open */
+    QEDHeader header;           /* lock (header_busy to write); CPU order */
+
+    QEDDirtyTable l1;           /* lock; the L1 table, CPU order */
+    /*
+     * lock: the L2 tables the L1 names, by offset: no data cluster may be
+     * in one
+     */
     uint64_t *l2_starts;
     size_t n_l2_starts;
     size_t l2_starts_size;
-    QEDL2Cache *l2_cache;       /* writeback */
-    /* Idle release of the cache (cache-clean-interval, seconds; 0: off) */
+    QEDL2Cache *l2_cache;       /* lock (the cache and its tables) */
+    /*
+     * Idle release of the cache (cache-clean-interval, seconds; 0: off):
+     * open/close/reopen only (main loop, node drained); the timer's
+     * callback reads neither
+     */
     uint64_t cache_clean_interval;
     QEMUTimer *cache_clean_timer;
+    /* open: geometry */
     uint32_t table_nelems;
     uint32_t table_nsectors;    /* 512-byte sectors in one table */
     uint32_t chunk_entries;     /* entries in one chunk of an L2 table */
@@ -239,6 +299,8 @@ typedef struct BDRVQEDState {
     uint32_t l2_mask;
 
     /*
+     * All of what follows, up to wb_batch_bytes, under lock.
+     *
      * First byte past the last allocated cluster; only ever grows, but for
      * a repair by the check and qed_co_make_empty(), which first remove
      * from the disk every entry past the new end.  Every write to the
@@ -284,7 +346,11 @@ typedef struct BDRVQEDState {
      */
     QLIST_HEAD(, QEDTableMaking) tables_making;
     CoQueue making_waiters;
-    void *zero_buf;             /* zeros for qed_write_zero_data() */
+    /*
+     * Zeros for qed_write_zero_data(): made under lock at first use, then
+     * unchanged until close (I/O reads it with the lock released)
+     */
+    void *zero_buf;
 
     /* Allocations in flight, to keep two writes off one cluster */
     QLIST_HEAD(, QEDAllocation) allocs;
@@ -294,51 +360,177 @@ typedef struct BDRVQEDState {
     uint64_t l2_gen;            /* bumped whenever table entries change */
 
     /* Writeback of dirty table sectors: one pass at a time */
-    CoMutex wb_lock;
-    void *wb_l2_buf;            /* snapshots of a pass: L2 batches */
-    void *wb_l1_buf;            /* and the L1 table's */
+    QEDBusy wb_busy;
+    /*
+     * Snapshots of a pass: L2 batches, and the L1 table's; owned by the
+     * pass that holds wb_busy (its I/O reads them with the lock released)
+     */
+    void *wb_l2_buf;
+    void *wb_l1_buf;
     /* x-writeback-batch: 0, or a smaller cap on a batch's snapshots */
     size_t wb_batch_bytes;
-    bool wb_background;         /* a background pass is running */
-    /* L2 sectors were written and no flush has succeeded since */
+    bool wb_background;         /* lock; a background pass is running */
+    /* lock; L2 sectors were written and no flush has succeeded since */
     bool wb_tables_unflushed;
 
-    /* NEED_CHECK handling */
-    CoMutex header_lock;
+    /* NEED_CHECK handling: all under lock, but where said */
+    QEDBusy header_busy;
     /*
      * NEED_CHECK is on disk and may be relied on: for the tables of an
      * image without backing file (crash ordering 4), and for a grow-ahead
      * tail, with or without backing file (ordering 8)
      */
     bool need_check_ready;
+    /*
+     * open/close only; its callback (any thread) reads only atomics:
+     * timer_mod/timer_del/timer_pending are thread-safe
+     */
     QEMUTimer *need_check_timer;
-    bool timer_running;         /* the clearing coroutine has been started */
+    /* atomic: the clearing coroutine has been started */
+    bool timer_running;
     /*
      * NEED_CHECK was set at a read-only open, which only looks: the bit
      * stays until a repair (a reopen read-write runs it), whatever this
      * open writes
      */
     bool unrepaired;
+    /*
+     * atomic (read by drain begin in the main loop): the state is
+     * complete: set at the end of a successful open (and of
+     * invalidate_cache's), cleared when close or invalidate_cache
+     * start.  PORT-10: 10.0 runs .bdrv_drain_begin for every node at
+     * every graph change (bdrv_graph_wrlock() drains all), also for this
+     * node while it is being opened (bdrv_open_file_child()): the
+     * drain's coroutine does nothing unless this is set.
+     */
+    bool opened;
 
-    unsigned int error_reports; /* rate limit for corrupt-metadata messages */
+    /* lock: rate limit for corrupt-metadata messages */
+    unsigned int error_reports;
 
     /*
-     * Entries (L1 or L2) that name space past the end of the file as it
-     * was opened (corrupt) stay invalid for the whole open, also once
-     * allocations pass the offset they name: else they would alias a new
-     * cluster.  A writable open reads every table before it allocates
-     * (qed_screen_tables() in qed-cluster.c, which says why).
+     * All under lock.  Entries (L1 or L2) that name space past the end
+     * of the file as it was opened (corrupt) stay invalid for the whole
+     * open, also once allocations pass the offset they name: else they
+     * would alias a new cluster.  A writable open reads every table
+     * before it allocates (qed_screen_tables() in qed-cluster.c, which
+     * says why).
      */
     uint64_t open_end;          /* file_end when every entry was last valid */
     bool entries_checked;       /* the check has vouched for every entry */
     bool tables_screened;       /* every L2 table was read for bad entries */
     bool bad_dropped;           /* and they were dropped in memory */
-    bool screen_busy;           /* screen_lock is held */
-    CoMutex screen_lock;        /* one screening at a time */
+    QEDBusy screen_busy;        /* one screening at a time */
     GHashTable *bad_entries;    /* L2 offset -> bitmap of its bad entries */
     unsigned long *bad_l1;      /* bitmap of the bad L1 entries, or NULL */
     GArray *bad_ranges;         /* sorted file ranges that bad entries name */
 } BDRVQEDState;
+
+/* ---- the metadata lock --------------------------------------------------- */
+
+/*
+ * s->lock is held by this coroutine; outside coroutines: this is the main
+ * loop's open, close or reopen code (the node is drained, no coroutine of
+ * ours runs: drain waits for every one, they hold in-flight counts)
+ */
+static inline void qed_assert_locked(BDRVQEDState *s)
+{
+    if (qemu_in_coroutine()) {
+        assert(s->lock.holder == qemu_coroutine_self());
+    } else {
+        assert(qemu_get_current_aio_context() == qemu_get_aio_context());
+    }
+}
+
+static inline void coroutine_fn qed_lock(BDRVQEDState *s)
+{
+    qemu_co_mutex_lock(&s->lock);
+}
+
+static inline void coroutine_fn qed_unlock(BDRVQEDState *s)
+{
+    qemu_co_mutex_unlock(&s->lock);
+}
+
+/*
+ * Around every I/O on a child (and every other yield that is not a
+ * CoQueue wait given s->lock): the lock is released while it runs
+ */
+static inline void coroutine_fn qed_unlock_io(BDRVQEDState *s)
+{
+    qed_assert_locked(s);
+    qemu_co_mutex_unlock(&s->lock);
+}
+
+static inline void coroutine_fn qed_relock_io(BDRVQEDState *s)
+{
+    qemu_co_mutex_lock(&s->lock);
+}
+
+/* @call (an I/O on a child, a yield) with s->lock released; its value */
+#define QED_UNLOCKED(s, call) ({            \
+    typeof(call) qed_unlocked_ret_;         \
+    qed_unlock_io(s);                       \
+    qed_unlocked_ret_ = (call);             \
+    qed_relock_io(s);                       \
+    qed_unlocked_ret_;                      \
+})
+
+/* The same for a call with no value */
+#define QED_UNLOCKED_VOID(s, call) do {     \
+    qed_unlock_io(s);                       \
+    call;                                   \
+    qed_relock_io(s);                       \
+} while (0)
+
+/*
+ * A blkdebug event (BLKDBG_CO_EVENT on bs->file): blkdebug's breakpoints
+ * (the iotests') suspend the coroutine there, a yield, so s->lock is
+ * released around it when the file handles events at all (only blkdebug
+ * does): as at any yield.  Without such a handler nothing is released,
+ * and no release point is added to the driver's normal runs.
+ */
+static inline void coroutine_fn GRAPH_RDLOCK
+qed_event(BDRVQEDState *s, BlkdebugEvent evt)
+{
+    BlockDriverState *file = s->bs->file ? s->bs->file->bs : NULL;
+
+    if (file && file->drv && file->drv->bdrv_co_debug_event) {
+        qed_unlock_io(s);
+        bdrv_co_debug_event(file, evt);
+        qed_relock_io(s);
+    }
+}
+
+static inline void qed_busy_init(QEDBusy *b)
+{
+    b->owner = NULL;
+    qemu_co_queue_init(&b->waiters);
+}
+
+/* Take @b, waiting (with s->lock released) while another coroutine has it */
+static inline void coroutine_fn qed_busy_enter(BDRVQEDState *s, QEDBusy *b)
+{
+    qed_assert_locked(s);
+    assert(b->owner != qemu_coroutine_self());
+    while (b->owner) {
+        qemu_co_queue_wait(&b->waiters, &s->lock);
+    }
+    b->owner = qemu_coroutine_self();
+}
+
+static inline void coroutine_fn qed_busy_leave(BDRVQEDState *s, QEDBusy *b)
+{
+    qed_assert_locked(s);
+    assert(b->owner == qemu_coroutine_self());
+    b->owner = NULL;
+    qemu_co_queue_restart_all(&b->waiters);
+}
+
+static inline bool qed_busy_held(QEDBusy *b)
+{
+    return b->owner == qemu_coroutine_self();
+}
 
 /* Geometry helpers */
 static inline uint64_t qed_table_bytes(BDRVQEDState *s)
@@ -419,15 +611,31 @@ static inline bool qed_is_data_offset(uint64_t entry)
     return entry > QED_L2_ZERO;
 }
 
-/* qed.c: the driver, NEED_CHECK and its timer */
+/* Allocations whose data is still on its way (s->lock) */
+static inline bool qed_allocs_in_flight(BDRVQEDState *s)
+{
+    return !QLIST_EMPTY(&s->allocs);
+}
+
+/* qed.c: the driver */
 void qed_report_corruption(BDRVQEDState *s, const char *fmt, ...)
     G_GNUC_PRINTF(2, 3);
-int coroutine_fn qed_clear_need_check(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_read_backing(BDRVQEDState *s, uint64_t pos, uint64_t bytes,
+                 QEMUIOVector *qiov, size_t qiov_offset);
+
+/* qed-timer.c: NEED_CHECK's clearing, the timers, the drain */
+int coroutine_fn GRAPH_RDLOCK
+qed_clear_need_check(BDRVQEDState *s);
 void qed_arm_timer(BDRVQEDState *s);
 void qed_cancel_timer(BDRVQEDState *s);
-int coroutine_fn qed_read_backing(BDRVQEDState *s, uint64_t pos,
-                                  uint64_t bytes, QEMUIOVector *qiov,
-                                  size_t qiov_offset);
+bool qed_may_write_header(BDRVQEDState *s);
+void qed_need_check_timer_cb(void *opaque);
+void qed_cache_clean_timer_init(BDRVQEDState *s, AioContext *ctx);
+void qed_cache_clean_timer_del(BDRVQEDState *s);
+void qed_attach_aio_context(BlockDriverState *bs, AioContext *new_context);
+void qed_detach_aio_context(BlockDriverState *bs);
+void qed_drain_begin(BlockDriverState *bs);
 
 /* qed-header.c: the header, its validation and its one writer */
 void qed_header_le_to_cpu(const QEDHeader *le, QEDHeader *cpu);
@@ -438,45 +646,57 @@ int qed_validate_image_size(uint64_t size, uint64_t cluster_size,
                          uint64_t table_size, Error **errp);
 int qed_validate_header(QEDHeader *h, int64_t file_size, Error **errp);
 bool qed_backing_name_fits(uint64_t header_bytes, uint64_t len, Error **errp);
-int coroutine_fn qed_update_header(BDRVQEDState *s, const QEDHeader *h);
+int coroutine_fn GRAPH_RDLOCK
+qed_update_header(BDRVQEDState *s, const QEDHeader *h);
 bool qed_has_backing_file(BDRVQEDState *s);
-int coroutine_fn qed_raise_need_check(BDRVQEDState *s);
-int coroutine_fn qed_set_need_check(BDRVQEDState *s);
-int coroutine_fn qed_co_change_backing(BDRVQEDState *s, void *opaque);
+int coroutine_fn GRAPH_RDLOCK
+qed_raise_need_check(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_set_need_check(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_co_change_backing(BDRVQEDState *s, void *opaque);
 
 /* qed-alloc.c: claims, file space and the file's size */
 bool coroutine_fn qed_claim(BDRVQEDState *s, QEDAllocation *a,
                             uint64_t start, uint64_t end);
 void qed_release(BDRVQEDState *s, QEDAllocation *a);
 void coroutine_fn qed_wait_resize(BDRVQEDState *s, uint64_t end);
-int coroutine_fn qed_resize_file(BDRVQEDState *s, uint64_t size);
-int coroutine_fn qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t);
+int coroutine_fn GRAPH_RDLOCK
+qed_resize_file(BDRVQEDState *s, uint64_t size);
+int coroutine_fn GRAPH_RDLOCK
+qed_secure_space(BDRVQEDState *s, QEDDirtyTable *t);
 void qed_free_space_init(BDRVQEDState *s);
 void qed_free_space_destroy(BDRVQEDState *s);
 uint64_t qed_free_space_bytes(BDRVQEDState *s);
 void qed_free_space_forget(BDRVQEDState *s);
-int coroutine_fn qed_mark_clusters(BDRVQEDState *s, uint64_t start,
-                                   unsigned int n, uint64_t value);
-int64_t coroutine_fn qed_allocating_write(BDRVQEDState *s, uint64_t pos,
-                                          uint64_t bytes, QEDExtentType type,
-                                          QEMUIOVector *qiov,
-                                          size_t qiov_offset);
+int coroutine_fn GRAPH_RDLOCK
+qed_mark_clusters(BDRVQEDState *s, uint64_t start, unsigned int n,
+                  uint64_t value);
+int64_t coroutine_fn GRAPH_RDLOCK
+qed_allocating_write(BDRVQEDState *s, uint64_t pos, uint64_t bytes,
+                     QEDExtentType type, QEMUIOVector *qiov,
+                     size_t qiov_offset);
 
 /* qed-writeback.c: the writeback passes of dirty table sectors */
 bool qed_tables_dirty(BDRVQEDState *s);
-int coroutine_fn qed_writeback(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_writeback(BDRVQEDState *s);
 void qed_wb_free_buffers(BDRVQEDState *s);
-void coroutine_fn qed_wb_throttle(BDRVQEDState *s);
+void coroutine_fn GRAPH_RDLOCK
+qed_wb_throttle(BDRVQEDState *s);
 
 /* qed-create.c: create, measure, amend */
 extern QemuOptsList qed_create_opts;
 extern QemuOptsList qed_amend_opts;
-int coroutine_fn qed_co_create(BlockdevCreateOptions *opts, Error **errp);
-int coroutine_fn qed_co_create_opts(BlockDriver *drv, const char *filename,
-                                    QemuOpts *opts, Error **errp);
-int qed_amend_options(BlockDriverState *bs, QemuOpts *opts,
-                      BlockDriverAmendStatusCB *status_cb, void *cb_opaque,
-                      bool force, Error **errp);
+int coroutine_fn GRAPH_UNLOCKED
+qed_co_create(BlockdevCreateOptions *opts, Error **errp);
+int coroutine_fn GRAPH_UNLOCKED
+qed_co_create_opts(BlockDriver *drv, const char *filename, QemuOpts *opts,
+                   Error **errp);
+int GRAPH_RDLOCK
+qed_amend_options(BlockDriverState *bs, QemuOpts *opts,
+                  BlockDriverAmendStatusCB *status_cb, void *cb_opaque,
+                  bool force, Error **errp);
 BlockMeasureInfo *qed_measure(QemuOpts *opts, BlockDriverState *in_bs,
                               Error **errp);
 
@@ -496,26 +716,28 @@ unsigned int qed_dirty_clear(QEDDirtyTable *t, unsigned int first,
                              unsigned int n);
 void qed_table_snapshot(const uint64_t *entries, unsigned int n,
                         uint64_t *dest);
-int coroutine_fn qed_write_table_snapshot(BDRVQEDState *s,
-                                          uint64_t table_offset,
-                                          unsigned int first, unsigned int n,
-                                          const uint64_t *snapshot);
-int coroutine_fn qed_read_table(BDRVQEDState *s, uint64_t offset,
-                                QEDTable *table);
-int coroutine_fn qed_write_table(BDRVQEDState *s, uint64_t offset,
-                                 QEDTable *table, unsigned int index,
-                                 unsigned int n);
-int coroutine_fn qed_read_table_entries(BDRVQEDState *s,
-                                        uint64_t table_offset,
-                                        unsigned int first, unsigned int n,
-                                        uint64_t *entries);
-int coroutine_fn qed_read_l1_table(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_write_table_snapshot(BDRVQEDState *s, uint64_t table_offset,
+                         unsigned int first, unsigned int n,
+                         const uint64_t *snapshot);
+int coroutine_fn GRAPH_RDLOCK
+qed_read_table(BDRVQEDState *s, uint64_t offset, QEDTable *table);
+int coroutine_fn GRAPH_RDLOCK
+qed_write_table(BDRVQEDState *s, uint64_t offset, QEDTable *table,
+                unsigned int index, unsigned int n);
+int coroutine_fn GRAPH_RDLOCK
+qed_read_table_entries(BDRVQEDState *s, uint64_t table_offset,
+                       unsigned int first, unsigned int n, uint64_t *entries);
+int coroutine_fn GRAPH_RDLOCK
+qed_read_l1_table(BDRVQEDState *s);
 void qed_l2_starts_rebuild(BDRVQEDState *s);
 void qed_l2_starts_add(BDRVQEDState *s, uint64_t offset);
-int coroutine_fn qed_write_l1_table(BDRVQEDState *s, QEDTable *l1,
-                                    unsigned int index, unsigned int n);
-int coroutine_fn qed_read_tables(BDRVQEDState *s, uint64_t offset,
-                                 unsigned int n, QEDTable **tables);
+int coroutine_fn GRAPH_RDLOCK
+qed_write_l1_table(BDRVQEDState *s, QEDTable *l1, unsigned int index,
+                   unsigned int n);
+int coroutine_fn GRAPH_RDLOCK
+qed_read_tables(BDRVQEDState *s, uint64_t offset, unsigned int n,
+                QEDTable **tables);
 
 /* qed-l2-cache.c: pure memory */
 QEDL2Cache *qed_l2_cache_new(uint64_t max_bytes, size_t table_bytes);
@@ -524,7 +746,9 @@ QEDCachedTable *qed_l2_cache_find(QEDL2Cache *c, uint64_t offset);
 QEDCachedTable *qed_l2_cache_insert(QEDL2Cache *c, uint64_t offset,
                                     bool fresh);
 QEDDirtyTable *qed_l2_cache_table(QEDCachedTable *e);
-void coroutine_fn qed_l2_cache_lock_chunks(QEDCachedTable *e);
+void qed_l2_cache_set_lock(QEDL2Cache *c, CoMutex *lock);
+void coroutine_fn qed_l2_cache_lock_chunks(QEDCachedTable *e,
+                                          CoMutex *lock);
 void coroutine_fn qed_l2_cache_unlock_chunks(QEDCachedTable *e);
 void qed_l2_cache_loaded(QEDL2Cache *c, QEDCachedTable *e,
                          unsigned long first, unsigned long n);
@@ -554,21 +778,25 @@ void qed_screen_new_table(BDRVQEDState *s, uint64_t l2_offset);
 void qed_screen_forget(BDRVQEDState *s, uint64_t l2_offset,
                        unsigned int first, unsigned int n);
 uint64_t qed_screen_skip(BDRVQEDState *s, uint64_t offset, uint64_t bytes);
-void coroutine_fn qed_screen_settle(BDRVQEDState *s);
-int coroutine_fn qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset,
-                                  QEDCachedTable **entry);
-int coroutine_fn qed_l2_ensure(BDRVQEDState *s, QEDCachedTable *e,
-                               unsigned int first, unsigned int end);
-int coroutine_fn qed_find_extent(BDRVQEDState *s, uint64_t pos,
-                                 uint64_t bytes, QEDExtent *ext);
+void coroutine_fn GRAPH_RDLOCK
+qed_screen_settle(BDRVQEDState *s);
+int coroutine_fn GRAPH_RDLOCK
+qed_get_l2_table(BDRVQEDState *s, uint64_t l2_offset, QEDCachedTable **entry);
+int coroutine_fn GRAPH_RDLOCK
+qed_l2_ensure(BDRVQEDState *s, QEDCachedTable *e, unsigned int first,
+              unsigned int end);
+int coroutine_fn GRAPH_RDLOCK
+qed_find_extent(BDRVQEDState *s, uint64_t pos, uint64_t bytes, QEDExtent *ext);
 
 /* qed-check.c */
-int coroutine_fn qed_check(BDRVQEDState *s, BdrvCheckResult *result,
-                           BdrvCheckMode fix, bool quiet);
+int coroutine_fn GRAPH_RDLOCK
+qed_check(BDRVQEDState *s, BdrvCheckResult *result, BdrvCheckMode fix,
+          bool quiet);
 
 /* qed-compact.c: inner leaks reclaimed by moving clusters in use */
 #define QED_COMPACT_STUCK 1
-int coroutine_fn qed_compact(BDRVQEDState *s, unsigned long *used,
-                             uint64_t nbits, uint64_t *moved);
+int coroutine_fn GRAPH_RDLOCK
+qed_compact(BDRVQEDState *s, unsigned long *used, uint64_t nbits,
+            uint64_t *moved);
 
 #endif /* BLOCK_QED_H */

@@ -8,9 +8,11 @@ set -euo pipefail
 TOP=$1
 f=block/trace-events
 new=$(mktemp)
-# (our section headers may name several files: "# qed-check.c, qed-compact.c")
+# (our section headers may name several files: "# qed-check.c, qed-compact.c";
+# the original section may stand amid the file, as in 10.0: cat -s squeezes
+# the blank lines it leaves behind into one)
 sed -E -e '/^# qed[-a-z0-9]*\.c(, qed[-a-z0-9]*\.c)*$/d' -e '/^qed_/d' "$f" |
-    sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' > "$new"
+    cat -s | sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' > "$new"
 cat "$TOP/patches/qed-trace-events" >> "$new"
 if cmp -s "$new" "$f"; then
     rm -f "$new"

@@ -4,9 +4,20 @@
 # Idempotent: does nothing when every package is already there.
 set -euo pipefail
 
+# The base is QEMU 10.0 (scripts/prepare-base.sh): its meson (>= 1.5) is
+# not bookworm's but bookworm-backports', unpacked privately by
+# scripts/fetch-meson.sh (dpkg-dev; python3-setuptools is that meson's
+# dependency); configure's venv tool takes distlib from python3-pip.  The
+# qemu source and that meson come through apt configurations of their own
+# (scripts/fetch-base-10.sh, fetch-meson.sh): no deb-src or backports line
+# is added to the system's apt sources.
+# qemu-utils (bookworm's QEMU 7.2) is the original QED driver, the peer in
+# the tests; seabios, ipxe-qemu, qemu-system-data: firmware for the built
+# qemu-system-x86_64.
 # busybox-static, cpio, xz-utils, zstd: the guest that `make demo` boots;
 # strace: delay and kill injection in the race and crash iotests
-PKGS="build-essential dpkg-dev meson ninja-build pkg-config python3 python3-venv
+PKGS="build-essential dpkg-dev ninja-build pkg-config
+      python3 python3-venv python3-pip python3-setuptools
       libglib2.0-dev zlib1g-dev libpixman-1-dev libfdt-dev libaio-dev liburing-dev
       libslirp-dev seabios ipxe-qemu qemu-system-data qemu-utils
       bc util-linux e2fsprogs file socat strace
@@ -25,20 +36,9 @@ for p in $PKGS; do
     fi
 done
 
-# apt-get source needs a deb-src line mirroring the deb one.
-SRC=/etc/apt/sources.list.d/qed-fork-deb-src.sources
-need_update=0
-if [ ! -f "$SRC" ]; then
-    sed -n '/^Types:/,$p' /etc/apt/sources.list.d/debian.sources |
-        sed 's/^Types: deb$/Types: deb-src/' | $SUDO tee "$SRC" >/dev/null
-    need_update=1
-fi
-
-if [ -n "$missing" ] || [ "$need_update" = 1 ]; then
+if [ -n "$missing" ]; then
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get -o DPkg::Lock::Timeout=600 update -q
-fi
-if [ -n "$missing" ]; then
     echo "Installing:$missing"
     $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends $missing
 fi

@@ -1,6 +1,8 @@
 #!/bin/bash
 # Replace the base's QED files with links to ours.  Safe to run again: it
-# also links any of our files added since the base was prepared.
+# also links any of our files added since the base was prepared.  (The
+# base's own QED sources are deleted already when the base is fetched,
+# scripts/fetch-base-10.sh; the loop below still removes any left.)
 #
 # It runs outside the build lock (make build takes it for ninja only), so
 # while another make compiles: a link that is already right is left alone,
@@ -34,10 +36,10 @@ for t in "$TOP"/tests/qemu-iotests/tests/*; do
     link "$t" "$SRC/tests/qemu-iotests/tests/$(basename "$t")"
 done
 
-# The sources and meson.build of our fuzzer and of our schedule harness
-# (patches/0003-qed-fuzz-build.sh and 0005-qed-sim-build.sh add the subdirs
-# to the base's tests/meson.build)
-for d in qed-fuzz qed-sim; do
+# The sources and meson.build of our fuzzer, our schedule harness and our
+# multiqueue stress test (patches/0003-qed-fuzz-build.sh and
+# 0004-qed-sim-build.sh add the subdirs to the base's tests/meson.build)
+for d in qed-fuzz qed-sim qed-mq; do
     mkdir -p "$SRC/tests/$d"
     for f in "$TOP/tests/$d/meson.build" "$TOP/tests/$d"/*.c; do
         [ -e "$f" ] || continue
@@ -45,7 +47,7 @@ for d in qed-fuzz qed-sim; do
     done
 done
 
-# Our unit tests, beside the base's (patches/0007-qed-unit-tests.sh adds
+# Our unit tests, beside the base's (patches/0006-qed-unit-tests.sh adds
 # them to the base's tests/unit/meson.build)
 for f in "$TOP"/tests/unit/*.c; do
     [ -e "$f" ] || continue

@@ -41,10 +41,10 @@
 #include "qemu/cutils.h"
 #include "qemu/iov.h"
 #include "qapi/error.h"
-#include "qapi/qmp/qdict.h"
+#include "qobject/qdict.h"
 #include "block/block.h"
 #include "block/block_int.h"
-#include "sysemu/block-backend.h"
+#include "system/block-backend.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -341,7 +341,7 @@ static int coroutine_fn mem_co_block_status(BlockDriverState *bs,
            BDRV_BLOCK_OFFSET_VALID;
 }
 
-static int64_t mem_getlength(BlockDriverState *bs)
+static int64_t coroutine_fn mem_co_getlength(BlockDriverState *bs)
 {
     return mem.length;
 }
@@ -352,14 +352,19 @@ static int coroutine_fn mem_co_flush(BlockDriverState *bs)
     return 0;
 }
 
+/* The length changes under the block layer: ask every time (10.0: a limit) */
+static void mem_refresh_limits(BlockDriverState *bs, Error **errp)
+{
+    bs->bl.has_variable_length = true;
+}
+
 static BlockDriver bdrv_qed_fuzz_mem = {
     .format_name            = "qed-fuzz-mem",
     .protocol_name          = "qed-fuzz-mem",
     .instance_size          = 1,
-    .has_variable_length    = true,
 
-    .bdrv_file_open         = mem_file_open,
-    .bdrv_getlength         = mem_getlength,
+    .bdrv_open              = mem_file_open,
+    .bdrv_co_getlength      = mem_co_getlength,
     .bdrv_co_preadv         = mem_co_preadv,
     .bdrv_co_pwritev        = mem_co_pwritev,
     .bdrv_co_pwrite_zeroes  = mem_co_pwrite_zeroes,
@@ -367,6 +372,7 @@ static BlockDriver bdrv_qed_fuzz_mem = {
     .bdrv_co_truncate       = mem_co_truncate,
     .bdrv_co_flush_to_disk  = mem_co_flush,
     .bdrv_co_block_status   = mem_co_block_status,
+    .bdrv_refresh_limits    = mem_refresh_limits,
 };
 
 /* ---- set-up -------------------------------------------------------------- */
@@ -436,15 +442,16 @@ static void remove_stale_scratch(const char *base)
     }
     while ((name = g_dir_read_name(dir))) {
         const char *names[] = { "image.qed", "backing.raw", "backing.qed" };
-        char *end, *path;
+        const char *end;
+        char *path;
         long pid;
         size_t i;
 
         if (!g_str_has_prefix(name, "qed-fuzz-")) {
             continue;
         }
-        pid = strtol(name + strlen("qed-fuzz-"), &end, 10);
-        if (pid <= 0 || *end != '-' || kill(pid, 0) == 0 || errno != ESRCH) {
+        if (qemu_strtol(name + strlen("qed-fuzz-"), &end, 10, &pid) < 0 ||
+            pid <= 0 || *end != '-' || kill(pid, 0) == 0 || errno != ESRCH) {
             continue;
         }
         for (i = 0; i < ARRAY_SIZE(names); i++) {

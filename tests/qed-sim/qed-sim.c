@@ -54,11 +54,11 @@
 #include "qemu/units.h"
 #include "qemu/memalign.h"
 #include "qapi/error.h"
-#include "qapi/qmp/qdict.h"
+#include "qobject/qdict.h"
 #include "block/block.h"
 #include "block/block_int.h"
 #include "block/qed.h"
-#include "sysemu/block-backend.h"
+#include "system/block-backend.h"
 
 #define SIM_PROG ".base/qemu/build/tests/qed-sim/qed-sim"
 #define DEFAULT_OPS 1500
@@ -678,7 +678,7 @@ static int coroutine_fn sim_co_block_status(BlockDriverState *bs,
            BDRV_BLOCK_OFFSET_VALID;
 }
 
-static int64_t sim_getlength(BlockDriverState *bs)
+static int64_t coroutine_fn sim_co_getlength(BlockDriverState *bs)
 {
     return sim_file(bs)->live->length;
 }
@@ -690,15 +690,20 @@ static int sim_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
     return 0;
 }
 
+/* The length changes under the block layer: ask every time (10.0: a limit) */
+static void sim_refresh_limits(BlockDriverState *bs, Error **errp)
+{
+    bs->bl.has_variable_length = true;
+}
+
 static BlockDriver bdrv_qed_sim = {
     .format_name            = "qed-sim",
     .protocol_name          = "qed-sim",
     .instance_size          = sizeof(SimFile *),
-    .has_variable_length    = true,
 
-    .bdrv_file_open         = sim_file_open,
+    .bdrv_open              = sim_file_open,
     .bdrv_reopen_prepare    = sim_reopen_prepare,
-    .bdrv_getlength         = sim_getlength,
+    .bdrv_co_getlength      = sim_co_getlength,
     .bdrv_co_preadv         = sim_co_preadv,
     .bdrv_co_pwritev        = sim_co_pwritev,
     .bdrv_co_pwrite_zeroes  = sim_co_pwrite_zeroes,
@@ -706,6 +711,7 @@ static BlockDriver bdrv_qed_sim = {
     .bdrv_co_truncate       = sim_co_truncate,
     .bdrv_co_flush_to_disk  = sim_co_flush,
     .bdrv_co_block_status   = sim_co_block_status,
+    .bdrv_refresh_limits    = sim_refresh_limits,
 };
 
 /* ---- scheduling ---------------------------------------------------------- */

@@ -9,7 +9,7 @@
  * tables' memory.  Every table is 64 KiB (16 chunks of 4 KiB, 128
  * sectors); table i sits at file offset (i + 1) * 64 KiB.  Linked into the
  * base's tests/unit/ by scripts/link-ours.sh, built through
- * patches/0007-qed-unit-tests.sh, run by `make check`.
+ * patches/0006-qed-unit-tests.sh, run by `make check`.
  *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.

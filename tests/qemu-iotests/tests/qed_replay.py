@@ -411,6 +411,7 @@ class Session:
                 else:
                     self.errors.append(line)
                 self.cond.notify_all()
+        self.proc.stdout.close()
         with self.cond:
             self.eof = True
             self.cond.notify_all()
@@ -602,6 +603,12 @@ class Recorder(RecorderBase):
                         s.close()
                     except Exception:
                         s.proc.kill()
+                # 10.0's check shows ResourceWarnings (PYTHONWARNINGS)
+                if not s.proc.stdin.closed:
+                    try:
+                        s.proc.stdin.close()
+                    except OSError:
+                        pass
         wl.entries, wl.log_data = parse_log(log)
         os.remove(img)
         os.remove(log)

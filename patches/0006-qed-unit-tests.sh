@@ -10,7 +10,7 @@ TOP=$1
 f=tests/unit/meson.build
 anchor="    'test-write-threshold': [testblock],"
 grep -qxF "$anchor" "$f" || {
-    echo "0007-qed-unit-tests.sh: no line \"$anchor\" in $f" >&2
+    echo "0006-qed-unit-tests.sh: no line \"$anchor\" in $f" >&2
     exit 1
 }
 for c in "$TOP"/tests/unit/test-*.c; do
