@@ -9,6 +9,8 @@
 #   make check-sim  1000000 operations of seeded schedules and power cuts
 #   make bench      build, then time our QED against the original, qcow2, raw
 #   make check-asan the iotests with an ASan + UBSan build (.base/qemu/build-san)
+#   make check-tsan the multiqueue stress under ThreadSanitizer, and our files'
+#                   thread-safety warnings, with clang 19 (.base/qemu/build-tsan)
 #   make fuzz       FUZZ_SECONDS (60) of libFuzzer on our QED driver
 #
 # The base (Debian trixie's qemu source package, QEMU 10.0, built on
@@ -126,6 +128,29 @@ fuzz: build-san
 # Replay tests/qed-fuzz/regress/ (inputs that once failed) through the fuzzer.
 fuzz-regress: build-san
 	@./scripts/fuzz-regress.sh
+
+# The ThreadSanitizer build (issue 19): clang 19 (bookworm's clang 14 and
+# clang-16 fail QEMU's -Wthread-safety probe, gcc ignores the annotations),
+# --enable-tsan --enable-debug-graph-lock, tools only; its own folder, the
+# same base source tree.  check-tsan: our files' warnings under
+# -Wthread-safety (0 allowed), then tests/qed-mq's stress for 3 image
+# configurations and TSAN_SEEDS (1 2 3), TSAN_OPS (20000) requests per
+# thread, and the unit test test-qed-mq, every TSan report fatal but the
+# base's in tests/sanitizers/tsan-suppressions.txt (scripts/check-tsan.sh).
+# Never part of make check.
+BUILD_TSAN  := $(BASE)/build-tsan
+TSAN_PKGS   := clang-19 llvm-19 libclang-rt-19-dev
+.PHONY: build-tsan check-tsan
+build-tsan: base
+	@./scripts/install-deps.sh $(TSAN_PKGS)
+	@./scripts/link-ours.sh
+	@./scripts/prepare-tsan.sh
+	@flock .base/build-tsan.lock nice -n 5 ninja -C $(BUILD_TSAN) \
+	    qemu-img qemu-io storage-daemon/qemu-storage-daemon \
+	    tests/qed-mq/qed-mq $(UNIT_TESTS)
+
+check-tsan: build-tsan
+	@./scripts/check-tsan.sh
 
 # Install the fork's binaries under $(PREFIX)/bin (default /usr/local/bin).
 # Never over the distribution's QEMU: PREFIX=/usr (or /) is refused.  The

@@ -69,11 +69,49 @@ WORKLOADS = [
     ("convert", "8 convert",
      "`qemu-img convert` of a 2 GiB raw image, alternating 64 MiB data / "
      "64 MiB hole, to the contender's format"),
+    # The multiqueue rows (issue 19): tests/qed-mq --bench, see md_workloads
+    ("mq-randwrite-t1", "9 mq randwrite, 1 iothread",
+     "8,192 4 KiB writes at random 4 KiB-aligned offsets of a fresh 1 GiB "
+     "image from 1 iothread, 32 in flight (`qed-mq --bench randwrite "
+     "--threads 1 --depth 32`)"),
+    ("mq-randwrite-t2", "9 mq randwrite, 2 iothreads",
+     "the same from 2 iothreads into the one BlockBackend, 16 in flight "
+     "each (`--threads 2 --depth 16`): 32 in all, as with 1"),
+    ("mq-read-t1", "9 mq read, 1 iothread",
+     "32,768 4 KiB reads at random offsets of a 1 GiB image, filled first "
+     "(untimed, 1 MiB writes), from 1 iothread, 32 in flight "
+     "(`--bench read`)"),
+    ("mq-read-t2", "9 mq read, 2 iothreads",
+     "the same from 2 iothreads, 16 in flight each"),
+    ("mq-rewrite-alone", "9 mq rewrite, alone",
+     "4,096 4 KiB rewrites at random offsets of the first 256 MiB of a "
+     "64 GiB image, filled first (untimed), from 1 iothread, 16 in flight, "
+     "nothing else running (`qed-mq --bench rewrite-vs-alloc --threads 2 "
+     "--depth 16`, its first phase)"),
+    ("mq-rewrite-busy", "9 mq rewrite, beside allocations",
+     "the same 4,096 rewrites while a second iothread allocates (16 4 KiB "
+     "writes in flight at random offsets of [2 GiB, 64 GiB): other L2 "
+     "tables than the rewrites') until they are done (its second phase)"),
+    ("mq-read-alone", "9 mq read 256M, alone",
+     "as mq rewrite, alone, with reads (`--bench read-vs-alloc`)"),
+    ("mq-read-busy", "9 mq read 256M, beside allocations",
+     "as mq rewrite, beside allocations, with reads"),
 ]
 # Shorter x labels for the chart, where the table's would crowd the next.
-CHART_LABELS = {"bigscatter-128m": "big scatter d32, L2 128M"}
+CHART_LABELS = {"bigscatter-128m": "big scatter d32, L2 128M",
+                "mq-randwrite-t1": "mq randwrite t1",
+                "mq-randwrite-t2": "mq randwrite t2",
+                "mq-read-t1": "mq read t1", "mq-read-t2": "mq read t2",
+                "mq-rewrite-alone": "mq rewrite alone",
+                "mq-rewrite-busy": "mq rewrite + alloc",
+                "mq-read-alone": "mq read alone",
+                "mq-read-busy": "mq read + alloc"}
+# Timed by the program's own figure, the whole process's wall clock shown
+# apart (the *-vs-alloc rows share one process: not there).
 BENCH_WLS = {"seqalloc-d1", "seqalloc-d32", "scatter-d1", "scatter-d32",
-             "bigscatter", "bigscatter-128m", "rewrite", "read", "cow"}
+             "bigscatter", "bigscatter-128m", "rewrite", "read", "cow",
+             "mq-randwrite-t1", "mq-randwrite-t2", "mq-read-t1", "mq-read-t2"}
+MQ_WLS = {wl for wl, _, _ in WORKLOADS if wl.startswith("mq-")}
 CONTENDERS = [("ours", "ours QED"), ("peer", "peer QED"),
               ("qcow2", "qcow2"), ("raw", "raw")]
 OTHERS = ["peer", "qcow2", "raw"]
@@ -95,6 +133,23 @@ TARGETS = [
      "dirty-open", "peer", 1.0),
 ] + [("%s at least as fast as qcow2" % label[2:], wl, "qcow2", 1.0)
      for wl, label, _ in WORKLOADS]
+
+# Ours against ours (issue 19): (text, workload, baseline workload, max
+# ratio of ours' medians)
+SELF_TARGETS = [
+    ("mq randwrite: 2 iothreads no slower than 1 (t2/t1)",
+     "mq-randwrite-t2", "mq-randwrite-t1", 1.0),
+    ("mq read: 2 iothreads no slower than 1 (t2/t1)",
+     "mq-read-t2", "mq-read-t1", 1.0),
+]
+# The multiqueue table: each contender's time on one row over another's
+MQ_RATIOS = [
+    ("randwrite: 2 iothreads / 1", "mq-randwrite-t2", "mq-randwrite-t1"),
+    ("read: 2 iothreads / 1", "mq-read-t2", "mq-read-t1"),
+    ("rewrites: beside allocations / alone", "mq-rewrite-busy",
+     "mq-rewrite-alone"),
+    ("reads: beside allocations / alone", "mq-read-busy", "mq-read-alone"),
+]
 
 
 # ---------------------------------------------------------------- data files
@@ -240,6 +295,14 @@ def ratio(res, wl, other):
     return a / b
 
 
+def self_ratio(res, wl, base, c="ours"):
+    """Contender C's median on WL over its median on BASE."""
+    a, b = med(res.get((wl, c))), med(res.get((base, c)))
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
 def machine(bench_dir):
     def sh(*cmd):
         try:
@@ -342,6 +405,23 @@ def table(res, mode, wall=False, rss=False):
     return head, rows
 
 
+def mq_table(res, mode):
+    """(head, rows): the multiqueue ratios of each contender (MQ_RATIOS)."""
+    cs = [(c, n) for c, n in CONTENDERS if c != "peer"]
+    head = ["time ratio (multiqueue)"] + [n for _, n in cs]
+    rows = []
+    for text, wl, base in MQ_RATIOS:
+        rs = [self_ratio(res, wl, base, c) for c, _ in cs]
+        if all(r is None for r in rs):
+            continue
+        marks = ["" if r is None or not (res[(wl, c)]["modes"] |
+                                           res[(base, c)]["modes"]) - {mode}
+                 else " †" for (c, _), r in zip(cs, rs)]
+        rows.append([text] + ["-" if r is None else "%.2f%s" % (r, m)
+                              for r, m in zip(rs, marks)])
+    return head, rows
+
+
 def text_table(head, rows):
     w = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(x.ljust(w[i]) if i == 0 else x.rjust(w[i])
@@ -366,6 +446,16 @@ def evaluate(res, mode):
         else:
             verdict = "met" if r <= limit else "**missed**"
             if any(res[(wl, c)]["modes"] - {mode} for c in ("ours", other)):
+                verdict += " †"
+        out.append((text, "-" if r is None else "%.2f" % r,
+                    "%.2f" % limit, verdict))
+    for text, wl, base, limit in SELF_TARGETS:
+        r = self_ratio(res, wl, base)
+        if r is None:
+            verdict = "n/a"
+        else:
+            verdict = "met" if r <= limit else "**missed**"
+            if any(res[(w, "ours")]["modes"] - {mode} for w in (wl, base)):
                 verdict += " †"
         out.append((text, "-" if r is None else "%.2f" % r,
                     "%.2f" % limit, verdict))
@@ -472,6 +562,7 @@ class Figures:
         self.times = table(self.res, self.mode)
         self.wall = table(self.res, self.mode, wall=True)
         self.rss = table(self.res, self.mode, rss=True)
+        self.mq = mq_table(self.res, self.mode)
         self.fails = [(wl, c, f) for (wl, c), r in self.res.items()
                       for f in r["fails"]]
         # Runs that fell back to -t writeback after failing under O_DIRECT
@@ -500,6 +591,11 @@ def print_tables(fig):
     print()
     print("Peak RSS, MiB (median; /usr/bin/time %M of the whole process)")
     print(text_table(*fig.rss))
+    if fig.mq[1]:
+        print()
+        print("Multiqueue: each contender's median time on one row over "
+              "another's (below 1 = faster)")
+        print(text_table(*fig.mq))
     for wl, c in fig.fallbacks:
         print("† %s %s: ran with -t writeback (failed under O_DIRECT)" % (wl, c))
     for wl, c, f in fig.fails:
@@ -508,7 +604,7 @@ def print_tables(fig):
 
 def print_targets(fig):
     print()
-    print("Targets (issue 8), ours/contender:")
+    print("Targets (issue 8; the mq rows: issue 19), ours/contender:")
     for text, r, lim, verdict in fig.targets:
         if verdict != "n/a":
             print("  %-66s %6s  (<= %s)  %s" % (text, r, lim,
@@ -531,8 +627,9 @@ def md_intro(fig):
     md = [
         "# Benchmarks: our QED against the original QED, qcow2 and raw\n",
         "Written by `make bench` (`scripts/bench.sh`, `scripts/bench.py`); "
-        "the workloads and targets are those of issue 8. Re-run "
-        "`make bench` to refresh this page.\n",
+        "the workloads and targets are those of issue 8, the multiqueue "
+        "rows (9) those of issue 19. Re-run `make bench` to refresh this "
+        "page.\n",
     ]
     if fig.dirty:
         md.append("**Every figure on this page is %s**: the binaries were "
@@ -616,6 +713,28 @@ def md_workloads():
               "dirty open run several times per repetition (they take about "
               "a second), alternating the contenders. Every run also goes "
               "through `/usr/bin/time` for its peak RSS (see below).\n")
+    md.append("The multiqueue rows (9) run `tests/qed-mq/qed-mq --bench` "
+              "of our build: 1 or 2 iothreads, each an AioContext in a "
+              "thread of its own submitting `blk_co_*` requests straight "
+              "into one BlockBackend of the image (as virtio-blk's "
+              "`iothread-vq-mapping` does), the node's own context in the "
+              "main loop; cache as above (`file.aio=native,"
+              "file.cache.direct=on`). They are timed by its own figure "
+              "(first request to the completion of the last timed one); "
+              "the image is made by our `qemu-img`, and qcow2 and raw run "
+              "with the base's drivers in our build whatever BENCH_REF "
+              "says. The two rows of a pair \"alone\" / \"beside "
+              "allocations\" come from one process (one peak RSS). No "
+              "peer QED: 7.2's block layer has no multiqueue, and the "
+              "original QED of 10.0 (Debian's qemu-utils 10.0, "
+              "`scripts/fetch-peer-10.sh`) has no way to submit to one "
+              "image from two iothreads without a guest: in `qemu-img`, "
+              "`qemu-io`, `qemu-nbd` and `qemu-storage-daemon` every request "
+              "runs in the node's one AioContext (an export's `iothread` is "
+              "one name in 10.0's QAPI, and the export moves the node "
+              "there); only `qemu-system`'s virtio-blk/virtio-scsi "
+              "`iothread-vq-mapping` spreads a node's requests, driven by a "
+              "guest.\n")
     return md
 
 
@@ -631,14 +750,29 @@ def md_times(fig):
 def md_rss(fig):
     return [
         "\n### Peak RSS\n",
-        "Peak resident set size of the whole process (`qemu-img` or "
-        "`qemu-io`, from open to exit) in MiB, median over the same runs as "
+        "Peak resident set size of the whole process (`qemu-img`, "
+        "`qemu-io` or `qed-mq`, from open to exit) in MiB, median over the same runs as "
         "the times above: `/usr/bin/time`'s `%M`, the most memory the "
         "process ever had in RAM at once (code and libraries it touched, "
         "heap such as the L2 table caches and the request buffers, stacks); "
         "the kernel's page cache is not counted (with O_DIRECT there is none "
         "anyway). `-` = not recorded or does not apply.\n",
         md_table(labelled(fig.rss[0], fig), fig.rss[1]),
+    ]
+
+
+def md_mq(fig):
+    if not fig.mq[1]:
+        return []
+    return [
+        "\n### Multiqueue\n",
+        "Each contender's median time on one multiqueue row over its "
+        "median on another: with 2 iothreads over 1 (the same requests, 32 "
+        "in flight in all either way; below 1 = faster with 2), and the "
+        "timed rewrites or reads of allocated clusters beside allocations "
+        "in other tables over the same alone (above 1 = they waited, for "
+        "the CPU or the disk that the allocations take, or behind them).\n",
+        md_table(labelled(fig.mq[0], fig), fig.mq[1]),
     ]
 
 
@@ -661,14 +795,15 @@ def md_caveats(fig):
 
 def md_wall(fig):
     return [
-        "\nWhole `qemu-img bench` process (wall clock, including open and "
-        "the close, which flushes), median (min-max):\n",
+        "\nWhole `qemu-img bench` (mq rows: `qed-mq`) process (wall clock, "
+        "including open and the close, which flushes), median "
+        "(min-max):\n",
         md_table(labelled(fig.wall[0], fig), fig.wall[1]),
     ]
 
 
 def md_targets(fig):
-    md = ["\n## Targets (issue 8)\n",
+    md = ["\n## Targets (issue 8; ours with 2 iothreads against 1: issue 19)\n",
           "| %s | ours/contender | limit | verdict |" %
           labelled(["target"], fig)[0],
           "|---|---:|---:|---|"]
@@ -684,7 +819,8 @@ def write_docs(a, fig):
     png = os.path.join(a.docs, "benchmarks.png")
     have_png = chart(fig.res, png, fig.dirty)
     md = (md_intro(fig) + md_run(a, fig) + md_machine(machine(a.bench_dir)) +
-          md_workloads() + md_times(fig) + md_rss(fig) + md_caveats(fig) +
+          md_workloads() + md_times(fig) + md_rss(fig) + md_mq(fig) +
+          md_caveats(fig) +
           md_wall(fig) + md_targets(fig))
     if have_png:
         md += ["\n## Chart\n", "![ratios](benchmarks.png)\n"]

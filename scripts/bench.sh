@@ -19,7 +19,16 @@
 #
 # Workload ids (for BENCH_ONLY): seqalloc-d1 seqalloc-d32 scatter-d1
 # scatter-d32 bigscatter bigscatter-128m rewrite read cow check dirty-open
-# convert. bigscatter-128m is big scatter again with ours opened as production
+# convert, and the multiqueue rows (issue 19) mq-randwrite-t1
+# mq-randwrite-t2 mq-read-t1 mq-read-t2 mq-rewrite-vs-alloc (rows
+# mq-rewrite-alone, mq-rewrite-busy) mq-read-vs-alloc (mq-read-alone,
+# mq-read-busy); mq-randwrite and mq-read select both thread counts, mq all
+# of them.  The mq rows run our tests/qed-mq/qed-mq --bench (1 or 2
+# iothreads submitting into one BlockBackend, 32 requests in flight in all)
+# for ours, qcow2 and raw (the base's drivers in our build, whatever
+# BENCH_REF): no peer (7.2 has no multiqueue; the original 10.0 binaries,
+# scripts/fetch-peer-10.sh, no multi-iothread path without a guest).
+# bigscatter-128m is big scatter again with ours opened as production
 # opens it plus a 128 MiB L2 cache (every table), `--image-opts driver=qed,
 # file.filename=IMG,file.aio=native,file.cache.direct=on,l2-cache-size=128M`
 # (no -t/-i: the cache and AIO are in the options); peer, qcow2 (its default
@@ -54,12 +63,17 @@
 #   BENCH_DIR        work folder (default bench-out/ in the repo, git-ignored);
 #                    must be on a real disk, not tmpfs
 #   BENCH_REF        peer (default) | ours: whose qemu-img runs qcow2 and raw
+#   BENCH_PEER_DIR   where the peer's qemu-img and qemu-io are (default
+#                    /usr/bin, Debian's 7.2); e.g. the original QED of 10.0:
+#                    BENCH_PEER_DIR=$(scripts/fetch-peer-10.sh .base/peer10)
 #   BENCH_BUDGET     seconds (default 780): no further repetition is started
 #                    when, judged by the ones done, it would end past this;
 #                    the report says how many ran (a loaded machine gets fewer)
 #   BENCH_CHECK_RUNS runs of check and of dirty open per repetition (default
 #                    3: they take about a second each)
 #   BENCH_ONLY       run only these workloads (space separated ids, see above)
+#   BENCH_SKIP       do not run these mq rows (ids or groups as in BENCH_ONLY;
+#                    BENCH_SKIP=mq: none of them)
 #   BENCH_NO_DOCS=1  print the table but do not write docs/benchmarks.*
 #                    (runs on a dirty tree)
 #   BENCH_ALLOW_DIRTY=1  write docs/benchmarks.* from a dirty tree, every
@@ -85,6 +99,7 @@ SLOW_REPS=${BENCH_SLOW_REPS:-2}
 BENCH_DIR=${BENCH_DIR:-$ROOT/bench-out}
 BENCH_REF=${BENCH_REF:-peer}
 ONLY=${BENCH_ONLY:-}
+SKIP=${BENCH_SKIP:-}
 BUDGET=${BENCH_BUDGET:-780}
 CHECK_RUNS=${BENCH_CHECK_RUNS:-3}
 PY=python3
@@ -92,15 +107,45 @@ PY=python3
 
 OURS_IMG=$ROOT/.base/qemu/build/qemu-img
 OURS_IO=$ROOT/.base/qemu/build/qemu-io
-PEER_IMG=/usr/bin/qemu-img
-PEER_IO=/usr/bin/qemu-io
+OURS_MQ=$ROOT/.base/qemu/build/tests/qed-mq/qed-mq
+PEER_DIR=${BENCH_PEER_DIR:-/usr/bin}
+PEER_IMG=$PEER_DIR/qemu-img
+PEER_IO=$PEER_DIR/qemu-io
 if [ "$BENCH_REF" = ours ]; then
     REF_IMG=$OURS_IMG REF_IO=$OURS_IO
 else
     REF_IMG=$PEER_IMG REF_IO=$PEER_IO
 fi
 
-for b in "$OURS_IMG" "$OURS_IO" "$PEER_IMG" "$PEER_IO" /usr/bin/time; do
+wants() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+skips() { [[ " $SKIP " == *" $1 "* ]]; }
+# The mq rows: selected by their id, their group (mq-randwrite-t1 by
+# mq-randwrite, mq-rewrite-alone by mq-rewrite-vs-alloc) or mq; skipped
+# the same way (BENCH_SKIP).
+wants_mq() {
+    ! skips "$1" && ! skips "${1%-t[12]}" && ! skips mq &&
+        { wants "$1" || wants "${1%-t[12]}" || wants mq; }
+}
+# The pair of rows of mq-rewrite-vs-alloc (rewrite) or mq-read-vs-alloc (read)
+wants_vs() {
+    local id
+    for id in "mq-$1-vs-alloc" "mq-$1-alone" "mq-$1-busy" mq; do
+        ! skips "$id" || return 1
+    done
+    for id in "mq-$1-vs-alloc" "mq-$1-alone" "mq-$1-busy" mq; do
+        ! wants "$id" || return 0
+    done
+    return 1
+}
+WANTS_MQ=0
+for id in mq-randwrite-t1 mq-randwrite-t2 mq-read-t1 mq-read-t2; do
+    ! wants_mq "$id" || WANTS_MQ=1
+done
+! wants_vs rewrite || WANTS_MQ=1
+! wants_vs read || WANTS_MQ=1
+NEEDED=("$OURS_IMG" "$OURS_IO" "$PEER_IMG" "$PEER_IO" /usr/bin/time)
+[ "$WANTS_MQ" = 0 ] || NEEDED+=("$OURS_MQ")
+for b in "${NEEDED[@]}"; do
     [ -x "$b" ] || { echo "bench: $b missing (run make bench)" >&2; exit 1; }
 done
 
@@ -138,12 +183,14 @@ fi
 # missing output, a changed command), the base's qemu-version.h left out:
 # its phony input makes it, and what includes it, stale on every build.
 if [ "$WRITE_DOCS" = 1 ]; then
-    stale=$(ninja -C "$ROOT/.base/qemu/build" -n -d explain qemu-img qemu-io 2>&1 |
+    targets=(qemu-img qemu-io)
+    [ "$WANTS_MQ" = 0 ] || targets+=(tests/qed-mq/qed-mq)
+    stale=$(ninja -C "$ROOT/.base/qemu/build" -n -d explain "${targets[@]}" 2>&1 |
         grep -E "^ninja explain: .*(older than most recent input|doesn't exist|command line changed)" |
         grep -v "output PHONY " | sed 's/^ninja explain: /    /' | head -n 3)
     if [ -n "$stale" ]; then
         {
-            echo "bench: $OURS_IMG or $OURS_IO is not built from this tree (ninja would rebuild it):"
+            echo "bench: $OURS_IMG, $OURS_IO or $OURS_MQ is not built from this tree (ninja would rebuild it):"
             echo "$stale"
             echo "  run make bench (it builds first), or BENCH_NO_DOCS=1 for a trial run"
         } >&2
@@ -156,10 +203,17 @@ if [ "$CHECK_ONLY" = 1 ]; then
     exit 0
 fi
 # A make elsewhere during the run would swap the binaries under it.
-bin_sum() { cat "$OURS_IMG" "$OURS_IO" | cksum; }
+bin_sum() {
+    if [ "$WANTS_MQ" = 1 ]; then
+        cat "$OURS_IMG" "$OURS_IO" "$OURS_MQ" | cksum
+    else
+        cat "$OURS_IMG" "$OURS_IO" | cksum
+    fi
+}
 BIN_SUM=$(bin_sum)
 
 CONTENDERS="ours peer qcow2 raw"
+MQ_CONTENDERS="ours qcow2 raw"
 img_of()  { case $1 in ours) echo "$OURS_IMG";; peer) echo "$PEER_IMG";; *) echo "$REF_IMG";; esac; }
 io_of()   { case $1 in ours) echo "$OURS_IO";;  peer) echo "$PEER_IO";;  *) echo "$REF_IO";;  esac; }
 fmt_of()  { case $1 in ours|peer) echo qed;; *) echo "$1";; esac; }
@@ -180,7 +234,6 @@ if [ "$FSTYPE" = tmpfs ]; then
 fi
 
 log() { echo "[$(( $(date +%s) - T_START ))s] $*" >> "$LOG"; }
-wants() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
 wants bigscatter || wants bigscatter-128m || wants check || wants dirty-open ||
     SLOW_REPS=0
 
@@ -207,6 +260,8 @@ convert_mode() { if [ "$DIRECT" = 1 ]; then echo "-t none -T none"; else echo "-
 # cache=none, io=native), not in -t/-i.
 opts_mode()    { if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$1]:-}" ]; then echo ""; else echo "-t writeback"; fi; }
 opts_cache()   { if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$1]:-}" ]; then echo ",file.aio=native,file.cache.direct=on"; fi; }
+# qed-mq's --opts: O_DIRECT with native AIO, or nothing (writeback)
+mq_opts()      { if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$1]:-}" ]; then echo "file.aio=native,file.cache.direct=on"; fi; }
 GLOBAL_MODE=$([ "$DIRECT" = 1 ] && echo "none/native" || echo "writeback")
 
 echo "bench: dir $BENCH_DIR ($FSTYPE), $REPS repetitions ($SLOW_REPS for big scatter (both rows), check, dirty open)"
@@ -223,7 +278,7 @@ record() { # workload contender rep seconds wall rss_kib mode
 
 # show WL CONTENDER REP SECONDS: the progress line, with the peak RSS in MiB.
 show() {
-    printf '  %-14s %-6s rep %-5s %8.3f s %8s MiB\n' "$1" "$2" "$3:" "$4" \
+    printf '  %-16s %-6s rep %-5s %8.3f s %8s MiB\n' "$1" "$2" "$3:" "$4" \
         "$(awk -v k="$RSS" 'BEGIN { if (k ~ /^[0-9]+$/) printf "%.1f", k / 1024; else print "?" }')"
 }
 
@@ -310,11 +365,74 @@ run_bench() {
     done
 }
 
+# run_mq ROW CONTENDER REP SIZE "PREP ARGS" QED-MQ ARGS...
+# The multiqueue rows: a fresh image of SIZE made by our qemu-img; PREP ARGS
+# (if any) an untimed `qemu-img bench -w` of ours first; then the timed
+# `qed-mq IMAGE --format FMT ARGS...`.  Its line "qed-mq bench: ..."
+# gives the seconds= of ROW; with --bench *-vs-alloc its two lines give
+# those of ROW-alone and ROW-busy (one process: the same wall and RSS).
+# The contenders run our build (qed-mq links the base's block layer): ours
+# is QED, qcow2 and raw the base's drivers.  A failure under O_DIRECT is
+# retried with writeback, as in run_bench.
+run_mq() {
+    local row=$1 c=$2 rep=$3 size=$4 prep=$5; shift 5
+    local fmt; fmt=$(fmt_of "$c")
+    local path=$RUN/$row.$c.$fmt
+    local key=$c:$row attempt opts
+    for attempt in 1 2; do
+        opts=$(mq_opts "$key")
+        log "create $path"
+        rm -f "$path"
+        "$OURS_IMG" create -q -f "$fmt" "$path" "$size" >>"$LOG" 2>&1
+        if [ -n "$prep" ]; then
+            log "fill $path"
+            # shellcheck disable=SC2046,SC2086
+            "$OURS_IMG" bench -q -w $(bench_mode "$key") $prep -f "$fmt" "$path" >>"$LOG" 2>&1
+        fi
+        timed "$OURS_MQ" "$path" --format "$fmt" "$@" ${opts:+--opts "$opts"}
+        local lines r
+        lines=$(awk '/^qed-mq bench: / {
+                         ph = ""; s = ""
+                         for (i = 1; i <= NF; i++) {
+                             if ($i ~ /^phase=/) ph = substr($i, 7)
+                             if ($i ~ /^seconds=/) s = substr($i, 9)
+                         }
+                         if (s != "") print (ph == "" ? "-" : ph), s
+                     }' <<<"$OUT")
+        if [ "$RC" = 0 ] && [ -n "$lines" ]; then
+            local ph secs
+            while read -r ph secs; do
+                r=$row
+                [ "$ph" = - ] || r=$row-$ph
+                record "$r" "$c" "$rep" "$secs" "$WALL" "$RSS" "$(mode_name "$key")"
+                show "$r" "$c" "$rep" "$secs"
+            done <<<"$lines"
+            return 0
+        fi
+        local why; why=$(grep -v '^qed-mq bench: ' <<<"$OUT" | tail -n 1)
+        echo "  $row $c rep $rep: FAILED ($(mode_name "$key")): $why"
+        echo "    command: $OURS_MQ $path --format $fmt $* ${opts:+--opts $opts}"
+        local rows=("$row")
+        [[ " $* " != *-vs-alloc\ * ]] || rows=("$row-alone" "$row-busy")
+        for r in "${rows[@]}"; do
+            record "$r" "$c" "$rep" "FAIL" "$WALL" "$RSS" "$(mode_name "$key"): ${why//$'\t'/ }"
+        done
+        if [ "$DIRECT" = 1 ] && [ -z "${FORCE_WB[$key]:-}" ]; then
+            FORCE_WB[$key]=1
+            echo "    retrying with writeback (and in later repetitions)"
+        else
+            return 1
+        fi
+    done
+}
+
 # --- data that never changes: created once, reused by later runs ---
 BACKING=$STATIC/backing-1g.raw      # 1 GiB, all data
 HALF=$STATIC/half-2g.raw            # 2 GiB, 64 MiB data / 64 MiB hole
-if ! "$PY" scripts/bench.py mkdata-ok "$BACKING" full ||
-   ! "$PY" scripts/bench.py mkdata-ok "$HALF" half; then
+# (only when a workload that reads them runs: cow, convert)
+if { wants cow || wants convert; } &&
+   { ! "$PY" scripts/bench.py mkdata-ok "$BACKING" full ||
+     ! "$PY" scripts/bench.py mkdata-ok "$HALF" half; }; then
     echo "bench: creating the backing file and the convert source in $STATIC"
     "$PY" scripts/bench.py mkdata "$BACKING" full
     "$PY" scripts/bench.py mkdata "$HALF" half
@@ -476,6 +594,46 @@ for rep in $(seq 1 "$REPS"); do
             cleanup
         done
     fi
+    # 9. multiqueue (issue 19): tests/qed-mq --bench, 32 requests in flight
+    #    in all: 1 iothread of depth 32 or 2 of depth 16, into one image.
+    #    random writes: 8,192 4 KiB writes at random 4 KiB-aligned offsets
+    #    of a fresh 1 GiB image; read: 32,768 4 KiB reads at random offsets
+    #    of a 1 GiB image filled first (untimed, 1 MiB writes as for 5.);
+    #    rewrites (reads) of allocated clusters alone, then beside
+    #    allocations in other tables: 4,096 over the first 256 MiB of a
+    #    64 GiB image (filled by qed-mq, untimed) from one iothread, alone
+    #    and then with a second iothread allocating at random offsets of
+    #    [2 GiB, 64 GiB).  Ours, qcow2, raw (no peer: see the header).
+    #    The counts are small because every scattered 4 KiB write leaves an
+    #    extent that deleting the image discards (seconds per thousands on
+    #    a file system mounted with discard: outside the figures, inside
+    #    the budget).
+    for t in 1 2; do
+        d=$((32 / t))
+        if wants_mq mq-randwrite-t$t; then
+            for c in $MQ_CONTENDERS; do
+                run_mq mq-randwrite-t$t "$c" "$rep" 1G "" --bench randwrite \
+                    --threads $t --depth $d --ops 8192
+                cleanup
+            done
+        fi
+        if wants_mq mq-read-t$t; then
+            for c in $MQ_CONTENDERS; do
+                run_mq mq-read-t$t "$c" "$rep" 1G "$FILL" --bench read \
+                    --threads $t --depth $d --ops 32768
+                cleanup
+            done
+        fi
+    done
+    for m in rewrite read; do
+        wants_vs $m || continue
+        for c in $MQ_CONTENDERS; do
+            run_mq mq-$m "$c" "$rep" 64G "" --bench $m-vs-alloc \
+                --span 256M --threads 2 --depth 16 --ops 4096
+            cleanup
+        done
+    done
+
     FAST_SECS=$(( $(date +%s) - t_rep - t_slow ))
     DONE_REPS=$rep
 done

@@ -31,6 +31,41 @@
  *
  * Output: one line per failure, then a summary; exit status 1 on failure.
  *
+ * --bench MODE times requests instead (nothing is verified, any format:
+ * --format, default qed; the image is the caller's, any size): --ops
+ * requests in all (the workers' shares differ by one at most), --depth at
+ * a time in each of the --threads workers, each of --bs bytes (4 KiB) at a
+ * random 4 KiB-aligned offset in [0, --span) (default: the whole image):
+ *
+ *   randwrite  writes (on a fresh image: mostly allocating)
+ *   read       reads (of an image filled before: --fill, or the caller's)
+ *   mixed      either, at random
+ *   rewrite-vs-alloc, read-vs-alloc
+ *              do reads and rewrites of allocated clusters queue behind
+ *              allocations in other tables?  [0, --span) (default 256
+ *              MiB) is filled first (1 MiB writes, flushed, untimed); then
+ *              --ops rewrites (reads) of it run twice: alone, then with
+ *              allocating 4 KiB writes beside them at random offsets in
+ *              [--alloc-start, the image's end) (default: --span rounded
+ *              up to 2 GiB, the next table of a QED image of 64 KiB
+ *              clusters; a qcow2 table maps 512 MiB), until the rewrites
+ *              are done.  Half the workers (the first, rounded up) rewrite,
+ *              the others allocate; with one thread, half its slots.
+ *
+ * It prints one line per phase (one for randwrite, read, mixed):
+ *
+ *   qed-mq bench: MODE [phase=alone|busy] format=F threads=T depth=D bs=B
+ *       span=S ops=N seconds=X iops=Y lat_us_mean=.. lat_us_p50=..
+ *       lat_us_p99=.. lat_us_max=.. [alloc_start=.. alloc_ops=..
+ *       alloc_iops=.. [alloc_capped=1] vs_alone=busy seconds/alone seconds]
+ *
+ * (seconds: from the first request to the completion of the last timed
+ * one; the latencies are of the timed requests, in microseconds).
+ *
+ *   qed-mq IMAGE --bench MODE [--format F] [--bs SIZE] [--span SIZE]
+ *          [--fill] [--alloc-start SIZE] [--threads N] [--depth D]
+ *          [--ops N] [--seed S] [--opts K=V,...]
+ *
  * This work is licensed under the terms of the GNU LGPL, version 2 or later.
  * See the COPYING.LIB file in the top-level directory.
  */
@@ -81,10 +116,18 @@ struct Worker {
     uint64_t writes, reads, zeroes, discards, flushes, long_reads;
     char *failure;
     Slot slots[MAX_DEPTH];
+
+    /* --bench (see there): this thread's requests and their latencies */
+    uint64_t fg_left;       /* timed requests still to issue */
+    uint64_t bg_left;       /* cap of the allocating requests */
+    uint64_t fg_done, bg_done;
+    uint32_t *lat_us;       /* one per timed request completed */
+    uint64_t nlat;
 };
 
 static struct {
     BlockBackend *blk;
+    const char *format;     /* the driver opened (--format; qed) */
     int nthreads;
     int depth;
     uint64_t nunits;        /* units of the shared region */
@@ -184,7 +227,7 @@ static char *check_unit(const uint8_t *p, uint64_t unit, uint32_t *gen_out)
     if (le64_to_cpu(w[0]) >> 16 != 0x71ed0000000000ULL >> 16 ||
         le64_to_cpu(w[1]) != unit) {
         return g_strdup_printf("unit %" PRIu64 " holds the data of unit %"
-                               PRIu64 " (tag %#" PRIx64 ")", unit,
+                               PRIu64 " (tag 0x%" PRIx64 ")", unit,
                                le64_to_cpu(w[1]), le64_to_cpu(w[0]));
     }
     gen = le64_to_cpu(w[2]);
@@ -457,7 +500,7 @@ static BlockBackend *open_image(const char *path, const char *optstr)
     Error *err = NULL;
     BlockBackend *blk;
 
-    qdict_put_str(opts, "driver", "qed");
+    qdict_put_str(opts, "driver", mq.format);
     qdict_put_str(opts, "file.filename", path);
     if (optstr && *optstr) {
         pairs = g_strsplit(optstr, ",", -1);
@@ -519,10 +562,398 @@ static int verify_all(void)
     return bad ? 1 : 0;
 }
 
+/* ---- --bench: timed requests, nothing verified ---------------------------- */
+
+typedef enum {
+    BENCH_NONE,
+    BENCH_RANDWRITE,
+    BENCH_READ,
+    BENCH_MIXED,
+    BENCH_REWRITE_VS_ALLOC,
+    BENCH_READ_VS_ALLOC,
+} BenchMode;
+
+static const char *const bench_names[] = {
+    [BENCH_RANDWRITE] = "randwrite",
+    [BENCH_READ] = "read",
+    [BENCH_MIXED] = "mixed",
+    [BENCH_REWRITE_VS_ALLOC] = "rewrite-vs-alloc",
+    [BENCH_READ_VS_ALLOC] = "read-vs-alloc",
+};
+
+#define BENCH_TABLE_GAP (2ULL << 30)    /* a QED L2 table of 64 KiB clusters */
+#define BENCH_FILL_CHUNK (1 << 20)
+#define BENCH_BG_CAP 16                 /* allocating requests per timed one */
+
+static struct {
+    BenchMode mode;
+    uint64_t bs;            /* bytes per request (--bs) */
+    uint64_t span;          /* the timed requests' offsets: [0, span) */
+    uint64_t alloc_start;   /* the allocating ones': [alloc_start, length) */
+    uint64_t length;        /* of the image */
+    bool fill;
+    int slots_left;         /* coroutines of the phase still running (atomic) */
+    int fg_slots_left;      /* of them, those of the timed requests (atomic) */
+    bool stop;              /* timed requests done: allocators stop (atomic) */
+    int64_t fg_end;         /* ns, when the last timed request completed */
+} bench = { .bs = UNIT };
+
+typedef struct BenchResult {
+    uint64_t ops, bg_ops;
+    double seconds, bg_seconds;
+    double lat_mean;
+    uint32_t lat_p50, lat_p99, lat_max;
+    bool bg_capped;
+} BenchResult;
+
+static bool bench_vs_alloc(void)
+{
+    return bench.mode == BENCH_REWRITE_VS_ALLOC ||
+           bench.mode == BENCH_READ_VS_ALLOC;
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/*
+ * Whether slot @slot of worker @worker issues the timed requests: all of
+ * them, but in the *-vs-alloc modes the first half of the workers (with
+ * one thread: the first half of its slots); the others allocate.
+ */
+static bool bench_slot_is_fg(int worker, int slot)
+{
+    if (!bench_vs_alloc()) {
+        return true;
+    }
+    if (mq.nthreads == 1) {
+        return slot < (mq.depth + 1) / 2;
+    }
+    return worker < mq.nthreads - mq.nthreads / 2;
+}
+
+/* A random 4 KiB-aligned offset in [start, end) at which bs bytes fit */
+static uint64_t bench_offset(Worker *w, uint64_t start, uint64_t end)
+{
+    return start + rng_below(&w->rng, (end - start - bench.bs) / UNIT + 1) *
+                   UNIT;
+}
+
+static void coroutine_fn bench_slot_entry(void *opaque)
+{
+    Slot *sl = opaque;
+    Worker *w = sl->w;
+    bool fg = bench_slot_is_fg(w->id, sl->index);
+
+    while (!w->failure) {
+        uint64_t off;
+        bool write;
+        int64_t t;
+        int ret;
+
+        if (fg) {
+            if (!w->fg_left) {
+                break;
+            }
+            w->fg_left--;
+            off = bench_offset(w, 0, bench.span);
+            write = bench.mode == BENCH_RANDWRITE ||
+                    bench.mode == BENCH_REWRITE_VS_ALLOC ||
+                    (bench.mode == BENCH_MIXED && rng_below(&w->rng, 2));
+        } else {
+            if (!w->bg_left || qatomic_read(&bench.stop)) {
+                break;
+            }
+            w->bg_left--;
+            off = bench_offset(w, bench.alloc_start, bench.length);
+            write = true;
+        }
+        t = now_ns();
+        ret = write ? blk_co_pwrite(mq.blk, off, bench.bs, sl->buf, 0)
+                    : blk_co_pread(mq.blk, off, bench.bs, sl->buf, 0);
+        if (ret < 0) {
+            worker_fail(w, g_strdup_printf("%s of %" PRIu64 " bytes at %"
+                                           PRIu64 ": %s",
+                                           write ? "write" : "read",
+                                           bench.bs, off, strerror(-ret)));
+            break;
+        }
+        if (fg) {
+            uint64_t us = (now_ns() - t) / 1000;
+
+            w->lat_us[w->nlat++] = MIN(us, UINT32_MAX);
+            w->fg_done++;
+        } else {
+            w->bg_done++;
+        }
+    }
+    if (fg && qatomic_fetch_dec(&bench.fg_slots_left) == 1) {
+        qatomic_set(&bench.fg_end, now_ns());
+        qatomic_set(&bench.stop, true);
+    }
+    if (qatomic_fetch_dec(&bench.slots_left) == 1) {
+        aio_wait_kick();
+    }
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+/*
+ * One phase: @ops timed requests dealt to the workers that issue them,
+ * with the allocating slots running beside them until they are done if
+ * @with_bg.  The workers are idle before and after.
+ */
+static void bench_phase(uint64_t ops, bool with_bg, BenchResult *r)
+{
+    int fg_workers = 0, slots = 0, fg_slots = 0, k = 0;
+    uint64_t nlat = 0;
+    g_autofree uint32_t *lat = NULL;
+    double sum = 0;
+    int64_t t0, t_end;
+
+    for (int i = 0; i < mq.nthreads; i++) {
+        fg_workers += bench_slot_is_fg(i, 0);
+    }
+    for (int i = 0; i < mq.nthreads; i++) {
+        Worker *w = &mq.workers[i];
+
+        w->fg_left = 0;
+        if (bench_slot_is_fg(i, 0)) {
+            w->fg_left = ops / fg_workers + (k < (int)(ops % fg_workers));
+            k++;
+        }
+        w->bg_left = with_bg ? BENCH_BG_CAP * ops : 0;
+        w->fg_done = w->bg_done = 0;
+        w->nlat = 0;
+        g_free(w->lat_us);
+        w->lat_us = g_new(uint32_t, w->fg_left + 1);
+        for (int j = 0; j < mq.depth; j++) {
+            bool fg = bench_slot_is_fg(i, j);
+
+            slots += fg || with_bg;
+            fg_slots += fg;
+        }
+    }
+    qatomic_set(&bench.stop, false);
+    qatomic_set(&bench.fg_slots_left, fg_slots);
+    qatomic_set(&bench.slots_left, slots);
+
+    t0 = now_ns();
+    /* The allocators first, so that the timed requests start among them */
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < mq.nthreads; i++) {
+            Worker *w = &mq.workers[i];
+
+            for (int j = 0; j < mq.depth; j++) {
+                bool fg = bench_slot_is_fg(i, j);
+
+                if (fg == (pass == 1) && (fg || with_bg)) {
+                    aio_co_enter(w->ctx, qemu_coroutine_create(
+                                     bench_slot_entry, &w->slots[j]));
+                }
+            }
+        }
+    }
+    AIO_WAIT_WHILE_UNLOCKED(NULL,
+                            qatomic_load_acquire(&bench.slots_left) > 0);
+    t_end = now_ns();
+
+    memset(r, 0, sizeof(*r));
+    for (int i = 0; i < mq.nthreads; i++) {
+        r->ops += mq.workers[i].fg_done;
+        r->bg_ops += mq.workers[i].bg_done;
+        r->bg_capped |= with_bg && !mq.workers[i].bg_left &&
+                        !bench_slot_is_fg(i, mq.depth - 1);
+        nlat += mq.workers[i].nlat;
+    }
+    r->seconds = (qatomic_read(&bench.fg_end) - t0) / 1e9;
+    r->bg_seconds = (t_end - t0) / 1e9;
+    lat = g_new(uint32_t, nlat + 1);
+    nlat = 0;
+    for (int i = 0; i < mq.nthreads; i++) {
+        Worker *w = &mq.workers[i];
+
+        for (uint64_t j = 0; j < w->nlat; j++) {
+            sum += w->lat_us[j];
+            lat[nlat++] = w->lat_us[j];
+        }
+    }
+    if (nlat) {
+        qsort(lat, nlat, sizeof(uint32_t), cmp_u32);
+        r->lat_mean = sum / nlat;
+        r->lat_p50 = lat[nlat / 2];
+        r->lat_p99 = lat[MIN(nlat - 1, nlat * 99 / 100)];
+        r->lat_max = lat[nlat - 1];
+    }
+}
+
+static void bench_print(const char *phase, const BenchResult *r,
+                        const BenchResult *alone)
+{
+    printf("qed-mq bench: %s%s%s format=%s threads=%d depth=%d bs=%" PRIu64
+           " span=%" PRIu64 " ops=%" PRIu64 " seconds=%.3f iops=%.0f"
+           " lat_us_mean=%.0f lat_us_p50=%u lat_us_p99=%u lat_us_max=%u",
+           bench_names[bench.mode], phase ? " phase=" : "", phase ? phase : "",
+           mq.format, mq.nthreads, mq.depth, bench.bs, bench.span, r->ops,
+           r->seconds, r->seconds > 0 ? r->ops / r->seconds : 0.0,
+           r->lat_mean, r->lat_p50, r->lat_p99, r->lat_max);
+    if (alone) {
+        printf(" alloc_start=%" PRIu64 " alloc_ops=%" PRIu64
+               " alloc_iops=%.0f%s vs_alone=%.2f",
+               bench.alloc_start, r->bg_ops,
+               r->bg_seconds > 0 ? r->bg_ops / r->bg_seconds : 0.0,
+               r->bg_capped ? " alloc_capped=1" : "",
+               alone->seconds > 0 ? r->seconds / alone->seconds : 0.0);
+    }
+    printf("\n");
+}
+
+/* Write [0, end) with 1 MiB requests, then flush: untimed */
+static int bench_fill(uint64_t end)
+{
+    g_autofree uint8_t *buf = NULL;
+    int ret;
+
+    buf = qemu_memalign(UNIT, BENCH_FILL_CHUNK);
+    memset(buf, 0xa5, BENCH_FILL_CHUNK);
+    for (uint64_t off = 0; off < end; off += BENCH_FILL_CHUNK) {
+        ret = blk_pwrite(mq.blk, off, MIN(BENCH_FILL_CHUNK, end - off), buf, 0);
+        if (ret < 0) {
+            printf("FAIL fill at %" PRIu64 ": %s\n", off, strerror(-ret));
+            return ret;
+        }
+    }
+    ret = blk_flush(mq.blk);
+    if (ret < 0) {
+        printf("FAIL flush after the fill: %s\n", strerror(-ret));
+    }
+    return ret;
+}
+
+static int bench_main(const char *path, const char *optstr)
+{
+    BenchResult alone, busy;
+    int64_t len;
+    int failed = 0;
+
+    qemu_init_main_loop(&error_fatal);
+    bdrv_init();
+    mq.blk = open_image(path, optstr);
+    len = blk_getlength(mq.blk);
+    if (len < 0) {
+        error_report("%s: cannot get its length: %s", path, strerror(-len));
+        return 1;
+    }
+    bench.length = len;
+    if (!bench.span) {
+        bench.span = bench_vs_alloc() ? MIN(256ULL << 20, bench.length)
+                                      : bench.length;
+    }
+    if (bench.span < bench.bs || bench.span > bench.length) {
+        error_report("--span %" PRIu64 " must lie between --bs and the "
+                     "image's length (%" PRIu64 ")", bench.span,
+                     bench.length);
+        return 2;
+    }
+    if (bench_vs_alloc()) {
+        if (!bench.alloc_start) {
+            bench.alloc_start = MAX(ROUND_UP(bench.span, BENCH_TABLE_GAP),
+                                    BENCH_TABLE_GAP);
+        }
+        if (bench.alloc_start % UNIT || bench.alloc_start < bench.span ||
+            bench.alloc_start + 16 * bench.bs > bench.length) {
+            error_report("the allocations start at %" PRIu64 " (--alloc-start:"
+                         " 4 KiB-aligned, past --span); the image (%" PRIu64
+                         " bytes) must reach well past it", bench.alloc_start,
+                         bench.length);
+            return 2;
+        }
+    }
+    if ((bench.fill || bench_vs_alloc()) && bench_fill(bench.span) < 0) {
+        blk_unref(mq.blk);
+        return 1;
+    }
+
+    for (int i = 0; i < mq.nthreads; i++) {
+        Worker *w = &mq.workers[i];
+
+        w->id = i;
+        w->rng = mq.seed * 1000003 + i;
+        qemu_sem_init(&w->started, 0);
+        qemu_thread_create(&w->thread, "qed-mq", worker_thread, w,
+                           QEMU_THREAD_JOINABLE);
+        qemu_sem_wait(&w->started);
+        for (int j = 0; j < mq.depth; j++) {
+            Slot *sl = &w->slots[j];
+
+            sl->w = w;
+            sl->index = j;
+            sl->buf = qemu_memalign(UNIT, bench.bs);
+            memset(sl->buf, 0x5a ^ i ^ j, bench.bs);
+        }
+    }
+
+    bench_phase(mq.ops, false, &alone);
+    if (bench_vs_alloc()) {
+        bench_print("alone", &alone, NULL);
+        bench_phase(mq.ops, true, &busy);
+        bench_print("busy", &busy, &alone);
+    } else {
+        bench_print(NULL, &alone, NULL);
+    }
+
+    for (int i = 0; i < mq.nthreads; i++) {
+        Worker *w = &mq.workers[i];
+
+        aio_bh_schedule_oneshot(w->ctx, stop_bh, w);
+        qemu_thread_join(&w->thread);
+        for (int j = 0; j < mq.depth; j++) {
+            qemu_vfree(w->slots[j].buf);
+        }
+        if (w->failure) {
+            printf("FAIL thread %d: %s\n", i, w->failure);
+            failed = 1;
+        }
+        g_free(w->failure);
+        g_free(w->lat_us);
+    }
+    if (blk_flush(mq.blk) < 0) {
+        printf("FAIL flush at the end\n");
+        failed = 1;
+    }
+    blk_unref(mq.blk);
+    return failed;
+}
+
 static void usage(void)
 {
     printf("usage: qed-mq IMAGE [--threads N] [--depth D] [--ops N] "
            "[--seed S] [--opts K=V,...] [--units N] [--clusters N]\n");
+    printf("       qed-mq IMAGE --bench randwrite|read|mixed|rewrite-vs-alloc|"
+           "read-vs-alloc [--format qed|qcow2|raw|...] [--bs SIZE] "
+           "[--span SIZE] [--fill] [--alloc-start SIZE] [--threads N] "
+           "[--depth D] [--ops N] [--seed S] [--opts K=V,...]\n");
+}
+
+/* A size option (4k, 1G, ...); exits on a bad one */
+static uint64_t parse_size(const char *opt, const char *v)
+{
+    uint64_t n;
+
+    if (qemu_strtosz(v, NULL, &n) < 0) {
+        error_report("%s: '%s' is not a size", opt, v);
+        exit(2);
+    }
+    return n;
 }
 
 int main(int argc, char **argv)
@@ -539,6 +970,7 @@ int main(int argc, char **argv)
     mq.seed = 1;
     mq.nunits = 16384;          /* 64 MiB shared */
     mq.nclusters = 256;         /* 16 MiB of whole clusters */
+    mq.format = "qed";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 
@@ -563,12 +995,47 @@ int main(int argc, char **argv)
         } else if (!strcmp(a, "--opts") && v) {
             optstr = v;
             i++;
+        } else if (!strcmp(a, "--bench") && v) {
+            for (int m = BENCH_RANDWRITE; m < (int)ARRAY_SIZE(bench_names); m++) {
+                if (!strcmp(v, bench_names[m])) {
+                    bench.mode = m;
+                }
+            }
+            if (!bench.mode) {
+                usage();
+                return 2;
+            }
+            i++;
+        } else if (!strcmp(a, "--format") && v) {
+            mq.format = v;
+            i++;
+        } else if (!strcmp(a, "--bs") && v) {
+            bench.bs = parse_size(a, v);
+            i++;
+        } else if (!strcmp(a, "--span") && v) {
+            bench.span = parse_size(a, v);
+            i++;
+        } else if (!strcmp(a, "--alloc-start") && v) {
+            bench.alloc_start = parse_size(a, v);
+            i++;
+        } else if (!strcmp(a, "--fill")) {
+            bench.fill = true;
         } else if (a[0] != '-' && !path) {
             path = a;
         } else {
             usage();
             return 2;
         }
+    }
+    if (bench.mode) {
+        if (!path || mq.nthreads < 1 || mq.nthreads > MAX_THREADS ||
+            mq.depth < 1 || mq.depth > MAX_DEPTH || !mq.ops ||
+            !bench.bs || bench.bs % 512 || bench.bs > (16 << 20) ||
+            (bench_vs_alloc() && mq.nthreads == 1 && mq.depth < 2)) {
+            usage();
+            return 2;
+        }
+        return bench_main(path, optstr);
     }
     if (!path || mq.nthreads < 1 || mq.nthreads > MAX_THREADS ||
         mq.depth < 1 || mq.depth > MAX_DEPTH || mq.nunits < 256) {

@@ -27,13 +27,39 @@
  * may leave (the value at the last completed flush or anything written
  * since), and what a clean close must leave exactly.
  *
+ * Two AioContexts (10.0's multiqueue: virtio-blk iothread-vq-mapping
+ * submits one node's requests from several iothreads while the node's own
+ * context, timers and BHs, is the main loop's).  One seed in four (those
+ * of 3 mod 4: the others keep the schedules they had before) also runs a
+ * second AioContext, ctx2, in a thread of its own, in lock-step with the
+ * harness: the harness grants it one step at a time (a step runs ctx2's
+ * aio_poll(false) until nothing is left to run) and waits until it is
+ * done, so the two threads never run at once, and the seed decides when
+ * ctx2 steps.  A seeded share of the guest's requests is submitted in
+ * ctx2, half of them through blk_aio_*() from a BH (virtio-blk's way),
+ * half as a coroutine that calls blk_co_*() (and every resize of ctx2's):
+ * their coroutines run in ctx2, take the driver's s->lock there, park
+ * their file requests, and are woken back into ctx2 (aio_co_wake()) when
+ * the scheduler completes those, so the two contexts' steps interleave as
+ * the seed says.  A request handed to ctx2 holds an in-flight count of the
+ * BlockBackend until ctx2 starts it, as one in a device's queue: a drain
+ * waits for it.  Inside blocking calls (drains, open, close, reopen,
+ * graph changes) the main loop polls by itself; the harness's kick BH
+ * then grants ctx2 steps too.  Before a read-only reopen, a power cut's
+ * teardown and a clean close, both contexts run until idle.  Now and then
+ * the node itself moves into ctx2 and back (blk_set_aio_context(), as a
+ * dataplane iothread takes its disk): its timers, BHs and the driver's own
+ * coroutines then run in ctx2, requests still come from both.
+ *
  *   qed-sim --seed S [--ops N] [-v]     one seed (-v: the whole schedule)
  *   qed-sim --seeds A-B [--ops N]       a range of seeds, each in a child
  *   qed-sim --ops-total N [--start A]   seeds from A until N operations
  *
  * --ops: guest operations per seed; --timing: a last line with the rate;
- * --no-fork: one seed in this process (for valgrind and gdb).  A child's
- * stderr (the driver's repair messages) is shown only when it fails.
+ * --no-fork: one seed in this process (for valgrind and gdb); --contexts
+ * 1|2: one or two AioContexts for every seed, whatever the seed says.  A
+ * child's stderr (the driver's repair messages) is shown only when it
+ * fails.
  *
  * Operations are guest operations issued plus file requests completed by
  * the scheduler.  Output: one "FAIL seed=S op=K: what" line per failing
@@ -53,8 +79,11 @@
 #include "qemu/timer.h"
 #include "qemu/units.h"
 #include "qemu/memalign.h"
+#include "qemu/rcu.h"
+#include "qemu/thread.h"
 #include "qapi/error.h"
 #include "qobject/qdict.h"
+#include "block/aio.h"
 #include "block/block.h"
 #include "block/block_int.h"
 #include "block/qed.h"
@@ -233,6 +262,7 @@ typedef struct FileReq {
     QEMUIOVector *qiov;
     uint64_t flush_mark;    /* flush: completions before its issue */
     bool slow;              /* completes after the others, mostly */
+    bool ctx2;              /* issued by a coroutine in ctx2 */
     Coroutine *co;
 } FileReq;
 
@@ -345,6 +375,7 @@ typedef struct GuestOp {
     QEMUIOVector qiov;
     uint32_t *snap;         /* read: cur, alt and wild at its issue */
     BlockBackend *blk;
+    bool co_path;           /* ctx2: blk_co_*() from a coroutine */
 } GuestOp;
 
 /* Per sector: what a read may return and what a crash may leave */
@@ -371,6 +402,7 @@ static struct {
     bool verbose;
     uint64_t ops_limit;
     bool ops_given;
+    unsigned contexts_opt;      /* --contexts: 1 or 2; 0: the seed says */
 
     /* the run */
     uint64_t seed;
@@ -418,8 +450,26 @@ static struct {
     GArray *used_clusters;      /* uint64 cluster indexes written */
     GHashTable *chunks;         /* chunk index -> Sec[CHUNK_SECTORS] */
 
+    /* the second AioContext (two_ctx): see the top of this file */
+    bool two_ctx;
+    Rng rng2;                   /* its draws (sim.rng's stay as they were) */
+    unsigned p_ctx2;            /* percent of requests submitted in ctx2 */
+    unsigned p_step2;           /* percent: ctx2 steps, when it has work */
+    AioContext *ctx2;
+    QemuThread thread2;
+    QemuSemaphore go2, done2;   /* the baton: one step, then back */
+    bool stop2;
+    bool progress2;             /* the last step ran something */
+    bool fed2;                  /* a request or completion for ctx2 since */
+    bool node2;                 /* the node is in ctx2 */
+    uint64_t steps2, ops2;
+    uint64_t woken2;            /* steps that ran what the main loop woke */
+
     bool failed;
 } sim;
+
+/* Set in ctx2's thread: its lines of -v say so */
+static __thread bool in_ctx2_thread;
 
 static void vlog(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
 static void vlog(const char *fmt, ...)
@@ -429,7 +479,8 @@ static void vlog(const char *fmt, ...)
     if (!sim.verbose) {
         return;
     }
-    printf("[%" PRIu64 "] ", sim.guest_issued);
+    printf("[%" PRIu64 "] %s", sim.guest_issued,
+           in_ctx2_thread ? "ctx2: " : "");
     va_start(ap, fmt);
     vprintf(fmt, ap);
     va_end(ap);
@@ -450,6 +501,9 @@ static G_NORETURN void sim_fail(const char *fmt, ...)
     printf("\n  replay: %s --seed %" PRIu64, SIM_PROG, sim.seed);
     if (sim.ops_given) {
         printf(" --ops %" PRIu64, sim.ops_limit);
+    }
+    if (sim.contexts_opt) {
+        printf(" --contexts %u", sim.contexts_opt);
     }
     printf(" -v\n");
     fflush(stdout);
@@ -571,9 +625,12 @@ static void sim_complete(SimFile *f, guint index)
     FileReq *r = g_ptr_array_remove_index_fast(f->pending, index);
 
     sim.completions++;
-    vlog("  file done #%" PRIu64 " %s %" PRIu64 "+%" PRIu64, r->num,
-         file_kind_name[r->kind], r->offset, r->bytes);
+    vlog("  file done #%" PRIu64 " %s %" PRIu64 "+%" PRIu64 "%s", r->num,
+         file_kind_name[r->kind], r->offset, r->bytes,
+         r->ctx2 ? " (ctx2's)" : "");
     sim_apply(f, r);
+    /* A coroutine of ctx2's runs when ctx2 steps next */
+    sim.fed2 |= r->ctx2;
     aio_co_wake(r->co);
 }
 
@@ -586,6 +643,7 @@ static int coroutine_fn sim_submit(BlockDriverState *bs, FileReq *r)
     }
     r->num = ++sim.file_issued;
     r->co = qemu_coroutine_self();
+    r->ctx2 = in_ctx2_thread;
     r->slow = rng_below(&sim.rng, 100) < sim.p_slow;
     if (r->kind == F_FLUSH) {
         r->flush_mark = f->completed;
@@ -714,6 +772,85 @@ static BlockDriver bdrv_qed_sim = {
     .bdrv_refresh_limits    = sim_refresh_limits,
 };
 
+/* ---- the second AioContext ---------------------------------------------- */
+
+/*
+ * ctx2's thread runs only while the harness waits for it (the baton: go2,
+ * then done2), so everything happens in the order the seed says, the
+ * model needs no lock, and aio_poll(ctx2) runs in ctx2's home thread.
+ */
+static void *ctx2_thread(void *opaque)
+{
+    rcu_register_thread();
+    in_ctx2_thread = true;
+    qemu_set_current_aio_context(sim.ctx2);
+    for (;;) {
+        qemu_sem_wait(&sim.go2);
+        if (sim.stop2) {
+            break;
+        }
+        sim.progress2 = false;
+        while (aio_poll(sim.ctx2, false)) {
+            sim.progress2 = true;
+        }
+        qemu_sem_post(&sim.done2);
+    }
+    rcu_unregister_thread();
+    return NULL;
+}
+
+static void ctx2_start(void)
+{
+    sim.ctx2 = aio_context_new(&error_abort);
+    qemu_sem_init(&sim.go2, 0);
+    qemu_sem_init(&sim.done2, 0);
+    sim.stop2 = false;
+    qemu_thread_create(&sim.thread2, "qed-sim-ctx2", ctx2_thread, NULL,
+                       QEMU_THREAD_JOINABLE);
+}
+
+static void ctx2_stop(void)
+{
+    if (!sim.ctx2) {
+        return;
+    }
+    sim.stop2 = true;
+    qemu_sem_post(&sim.go2);
+    qemu_thread_join(&sim.thread2);
+    aio_context_unref(sim.ctx2);
+    sim.ctx2 = NULL;
+    qemu_sem_destroy(&sim.go2);
+    qemu_sem_destroy(&sim.done2);
+}
+
+/*
+ * Has ctx2 anything to run?  A BH (a coroutine woken or entered there is
+ * one of its co_schedule_bh), or, while the node is there, its NEED_CHECK
+ * timer fired by the harness (held off an hour otherwise, as in the main
+ * loop).  Read while its thread waits for the baton.
+ */
+static bool ctx2_has_work(void)
+{
+    return sim.two_ctx &&
+           (qatomic_read(&QSLIST_FIRST(&sim.ctx2->bh_list)) != NULL ||
+            timerlistgroup_deadline_ns(&sim.ctx2->tlg) == 0);
+}
+
+/* One step of ctx2 (aio_poll until it runs nothing); the harness waits */
+static bool ctx2_step(void)
+{
+    sim.steps2++;
+    vlog("ctx2 step");
+    qemu_sem_post(&sim.go2);
+    if (qemu_sem_timedwait(&sim.done2, 600 * 1000) < 0) {
+        sim_fail("a step of ctx2 does not return (10 minutes)");
+    }
+    /* Neither new requests nor completions: woken by the main loop's */
+    sim.woken2 += sim.progress2 && !sim.fed2;
+    sim.fed2 = false;
+    return sim.progress2;
+}
+
 /* ---- scheduling ---------------------------------------------------------- */
 
 /* Run everything that can run without a completion */
@@ -723,6 +860,22 @@ static void settle(void)
         /* nothing */
     }
     sim_need_check_timer(false);
+}
+
+/*
+ * Both contexts until neither has anything to run: every request handed
+ * to ctx2 has started (in the block layer now, or queued by a drain), and
+ * what it woke in either context has run.  Only with two contexts.
+ */
+static void settle_both(void)
+{
+    for (;;) {
+        settle();
+        if (!ctx2_has_work()) {
+            break;
+        }
+        ctx2_step();
+    }
 }
 
 /*
@@ -762,7 +915,11 @@ static void kick_bh(void *opaque)
         return;
     }
     sim_need_check_timer(false);
-    if (sim.image->pending->len && rng_below(&sim.rng, 4)) {
+    if (ctx2_has_work() && rng_below(&sim.rng2, 2)) {
+        /* The main loop polls: ctx2 may run meanwhile, as an iothread */
+        ctx2_step();
+        sim.idle_kicks = 0;
+    } else if (sim.image->pending->len && rng_below(&sim.rng, 4)) {
         complete_random();
         sim.idle_kicks = 0;
     } else if (++sim.idle_kicks > 10 * 1000 * 1000) {
@@ -1113,6 +1270,122 @@ static void coroutine_fn resize_co(void *opaque)
     error_free(err);
 }
 
+/* Submit @op from the current context, as a device does (blk_aio_*()) */
+static void submit_aio(GuestOp *op)
+{
+    int64_t offset = op->sector * SECTOR, bytes = op->nsectors * SECTOR;
+
+    switch (op->kind) {
+    case G_READ:
+        blk_aio_preadv(op->blk, offset, &op->qiov, 0, guest_cb, op);
+        break;
+    case G_WRITE:
+        blk_aio_pwritev(op->blk, offset, &op->qiov, 0, guest_cb, op);
+        break;
+    case G_ZERO:
+        blk_aio_pwrite_zeroes(op->blk, offset, bytes,
+                              op->unmap ? BDRV_REQ_MAY_UNMAP : 0,
+                              guest_cb, op);
+        break;
+    case G_DISCARD:
+        blk_aio_pdiscard(op->blk, offset, bytes, guest_cb, op);
+        break;
+    case G_FLUSH:
+        blk_aio_flush(op->blk, guest_cb, op);
+        break;
+    case G_RESIZE:
+        aio_co_enter(sim.ctx, qemu_coroutine_create(resize_co, op));
+        break;
+    default:
+        abort();
+    }
+}
+
+/* ctx2: its device takes the request from its queue (virtio-blk's way) */
+static void ctx2_bh(void *opaque)
+{
+    GuestOp *op = opaque;
+    BlockBackend *blk = op->blk;
+
+    vlog("op #%u starts (blk_aio_*)", op->id);
+    submit_aio(op);
+    /* blk_aio_*() took a count of their own: ours (of the queue) goes */
+    blk_dec_in_flight(blk);
+}
+
+/* ctx2: a coroutine entered there calls blk_co_*() */
+static void coroutine_fn ctx2_co(void *opaque)
+{
+    GuestOp *op = opaque;
+    BlockBackend *blk = op->blk;
+    int64_t offset = op->sector * SECTOR, bytes = op->nsectors * SECTOR;
+    Error *err = NULL;
+    int ret;
+
+    vlog("op #%u starts (blk_co_*)", op->id);
+    if (op->kind == G_RESIZE) {
+        /* blk_co_truncate() takes no count of the BlockBackend: keep ours */
+        ret = blk_co_truncate(blk, op->new_size, false, PREALLOC_MODE_OFF, 0,
+                              &err);
+        blk_dec_in_flight(blk);
+        guest_done(op, ret, err ? error_get_pretty(err) : NULL);
+        error_free(err);
+        return;
+    }
+    /*
+     * blk_co_*() take a count of their own right away (and give it back
+     * while a drain holds them in its queue, which ours would not): ours
+     * goes first, nothing runs in between
+     */
+    blk_dec_in_flight(blk);
+    switch (op->kind) {
+    case G_READ:
+        ret = blk_co_preadv(blk, offset, bytes, &op->qiov, 0);
+        break;
+    case G_WRITE:
+        ret = blk_co_pwritev(blk, offset, bytes, &op->qiov, 0);
+        break;
+    case G_ZERO:
+        ret = blk_co_pwrite_zeroes(blk, offset, bytes,
+                                   op->unmap ? BDRV_REQ_MAY_UNMAP : 0);
+        break;
+    case G_DISCARD:
+        ret = blk_co_pdiscard(blk, offset, bytes, 0);
+        break;
+    case G_FLUSH:
+        ret = blk_co_flush(blk);
+        break;
+    default:
+        abort();
+    }
+    guest_done(op, ret, NULL);
+}
+
+/*
+ * Submit @op: in the main loop's context, or (two contexts, a seeded
+ * share) in ctx2, where it starts when ctx2 next steps.  Until then it
+ * holds an in-flight count of the BlockBackend, as a request in a
+ * device's queue: a drain waits for ctx2 to take it.
+ */
+static void guest_submit(GuestOp *op)
+{
+    if (!sim.two_ctx || rng_below(&sim.rng2, 100) >= sim.p_ctx2) {
+        submit_aio(op);
+        return;
+    }
+    op->co_path = op->kind == G_RESIZE || rng_below(&sim.rng2, 2);
+    sim.ops2++;
+    sim.fed2 = true;
+    vlog("op #%u goes to ctx2 (%s)", op->id,
+         op->co_path ? "blk_co_*" : "blk_aio_*");
+    blk_inc_in_flight(op->blk);
+    if (op->co_path) {
+        aio_co_enter(sim.ctx2, qemu_coroutine_create(ctx2_co, op));
+    } else {
+        aio_bh_schedule_oneshot(sim.ctx2, ctx2_bh, op);
+    }
+}
+
 static bool range_free(uint64_t sector, uint64_t n)
 {
     uint64_t s;
@@ -1147,7 +1420,7 @@ static void issue_write(uint64_t sector, uint64_t n)
     vlog("op #%u write sectors %" PRIu64 "+%" PRIu64, op->id, sector, n);
     g_array_append_val(sim.used_clusters,
                        (uint64_t){ sector * SECTOR / sim.geo.cluster_size });
-    blk_aio_pwritev(sim.blk, sector * SECTOR, &op->qiov, 0, guest_cb, op);
+    guest_submit(op);
 }
 
 static void issue_read(uint64_t sector, uint64_t n)
@@ -1178,7 +1451,7 @@ static void issue_read(uint64_t sector, uint64_t n)
     op->buf = qemu_blockalign(blk_bs(sim.blk), n * SECTOR);
     qemu_iovec_init_buf(&op->qiov, op->buf, n * SECTOR);
     vlog("op #%u read sectors %" PRIu64 "+%" PRIu64, op->id, sector, n);
-    blk_aio_preadv(sim.blk, sector * SECTOR, &op->qiov, 0, guest_cb, op);
+    guest_submit(op);
 }
 
 static void issue_zero_or_discard(bool discard, uint64_t sector, uint64_t n)
@@ -1192,15 +1465,12 @@ static void issue_zero_or_discard(bool discard, uint64_t sector, uint64_t n)
     if (discard) {
         vlog("op #%u discard sectors %" PRIu64 "+%" PRIu64, op->id, sector,
              n);
-        blk_aio_pdiscard(sim.blk, sector * SECTOR, n * SECTOR, guest_cb, op);
     } else {
         op->unmap = rng_below(&sim.rng, 2);
         vlog("op #%u write-zeroes%s sectors %" PRIu64 "+%" PRIu64, op->id,
              op->unmap ? " (may unmap)" : "", sector, n);
-        blk_aio_pwrite_zeroes(sim.blk, sector * SECTOR, n * SECTOR,
-                              op->unmap ? BDRV_REQ_MAY_UNMAP : 0,
-                              guest_cb, op);
     }
+    guest_submit(op);
 }
 
 static void issue_flush(void)
@@ -1209,7 +1479,7 @@ static void issue_flush(void)
 
     op->floor_mark = sim.log->len;
     vlog("op #%u flush", op->id);
-    blk_aio_flush(sim.blk, guest_cb, op);
+    guest_submit(op);
 }
 
 static void issue_resize(void)
@@ -1226,7 +1496,7 @@ static void issue_resize(void)
     op->new_size = sim.size + grow;
     sim.resizing = true;
     vlog("op #%u resize to %" PRIu64, op->id, op->new_size);
-    aio_co_enter(sim.ctx, qemu_coroutine_create(resize_co, op));
+    guest_submit(op);
 }
 
 /* ---- where the guest writes ---------------------------------------------- */
@@ -1328,6 +1598,7 @@ static BlockBackend *sim_open(void)
     }
     sim.blk = blk;
     sim.qed_bs = blk_bs(blk);
+    sim.node2 = false;
     return blk;
 }
 
@@ -1548,6 +1819,9 @@ static void clean_cycle(const char *when)
     int ret;
 
     vlog("clean close and reopen (%s)", when);
+    if (sim.two_ctx) {
+        settle_both();
+    }
     BLOCKING(ret = blk_flush(sim.blk));
     if (ret < 0) {
         sim_fail("%s: flush fails: %s", when, strerror(-ret));
@@ -1651,8 +1925,21 @@ static void power_cut(void)
         }
         sim.drained = false;
     }
-    blk_drain(sim.blk);
-    blk_unref(sim.blk);
+    if (sim.two_ctx) {
+        /*
+         * ctx2's requests, also those it has not started yet and those a
+         * drain had queued, run to their end on the dead file (both
+         * contexts step: the kick BH of a blocking call)
+         */
+        settle_both();
+        BLOCKING(blk_drain(sim.blk));
+        settle_both();
+        /* The node may be ctx2's: its close runs coroutines there */
+        BLOCKING(blk_unref(sim.blk));
+    } else {
+        blk_drain(sim.blk);
+        blk_unref(sim.blk);
+    }
     sim.blk = NULL;
     simfile_free(old);
     g_ptr_array_set_size(sim.inflight_mod, 0);
@@ -1764,6 +2051,14 @@ static void reopen(bool ro)
     sim.guest_issued++;
     vlog("reopen %s", ro ? "read-only" : "read-write");
     if (ro) {
+        if (sim.two_ctx) {
+            /*
+             * Requests handed to ctx2 start first: a drain would queue
+             * them and its end let them go, a write after the write
+             * permission is dropped
+             */
+            settle_both();
+        }
         BLOCKING(blk_drain(sim.blk));
         blk_get_perm(sim.blk, &sim.ro_perm, &sim.ro_shared);
         if (blk_set_perm(sim.blk, BLK_PERM_CONSISTENT_READ, sim.ro_shared,
@@ -1805,11 +2100,41 @@ static void change_backing(void)
     guest_done(op, ret, NULL);
 }
 
+/*
+ * Two contexts: move the node (with its file and backing nodes) into ctx2,
+ * as a dataplane iothread takes its disk, or back into the main loop's
+ * context.  Its timers and BHs, and the coroutines the driver starts
+ * itself (NEED_CHECK's clear, the drain's, open and close's), then run in
+ * ctx2, while requests still come from both contexts.
+ */
+static void move_node(void)
+{
+    AioContext *to = sim.node2 ? sim.ctx : sim.ctx2;
+    const char *name = sim.node2 ? "the main loop's context" : "ctx2";
+    Error *err = NULL;
+    int ret;
+
+    sim.guest_issued++;
+    vlog("move the node into %s", name);
+    BLOCKING(ret = blk_set_aio_context(sim.blk, to, &err));
+    if (ret < 0) {
+        sim_fail("moving the node into %s fails: %s", name,
+                 error_get_pretty(err));
+    }
+    sim.node2 = !sim.node2;
+}
+
 /* One guest action, chosen by the seed */
 static void guest_action(void)
 {
-    unsigned r = rng_below(&sim.rng, 1000);
+    unsigned r;
     uint64_t c, sector, n;
+
+    if (sim.two_ctx && !sim.drained && rng_below(&sim.rng2, 1000) < 4) {
+        move_node();
+        return;
+    }
+    r = rng_below(&sim.rng, 1000);
 
     if (sim.read_only) {
         if (sim.ro_steps-- == 0) {
@@ -1971,6 +2296,9 @@ static void choose_geometry(void)
 static void run_seed(uint64_t seed)
 {
     static const unsigned slow_percent[] = { 0, 3, 10, 25 };
+    static const unsigned ctx2_percent[] = { 25, 50, 75, 100 };
+    static const unsigned step2_percent[] = { 5, 25, 50, 90 };
+    g_autofree char *contexts = NULL;
     uint64_t i;
     Store *bst;
 
@@ -2016,15 +2344,33 @@ static void run_seed(uint64_t seed)
         }
         sim.backing = simfile_new(bst, false);
     }
+    /*
+     * A second AioContext for one seed in four, from the seed (the others
+     * keep their schedules), its draws from a generator of its own
+     */
+    sim.two_ctx = sim.contexts_opt ? sim.contexts_opt == 2 :
+                  sim.seed % 4 == 3;
+    sim.rng2.s = seed * 0xbf58476d1ce4e5b9ULL + 0x7654321;
+    rng_next(&sim.rng2);
+    if (sim.two_ctx) {
+        sim.p_ctx2 = ctx2_percent[rng_below(&sim.rng2, 4)];
+        sim.p_step2 = step2_percent[rng_below(&sim.rng2, 4)];
+        contexts = g_strdup_printf("two AioContexts (ctx2: %u%% of the "
+                                   "requests, steps %u%%)", sim.p_ctx2,
+                                   sim.p_step2);
+        ctx2_start();
+    } else {
+        contexts = g_strdup("one AioContext");
+    }
     vlog("seed %" PRIu64 ": cluster_size %u, table_size %u, size %" PRIu64
          ", backing %" PRIu64 ", %s cache, in flight <= %u, complete %u%%, "
-         "slow %u%%, cuts %u/10000%s%s%s", seed, sim.geo.cluster_size,
+         "slow %u%%, cuts %u/10000%s%s%s, %s", seed, sim.geo.cluster_size,
          sim.geo.table_size, sim.geo.size, sim.geo.backing_size,
          sim.geo.small_cache ? "one-table" : "default", sim.max_inflight,
          sim.p_complete, sim.p_slow, sim.cut_rate,
          sim.large_writes ? ", large writes" : "",
          sim.do_resize ? ", resizes" : "",
-         sim.do_rename ? ", backing renames" : "");
+         sim.do_rename ? ", backing renames" : "", contexts);
 
     bst = store_new();
     make_image(bst);
@@ -2036,10 +2382,19 @@ static void run_seed(uint64_t seed)
         bool can_issue;
 
         settle();
+        if (ctx2_has_work() && rng_below(&sim.rng2, 100) < sim.p_step2) {
+            ctx2_step();
+            continue;
+        }
         pending = sim.image->pending->len;
         can_issue = sim.guest_issued < sim.ops_limit &&
                     sim.guest_inflight < sim.max_inflight;
         if (!pending && !can_issue) {
+            if (ctx2_has_work()) {
+                /* What can run is ctx2's */
+                ctx2_step();
+                continue;
+            }
             if (sim.drained) {
                 special_drain();
                 continue;
@@ -2076,6 +2431,11 @@ static void run_seed(uint64_t seed)
     sim_close();
     vlog("seed %" PRIu64 " done: %" PRIu64 " guest operations, %" PRIu64
          " completions", seed, sim.guest_issued, sim.completions);
+    if (sim.two_ctx) {
+        vlog("ctx2: %" PRIu64 " requests, %" PRIu64 " steps, %" PRIu64
+             " of them for what the main loop woke", sim.ops2,
+             sim.steps2, sim.woken2);
+    }
 }
 
 /* ---- driver -------------------------------------------------------------- */
@@ -2114,6 +2474,7 @@ static void sim_free_run(void)
     g_free(sim.floor_name);
     sim.backing_name = sim.floor_name = NULL;
     qemu_bh_delete(sim.kick_bh);
+    ctx2_stop();
 }
 
 /* The last lines the driver printed, under a failure */
@@ -2155,8 +2516,8 @@ static bool run_child(const char *self, uint64_t seed, uint64_t *ops)
     int fds[2], status;
     uint64_t counts[2] = {0, 0};
     FILE *err = sim.verbose ? NULL : tmpfile();
-    char seed_s[32], fd_s[16], ops_s[32];
-    char *argv[10];
+    char seed_s[32], fd_s[16], ops_s[32], ctx_s[16];
+    char *argv[16];
     int argc = 0;
     bool ok;
     pid_t pid;
@@ -2179,6 +2540,11 @@ static bool run_child(const char *self, uint64_t seed, uint64_t *ops)
     if (sim.ops_given) {
         argv[argc++] = (char *)"--ops";
         argv[argc++] = ops_s;
+    }
+    if (sim.contexts_opt) {
+        snprintf(ctx_s, sizeof(ctx_s), "%u", sim.contexts_opt);
+        argv[argc++] = (char *)"--contexts";
+        argv[argc++] = ctx_s;
     }
     if (sim.verbose) {
         argv[argc++] = (char *)"-v";
@@ -2212,6 +2578,9 @@ static bool run_child(const char *self, uint64_t seed, uint64_t *ops)
         if (sim.ops_given) {
             printf(" --ops %" PRIu64, sim.ops_limit);
         }
+        if (sim.contexts_opt) {
+            printf(" --contexts %u", sim.contexts_opt);
+        }
         printf(" -v\n");
     } else if (!ok && WEXITSTATUS(status) == 127) {
         printf("FAIL seed=%" PRIu64 ": could not exec /proc/self/exe\n",
@@ -2231,10 +2600,14 @@ static void usage(void)
     printf("usage: qed-sim --seed S [--ops N] [-v] [--no-fork]\n"
            "       qed-sim --seeds A-B [--ops N] [--timing]\n"
            "       qed-sim --ops-total N [--start A] [--ops N] [--timing]\n"
+           "       (each also takes --contexts 1|2)\n"
            "One seed is one schedule of guest operations, file request\n"
            "completions and power cuts over our QED driver.  --ops: guest\n"
            "operations per seed (default %d).  Operations counted: guest\n"
-           "operations issued plus file requests completed.\n", DEFAULT_OPS);
+           "operations issued plus file requests completed.  --contexts:\n"
+           "requests from one AioContext or from two (the main loop's and\n"
+           "a lock-stepped iothread's) for every seed; by default seeds of\n"
+           "3 mod 4 take two.\n", DEFAULT_OPS);
 }
 
 int main(int argc, char **argv)
@@ -2259,6 +2632,10 @@ int main(int argc, char **argv)
             i++;
         } else if (!strcmp(a, "--timing")) {
             timing = true;
+        } else if (!strcmp(a, "--contexts") && v &&
+                   (!strcmp(v, "1") || !strcmp(v, "2"))) {
+            sim.contexts_opt = atoi(v);
+            i++;
         } else if (!strcmp(a, "--seed") && v) {
             first = last = g_ascii_strtoull(v, NULL, 10);
             single = true;
